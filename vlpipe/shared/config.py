@@ -39,9 +39,13 @@ class ServiceSettings(BaseSettings):
         default=5, ge=1, description="Deliveries before a failing entry is dead-lettered."
     )
     claim_idle_ms: int = Field(
-        default=15000, ge=100, description="Idle time after which a dead consumer's entries are claimed."
+        default=15000,
+        ge=100,
+        description="Idle time after which a dead consumer's entries are claimed.",
     )
-    heartbeat_ms: int = Field(default=2000, ge=50, description="Session ownership heartbeat period.")
+    heartbeat_ms: int = Field(
+        default=2000, ge=50, description="Session ownership heartbeat period."
+    )
     shutdown_grace_s: float = Field(default=10.0, gt=0, description="Drain budget on SIGTERM.")
 
     @property

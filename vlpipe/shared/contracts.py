@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from enum import Enum, StrEnum
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgpack
 from pydantic import (
@@ -173,7 +173,7 @@ class SessionEnd(Message):
     reason: str = Field(default="producer", max_length=256)
 
 
-SessionAnnouncement = Annotated[Union[SessionStart, SessionEnd], Field(discriminator="type")]
+SessionAnnouncement = Annotated[SessionStart | SessionEnd, Field(discriminator="type")]
 
 
 # --------------------------------------------------------------------------------------
@@ -318,16 +318,14 @@ class EndSession(Message):
 
 
 Control = Annotated[
-    Union[
-        UpdateSession,
-        AddText,
-        CreateResponse,
-        CancelResponse,
-        CommitInput,
-        ClearInput,
-        ToolResult,
-        EndSession,
-    ],
+    UpdateSession
+    | AddText
+    | CreateResponse
+    | CancelResponse
+    | CommitInput
+    | ClearInput
+    | ToolResult
+    | EndSession,
     Field(discriminator="type"),
 ]
 
@@ -488,7 +486,9 @@ def _text_fields(raw: Mapping[Any, Any], binary: frozenset[str]) -> dict[str, An
 
 def _binary_fields(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(
-        name for name, info in model.model_fields.items() if info.annotation in (bytes, bytes | None)
+        name
+        for name, info in model.model_fields.items()
+        if info.annotation in (bytes, bytes | None)
     )
 
 

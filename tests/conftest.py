@@ -1,0 +1,62 @@
+"""The test harness: a real redis-server for the run, and per-test key prefixes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import RedisServer
+from vlpipe.shared.streams import connect
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPEECH_WAV = SHARED_DATA / "speech-16k-beckett.wav"
+SPEECH_WORDS = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server (AOF on) for the whole run. Tests that kill it restart it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for fault tests that kill and restart it."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if not redis_server.ping():  # an earlier fault test may have left it down
+        redis_server.start()
+    return redis_server.url
+
+
+@pytest.fixture
+def keys() -> StreamKeys:
+    """Keys under a prefix of this test's own, so tests never see each other's data."""
+    return StreamKeys(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def speech_wav() -> Path:
+    assert SPEECH_WAV.exists(), f"test recording missing: {SPEECH_WAV}"
+    return SPEECH_WAV

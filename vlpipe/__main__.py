@@ -1,0 +1,5 @@
+import sys
+
+from vlpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""What every service process does around its own work.
+
+`run_service` configures JSON logs and telemetry, connects to Redis, serves `/healthz`,
+`/readyz` and `/metrics` over HTTP, turns SIGTERM/SIGINT into the `stop` event, runs the
+service's body, and gives it `shutdown_grace_s` to drain before cancelling it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from vlpipe.shared import logs, telemetry
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.streams import DeadLetters, connect
+
+log = logging.getLogger("vlpipe.service")
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, or a plain-words reason why not."""
+
+
+@dataclass
+class ServiceContext:
+    """What a service body gets: its settings, its Redis, and the stop signal."""
+
+    name: str
+    settings: ServiceSettings
+    redis: aioredis.Redis
+    keys: StreamKeys
+    replica: str
+    dead: DeadLetters
+    stop: asyncio.Event
+    ready_checks: list[ReadyCheck] = field(default_factory=list)
+    http_port: int = 0
+
+
+def replica_name(settings: ServiceSettings, service: str) -> str:
+    return settings.replica_name or f"{service}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _http_response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return Response(status.value, status.phrase, headers, body)
+
+
+async def serve_health(ctx: ServiceContext, host: str, port: int) -> Server:
+    """HTTP `/healthz` (alive), `/readyz` (Redis and the service's checks), `/metrics`."""
+
+    async def readiness() -> str | None:
+        try:
+            await ctx.redis.ping()
+        except Exception as exc:
+            return f"redis unreachable: {exc}"
+        for check in ctx.ready_checks:
+            reason = await check()
+            if reason:
+                return reason
+        return None
+
+    async def process_request(conn: ServerConnection, request: Request) -> Response:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return _http_response(HTTPStatus.OK, b"ok\n", "text/plain")
+        if path == "/readyz":
+            reason = await readiness()
+            if reason:
+                return _http_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE, reason.encode() + b"\n", "text/plain"
+                )
+            return _http_response(HTTPStatus.OK, b"ready\n", "text/plain")
+        if path == "/metrics":
+            return _http_response(HTTPStatus.OK, generate_latest(), CONTENT_TYPE_LATEST)
+        return _http_response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    async def no_websocket(conn: ServerConnection) -> None:  # pragma: no cover
+        await conn.close()
+
+    return await serve(no_websocket, host, port, process_request=process_request)
+
+
+async def run_service(
+    name: str,
+    settings: ServiceSettings,
+    body: Callable[[ServiceContext], Awaitable[None]],
+) -> int:
+    """Run one service until SIGTERM/SIGINT; return the process exit code."""
+    logs.configure(name, settings.log_level)
+    telemetry.configure(name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = connect(settings.redis_url.get_secret_value(), name=f"vlpipe-{name}")
+    keys = settings.keys
+    ctx = ServiceContext(
+        name=name,
+        settings=settings,
+        redis=redis,
+        keys=keys,
+        replica=replica_name(settings, name),
+        dead=DeadLetters(redis, keys, name),
+        stop=stop,
+    )
+    health = await serve_health(ctx, settings.http_host, settings.http_port)
+    ctx.http_port = next(iter(health.sockets)).getsockname()[1]
+    log.info(
+        "service started",
+        extra={"replica": ctx.replica, "http_port": ctx.http_port, "prefix": keys.prefix},
+    )
+    task = asyncio.create_task(body(ctx), name=f"{name}-body")
+    stopper = asyncio.create_task(stop.wait())
+    code = 0
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+        else:
+            log.info("stopping: draining", extra={"grace_s": settings.shutdown_grace_s})
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=settings.shutdown_grace_s)
+            except TimeoutError:
+                log.warning("drain took too long; cancelling")
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    except Exception:
+        log.exception("service failed")
+        code = 1
+    finally:
+        stopper.cancel()
+        health.close()
+        await health.wait_closed()
+        await redis.aclose()
+        telemetry.shutdown()
+        log.info("service stopped", extra={"exit_code": code})
+    return code

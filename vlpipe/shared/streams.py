@@ -1,0 +1,478 @@
+"""The stream runtime: the one place that talks to Redis Streams.
+
+Three readers cover every hop of the pipeline:
+
+* `GroupConsumer` reads a stream through a consumer group (`vl:sessions`,
+  `vl:tool-calls`, `vl:transcripts`): batched `XREADGROUP`, `XACK` after the handler
+  succeeded, `XAUTOCLAIM` of entries a dead consumer left pending, dead-lettering after
+  `max_deliveries` failures, reconnect with backoff, and a stop that finishes the batch
+  in hand.
+* `SessionStreamReader` follows many per-session streams from their checkpoints with one
+  blocking `XREAD` per process (not one connection per session), and hands each stream's
+  new entries to that session's handler in order.
+* `DeadLetters` writes what could not be handled to `vl:dead`, with the reason, the
+  original stream and id, and the original fields as `orig.<name>`.
+
+Writers call `publish()`; trimming rules live in `Retention`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from vlpipe.shared.contracts import ContractError, DeadLetter, encode
+from vlpipe.shared.keys import StreamKeys
+
+log = logging.getLogger("vlpipe.streams")
+
+#: Errors after which the runtime waits and tries the same command again.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+def connect(url: str, *, name: str = "vlpipe") -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password).
+
+    Responses stay bytes: audio travels as raw field values.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        health_check_interval=10,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        client_name=name,
+    )
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff with full jitter, in seconds."""
+
+    base: float = 0.05
+    cap: float = 2.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * (2**self.attempt))
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry: its stream key, its id, its raw fields."""
+
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+
+
+class Disposition(Enum):
+    """What a group handler wants done with an entry it handled without error."""
+
+    ACK = "ack"
+    KEEP = "keep"  # leave it pending: the handler owns it now (session ownership)
+
+
+GroupHandler = Callable[[Entry], Awaitable[Disposition | None]]
+SessionHandler = Callable[[str, list[Entry]], Awaitable[None]]
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(stream: str, raw: Iterable[Any]) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        if fields is None:  # deleted while pending
+            continue
+        out.append(Entry(stream, _s(entry_id), dict(fields)))
+    return out
+
+
+async def publish(
+    redis: aioredis.Redis,
+    key: str,
+    msg: BaseModel | Mapping[str, Any],
+    *,
+    maxlen: int | None = None,
+) -> str:
+    """XADD a message (a contract model, or raw fields) and return its entry id."""
+    fields = encode(msg) if isinstance(msg, BaseModel) else dict(msg)
+    entry_id = await redis.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+    return _s(entry_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each stream is, documented in docs/streams.md.
+
+    Per-session input streams (audio, frames, events, ctl) have exactly one reader, which
+    trims them up to its checkpoint (`XTRIM MINID`), so unread data of a live session is
+    never trimmed. Output streams are capped by length for late subscribers and expire
+    `session_ttl_s` after the session ends.
+    """
+
+    transcript: int = 10_000
+    audio_out: int = 6_000
+    status: int = 2_000
+    transcripts: int = 100_000
+    tool_calls: int = 10_000
+    dead: int = 10_000
+    session_ttl_s: int = 3600
+
+
+class DeadLetters:
+    """Writes unhandled entries to `vl:dead` with their reason. Never raises on bad input."""
+
+    def __init__(self, redis: aioredis.Redis, keys: StreamKeys, service: str, maxlen: int = 10_000):
+        self.redis = redis
+        self.key = keys.dead
+        self.service = service
+        self.maxlen = maxlen
+
+    async def send(
+        self,
+        entry: Entry,
+        reason: str,
+        *,
+        group: str | None = None,
+        deliveries: int = 0,
+    ) -> None:
+        head = encode(
+            DeadLetter(
+                stream=entry.stream,
+                id=entry.id,
+                reason=reason[:2000],
+                service=self.service,
+                group=group,
+                deliveries=deliveries,
+            )
+        )
+        fields: dict[str | bytes, Any] = dict(head)
+        for name, value in entry.fields.items():
+            fields[b"orig." + name] = value
+        await self.redis.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+        log.warning(
+            "dead-lettered entry",
+            extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:500]},
+        )
+
+
+class GroupConsumer:
+    """One consumer of a consumer group over one or more streams.
+
+    Guarantees, each tested against a real Redis:
+    * at-least-once: an entry is acked only after `handler` returned (and the handler did
+      not ask to keep it pending);
+    * entries left pending by a consumer idle for `claim_idle_ms` are claimed and handled;
+    * an entry whose handler raised `max_deliveries` times, or that does not match its
+      contract (`ContractError`, which no retry can fix), goes to the dead-letter stream
+      and is acked; the consumer keeps going;
+    * when Redis goes away it retries with backoff; un-acked entries are simply handled
+      again, so nothing is lost and nothing is acked twice;
+    * `run()` returns after `stop` is set, once the batch in hand is handled and acked.
+    Entries of one stream are handled in order: after a failure the consumer retries its
+    own pending entries before reading new ones.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        streams: list[str],
+        group: str,
+        consumer: str,
+        handler: GroupHandler,
+        dead: DeadLetters,
+        batch: int = 64,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 15_000,
+        max_deliveries: int = 5,
+        start_id: str = "0",
+    ) -> None:
+        self.redis = redis
+        self.streams = streams
+        self.group = group
+        self.consumer = consumer
+        self.handler = handler
+        self.dead = dead
+        self.batch = batch
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.start_id = start_id
+        self.handled = 0
+        self._retry_pending = True  # on start, first finish what this consumer left pending
+        self._next_claim = 0.0
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream (and the stream) if missing."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, self.group, id=self.start_id, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        groups_ready = False
+        while not stop.is_set():
+            try:
+                if not groups_ready:
+                    await self.ensure_groups()
+                    groups_ready = True
+                entries = await self._next_batch()
+                if entries:
+                    await self._handle_batch(entries)
+                backoff.reset()
+            except REDIS_DOWN as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "redis unavailable, retrying",
+                    extra={"group": self.group, "error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                self._retry_pending = True
+                await _sleep_or_stop(stop, delay)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):  # stream deleted or Redis restarted without data
+                    groups_ready = False
+                    continue
+                raise
+
+    async def _next_batch(self) -> list[Entry]:
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self.claim_idle_ms / 2000
+            claimed = await self._claim_idle()
+            if claimed:
+                return claimed
+        if self._retry_pending:
+            pending = await self._read({s: "0" for s in self.streams}, block=None)
+            if pending:
+                return pending
+            self._retry_pending = False
+        return await self._read({s: ">" for s in self.streams}, block=self.block_ms)
+
+    async def _read(self, ids: dict[str, str], block: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            ids,
+            count=self.batch,
+            block=block,  # type: ignore[arg-type]
+        )
+        out: list[Entry] = []
+        for stream, raw in reply or []:
+            out.extend(_entries(_s(stream), raw))
+        return out
+
+    async def _claim_idle(self) -> list[Entry]:
+        out: list[Entry] = []
+        for stream in self.streams:
+            reply = await self.redis.xautoclaim(
+                stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
+            )
+            claimed = _entries(stream, reply[1])
+            if claimed:
+                log.info(
+                    "claimed idle entries",
+                    extra={"stream": stream, "group": self.group, "count": len(claimed)},
+                )
+            out.extend(claimed)
+        return out
+
+    async def _handle_batch(self, entries: list[Entry]) -> None:
+        acks: dict[str, list[str]] = {}
+        for entry in entries:
+            try:
+                disposition = await self.handler(entry)
+            except ContractError as exc:
+                await self.dead.send(entry, str(exc), group=self.group, deliveries=1)
+                disposition = Disposition.ACK
+            except Exception as exc:  # the handler's failure, not the consumer's
+                if isinstance(exc, REDIS_DOWN):
+                    await self._ack(acks)
+                    raise
+                deliveries = await self._deliveries(entry)
+                if deliveries < self.max_deliveries:
+                    log.warning(
+                        "handler failed; will retry",
+                        extra={
+                            "stream": entry.stream,
+                            "entry_id": entry.id,
+                            "deliveries": deliveries,
+                            "error": repr(exc)[:500],
+                        },
+                    )
+                    self._retry_pending = True
+                    await asyncio.sleep(min(0.05 * 2**deliveries, 1.0))
+                    break  # keep the stream's order: retry this entry before later ones
+                await self.dead.send(
+                    entry,
+                    f"handler failed {deliveries} times: {exc!r}",
+                    group=self.group,
+                    deliveries=deliveries,
+                )
+                disposition = Disposition.ACK
+            self.handled += 1
+            if disposition is not Disposition.KEEP:
+                acks.setdefault(entry.stream, []).append(entry.id)
+        await self._ack(acks)
+
+    async def _ack(self, acks: dict[str, list[str]]) -> None:
+        if not acks:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in acks.items():
+                pipe.xack(stream, self.group, *ids)
+            await pipe.execute()
+        acks.clear()
+
+    async def _deliveries(self, entry: Entry) -> int:
+        info = await self.redis.xpending_range(
+            entry.stream, self.group, min=entry.id, max=entry.id, count=1
+        )
+        return int(info[0]["times_delivered"]) if info else self.max_deliveries
+
+
+@dataclass(slots=True)
+class _Followed:
+    last_id: str
+    handler: SessionHandler
+    failures: int = 0
+
+
+@dataclass(slots=True)
+class SessionStreamReader:
+    """Follows many per-session streams with one blocking XREAD.
+
+    `add(key, last_id, handler)` starts following `key` after `last_id` (a checkpoint,
+    or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
+    should not block for long: every followed stream waits for it. A wake-up stream
+    private to this reader interrupts the blocking read when streams are added, so a
+    new session starts at once. A handler that raises is retried with the same entries;
+    after `max_deliveries` failures the first entry is dead-lettered and skipped.
+    """
+
+    redis: aioredis.Redis
+    wake_key: str
+    dead: DeadLetters
+    count: int = 64
+    block_ms: int = 1000
+    max_deliveries: int = 5
+    _followed: dict[str, _Followed] = field(default_factory=dict)
+    _wake_id: str = "$"
+
+    def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
+        self._followed[key] = _Followed(last_id, handler)
+        self._wake()
+
+    def remove(self, key: str) -> None:
+        self._followed.pop(key, None)
+
+    def position(self, key: str) -> str | None:
+        """The id of the last entry handed to `key`'s handler."""
+        followed = self._followed.get(key)
+        return followed.last_id if followed else None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._followed
+
+    def _wake(self) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
+        )
+        task.add_done_callback(_ignore_result)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        if self._wake_id == "$":
+            self._wake_id = await _last_id(self.redis, self.wake_key)
+        while not stop.is_set():
+            try:
+                await self._read_once()
+                backoff.reset()
+            except REDIS_DOWN as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "redis unavailable, retrying",
+                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                await _sleep_or_stop(stop, delay)
+
+    async def _read_once(self) -> None:
+        ids = {key: f.last_id for key, f in self._followed.items()}
+        ids[self.wake_key] = self._wake_id
+        reply = await self.redis.xread(ids, count=self.count, block=self.block_ms)  # type: ignore[arg-type]
+        for stream_raw, raw in reply or []:
+            key = _s(stream_raw)
+            if key == self.wake_key:
+                self._wake_id = _s(raw[-1][0])
+                continue
+            followed = self._followed.get(key)
+            if followed is None:
+                continue
+            entries = _entries(key, raw)
+            if not entries:
+                continue
+            await self._deliver(key, followed, entries)
+
+    async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
+        try:
+            await followed.handler(key, entries)
+        except REDIS_DOWN:
+            raise
+        except Exception as exc:
+            followed.failures += 1
+            if followed.failures < self.max_deliveries:
+                log.warning(
+                    "session handler failed; will retry",
+                    extra={"stream": key, "entry_id": entries[0].id, "error": repr(exc)[:500]},
+                )
+                return
+            followed.failures = 0
+            await self.dead.send(
+                entries[0],
+                f"handler failed {self.max_deliveries} times: {exc!r}",
+                deliveries=self.max_deliveries,
+            )
+            followed.last_id = entries[0].id
+            return
+        followed.failures = 0
+        followed.last_id = entries[-1].id
+
+
+async def _last_id(redis: aioredis.Redis, key: str) -> str:
+    reply = await redis.xrevrange(key, count=1)
+    return _s(reply[0][0]) if reply else "0-0"
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except TimeoutError:
+        pass
