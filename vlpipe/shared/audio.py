@@ -55,7 +55,7 @@ class AudioFormat(StrEnum):
 
     def bytes_for_ms(self, ms: float) -> int:
         """Byte count of `ms` milliseconds of audio in this format."""
-        return int(round(self.rate * ms / 1000)) * self.bytes_per_sample
+        return round(self.rate * ms / 1000) * self.bytes_per_sample
 
     def ms_for_bytes(self, n: int) -> float:
         """Duration in milliseconds of `n` bytes of audio in this format."""
