@@ -1,0 +1,132 @@
+"""The session-ownership helper: one owner per session, takeover from a dead owner."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import redis.asyncio as aioredis
+
+from tests.shared.procs import start_worker
+from tests.waiting import wait_until
+from vlpipe.shared.contracts import SessionEnd, SessionStart
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.streams import publish
+
+HEARTBEAT_MS = "100"
+CLAIM_IDLE_MS = "600"
+
+
+async def _claims(redis: aioredis.Redis, keys: StreamKeys) -> list[list[str]]:
+    return [c.decode().split(":") for c in await redis.lrange(f"{keys.prefix}:claims", 0, -1)]
+
+
+async def _pos(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> int:
+    return int(await redis.hget(keys.session_state(sid), "worker.pos") or 0)
+
+
+async def test_two_replicas_one_session_exactly_one_owner(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    try:
+        await asyncio.sleep(1.0)  # both replicas are reading the sessions stream
+        for sid in ("s1", "s2", "s3", "s4"):
+            await publish(redis, keys.sessions, SessionStart(session=sid))
+
+        async def all_claimed() -> bool:
+            return len(await _claims(redis, keys)) >= 4
+
+        await wait_until(all_claimed)
+        await asyncio.sleep(3 * int(CLAIM_IDLE_MS) / 1000)  # heartbeats keep them owned
+        claims = await _claims(redis, keys)
+        assert sorted(c[1] for c in claims) == ["s1", "s2", "s3", "s4"], claims
+        owners = {
+            sid: (await redis.hget(keys.session_state(sid), "worker.owner")).decode()
+            for sid in ("s1", "s2", "s3", "s4")
+        }
+        assert set(owners.values()) <= {"A", "B"}
+        pending = await redis.xpending_range(keys.sessions, "worker", "-", "+", 10)
+        assert {p["consumer"].decode() for p in pending} == set(owners.values())
+        assert len(pending) == 4
+
+        for sid in ("s1", "s2", "s3", "s4"):
+            await publish(redis, keys.sessions, SessionEnd(session=sid))
+
+        async def released() -> bool:
+            return int((await redis.xpending(keys.sessions, "worker"))["pending"]) == 0
+
+        await wait_until(released)
+    finally:
+        for p in (a, b):
+            p.send_signal(signal.SIGTERM)
+        for p in (a, b):
+            assert p.wait(15) == 0
+
+
+async def test_owner_dies_and_the_other_replica_takes_over_from_the_checkpoint(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    await asyncio.sleep(1.0)
+    await publish(redis, keys.sessions, SessionStart(session="call-1"))
+
+    async def progressed() -> bool:
+        return await _pos(redis, keys, "call-1") >= 10
+
+    await wait_until(progressed)
+    b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    try:
+        await asyncio.sleep(1.0)
+        a.kill()
+        a.wait(10)
+        at_death = await _pos(redis, keys, "call-1")
+
+        async def taken_over() -> bool:
+            return len(await _claims(redis, keys)) >= 2
+
+        await wait_until(taken_over, within=10)
+        first, second = await _claims(redis, keys)
+        assert first[:2] == ["A", "call-1"] and first[3] == "0"
+        assert second[:2] == ["B", "call-1"]
+        assert second[3] == "1", "the new owner knows it took over"
+        assert int(second[2]) == at_death, "resumed from the checkpoint the dead owner left"
+        assert (await redis.hget(keys.session_state("call-1"), "worker.owner")) == b"B"
+    finally:
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(15) == 0
+
+
+async def test_sigterm_hands_sessions_over_to_another_replica_at_once(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    # A long claim time: only the hand-over (not idleness) can move the session quickly.
+    a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, "60000")
+    b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, "60000")
+    try:
+        await asyncio.sleep(1.0)
+        await publish(redis, keys.sessions, SessionStart(session="call-2"))
+
+        async def claimed() -> bool:
+            return len(await _claims(redis, keys)) >= 1
+
+        await wait_until(claimed)
+        [[owner, *_]] = await _claims(redis, keys)
+        leaving = a if owner == "A" else b
+        leaving.send_signal(signal.SIGTERM)
+        assert leaving.wait(15) == 0
+
+        async def moved() -> bool:
+            return len(await _claims(redis, keys)) >= 2
+
+        # The handed-over entry is made idle for the full claim time, so the staying
+        # replica's next XAUTOCLAIM (every heartbeat) takes it, long before 60 s.
+        await wait_until(moved, within=10)
+        second = (await _claims(redis, keys))[1]
+        assert second[0] != owner and second[1] == "call-2" and second[3] == "1"
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(15)

@@ -1,0 +1,232 @@
+"""The stream runtime's promises, each against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import redis.asyncio as aioredis
+
+from tests.shared.procs import start_worker
+from tests.waiting import wait_until
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import RedisServer
+from vlpipe.shared.streams import (
+    DeadLetters,
+    Entry,
+    GroupConsumer,
+    SessionStreamReader,
+    connect,
+)
+
+
+async def _fill(redis: aioredis.Redis, stream: str, n: int, session: str = "s1") -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for seq in range(n):
+            pipe.xadd(stream, {"session": session, "seq": str(seq)})
+        await pipe.execute()
+
+
+async def test_killed_consumer_entries_are_finished_by_another_without_loss_or_double_effect(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    stream = f"{keys.prefix}:work"
+    await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    await _fill(redis, stream, 60)
+    victim = start_worker("consume", redis_url, keys.prefix, stream, "g", "victim", "0.05")
+    # Let the victim take a batch and handle part of it, then kill it mid-batch.
+    await wait_until(lambda: _llen(redis, f"{keys.prefix}:log:victim", 3))
+    victim.kill()
+    victim.wait(10)
+    pending = await redis.xpending(stream, "g")
+    assert pending["pending"] > 0, "the victim should die holding un-acked entries"
+
+    handled: list[bytes] = []
+
+    async def handle(entry: Entry) -> None:
+        key = entry.fields[b"session"] + b":" + entry.fields[b"seq"]
+        handled.append(key)
+        if await redis.sadd(f"{keys.prefix}:handled", key):
+            await redis.incr(f"{keys.prefix}:effects")
+
+    stop = asyncio.Event()
+    rescuer = GroupConsumer(
+        redis, streams=[stream], group="g", consumer="rescuer", handler=handle,
+        dead=DeadLetters(redis, keys, "test"), block_ms=100, claim_idle_ms=300,
+    )  # fmt: skip
+    task = asyncio.create_task(rescuer.run(stop))
+    await wait_until(lambda: _scard(redis, f"{keys.prefix}:handled", 60))
+    await wait_until(lambda: _no_pending(redis, stream, "g"))
+    stop.set()
+    await task
+    assert await redis.scard(f"{keys.prefix}:handled") == 60
+    assert int(await redis.get(f"{keys.prefix}:effects")) == 60, "an effect happened twice"
+    # The rescuer handled what the victim had not, and claimed the victim's in-flight ones.
+    victim_done = {x for x in await redis.lrange(f"{keys.prefix}:log:victim", 0, -1)}
+    assert set(handled) | victim_done == {f"s1:{i}".encode() for i in range(60)}
+
+
+async def test_poison_entry_is_dead_lettered_after_n_tries_while_good_ones_flow(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    stream = f"{keys.prefix}:work"
+    attempts: dict[str, int] = {}
+    good: list[str] = []
+
+    async def handle(entry: Entry) -> None:
+        attempts[entry.id] = attempts.get(entry.id, 0) + 1
+        if entry.fields.get(b"poison"):
+            raise ValueError("cannot digest this")
+        good.append(entry.fields[b"seq"].decode())
+
+    await _fill(redis, stream, 5)
+    poison_id = (await redis.xadd(stream, {"poison": "1", "seq": "x"})).decode()
+    await redis.xadd(stream, {"session": "s1", "seq": "5"})
+    stop = asyncio.Event()
+    consumer = GroupConsumer(
+        redis, streams=[stream], group="g", consumer="c", handler=handle,
+        dead=DeadLetters(redis, keys, "test"), block_ms=100, max_deliveries=3,
+    )  # fmt: skip
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: _xlen(redis, keys.dead, 1))
+    await wait_until(lambda: _true(len(good) == 6))
+    stop.set()
+    await task
+    assert attempts[poison_id] == 3
+    assert good == ["0", "1", "2", "3", "4", "5"], "order kept, nothing lost"
+    [(_, dead)] = await redis.xrange(keys.dead)
+    assert dead[b"stream"] == stream.encode()
+    assert dead[b"id"] == poison_id.encode()
+    assert b"cannot digest this" in dead[b"reason"]
+    assert dead[b"deliveries"] == b"3"
+    assert dead[b"orig.poison"] == b"1"
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_entry_breaking_its_contract_goes_to_dead_letters_at_once_with_the_field_named(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    from vlpipe.shared.contracts import RawAudio, decode
+
+    stream = f"{keys.prefix}:audio"
+    seen: list[int] = []
+
+    async def handle(entry: Entry) -> None:
+        seen.append(decode(RawAudio, entry.fields).rate or 0)
+
+    await redis.xadd(stream, {"audio": b"\x00\x01", "format": "pcm16", "rate": "fast"})
+    await redis.xadd(stream, {"audio": b"\x00\x01", "format": "pcm16", "rate": "16000"})
+    stop = asyncio.Event()
+    consumer = GroupConsumer(
+        redis, streams=[stream], group="g", consumer="c", handler=handle,
+        dead=DeadLetters(redis, keys, "test"), block_ms=100,
+    )  # fmt: skip
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: _true(seen == [16000]))
+    stop.set()
+    await task
+    [(_, dead)] = await redis.xrange(keys.dead)
+    assert b"'rate'" in dead[b"reason"] and b"integer" in dead[b"reason"]
+    assert dead[b"deliveries"] == b"1"
+
+
+async def test_consumers_reconnect_and_continue_when_redis_is_killed_and_restarted(
+    fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    redis = connect(fresh_redis_server.url)
+    stream = f"{keys.prefix}:work"
+    seen: set[bytes] = set()
+
+    async def handle(entry: Entry) -> None:
+        seen.add(entry.fields[b"seq"])
+
+    stop = asyncio.Event()
+    consumer = GroupConsumer(
+        redis, streams=[stream], group="g", consumer="c", handler=handle,
+        dead=DeadLetters(redis, keys, "test"), block_ms=100,
+    )  # fmt: skip
+    task = asyncio.create_task(consumer.run(stop))
+    await _fill(redis, stream, 20)
+    await wait_until(lambda: _true(len(seen) == 20))
+    fresh_redis_server.kill()
+    await asyncio.sleep(0.5)  # the consumer sees Redis gone and backs off
+    fresh_redis_server.start()
+    producer = connect(fresh_redis_server.url)
+    async with producer.pipeline(transaction=False) as pipe:
+        for seq in range(20, 40):
+            pipe.xadd(stream, {"session": "s1", "seq": str(seq)})
+        await pipe.execute()
+    await wait_until(lambda: _true(len(seen) == 40), within=20)
+    await wait_until(lambda: _no_pending(producer, stream, "g"))
+    stop.set()
+    await task
+    assert seen == {str(i).encode() for i in range(40)}
+    await producer.aclose()
+    await redis.aclose()
+
+
+async def test_sigterm_finishes_the_batch_in_hand_acks_it_and_exits(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    stream = f"{keys.prefix}:work"
+    await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+    await _fill(redis, stream, 40)
+    worker = start_worker("consume", redis_url, keys.prefix, stream, "g", "w", "0.05")
+    await wait_until(lambda: _llen(redis, f"{keys.prefix}:log:w", 2))
+    worker.send_signal(signal.SIGTERM)
+    code = worker.wait(15)
+    assert code == 0
+    handled = await redis.llen(f"{keys.prefix}:log:w")
+    assert 2 <= handled < 40, "stopped mid-stream, after finishing a batch"
+    assert handled % 10 == 0, "the batch in hand (10 entries) was finished"
+    info = await redis.xinfo_groups(stream)
+    assert info[0]["pending"] == 0, "everything handled was acked"
+
+
+async def test_session_reader_follows_streams_from_checkpoints_and_wakes_for_new_ones(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    got: dict[str, list[bytes]] = {}
+
+    async def handle(key: str, entries: list[Entry]) -> None:
+        got.setdefault(key, []).extend(e.fields[b"seq"] for e in entries)
+
+    a, b = keys.frames("a"), keys.frames("b")
+    await _fill(redis, a, 5, "a")
+    checkpoint = (await redis.xrange(a))[1][0].decode()  # resume after the 2nd entry
+    reader = SessionStreamReader(
+        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
+        block_ms=60_000,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader.run(stop))
+    await asyncio.sleep(0.1)
+    reader.add(a, checkpoint, handle)
+    await wait_until(lambda: _true(got.get(a) == [b"2", b"3", b"4"]), within=2)
+    # The reader now blocks for up to 60 s; adding a stream must interrupt that read.
+    reader.add(b, "0-0", handle)
+    await _fill(redis, b, 3, "b")
+    await wait_until(lambda: _true(got.get(b) == [b"0", b"1", b"2"]), within=10)
+    stop.set()
+    reader.add(keys.frames("c"), "0-0", handle)  # wakes the blocking read so run() sees stop
+    await task
+
+
+async def _llen(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+async def _scard(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.scard(key)) >= n
+
+
+async def _xlen(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.xlen(key)) >= n
+
+
+async def _no_pending(redis: aioredis.Redis, stream: str, group: str) -> bool:
+    return int((await redis.xpending(stream, group))["pending"]) == 0
+
+
+async def _true(value: bool) -> bool:
+    return value

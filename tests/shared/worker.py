@@ -1,0 +1,100 @@
+"""A real process around the stream runtime, for tests that kill or SIGTERM it.
+
+    python -m tests.shared.worker consume REDIS_URL PREFIX STREAM GROUP NAME DELAY_S
+    python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS
+
+`consume` handles entries idempotently by (session, seq): the effect (INCR of the
+`effects` counter) happens only when (session, seq) is new. `own` runs the ownership
+helper; each owned session counts up `pos` from its checkpoint, checkpointing each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.service import ServiceContext, run_service
+from vlpipe.shared.streams import Entry, GroupConsumer
+
+
+async def consume(ctx: ServiceContext, stream: str, group: str, delay_s: float) -> None:
+    handled = f"{ctx.keys.prefix}:handled"
+
+    async def handle(entry: Entry) -> None:
+        await asyncio.sleep(delay_s)
+        key = entry.fields[b"session"] + b":" + entry.fields[b"seq"]
+        if await ctx.redis.sadd(handled, key):
+            await ctx.redis.incr(f"{ctx.keys.prefix}:effects")
+        await ctx.redis.rpush(f"{ctx.keys.prefix}:log:{ctx.replica}", key)
+
+    consumer = GroupConsumer(
+        ctx.redis,
+        streams=[stream],
+        group=group,
+        consumer=ctx.replica,
+        handler=handle,
+        dead=ctx.dead,
+        batch=10,
+        block_ms=100,
+        claim_idle_ms=ctx.settings.claim_idle_ms,
+    )
+    await consumer.run(ctx.stop)
+
+
+async def own(ctx: ServiceContext) -> None:
+    keys: StreamKeys = ctx.keys
+
+    async def run_session(owned: OwnedSession) -> None:
+        pos = int(owned.checkpoint.get("pos", "0"))
+        await ctx.redis.rpush(
+            f"{keys.prefix}:claims", f"{ctx.replica}:{owned.sid}:{pos}:{int(owned.taken_over)}"
+        )
+        while not owned.ended.is_set():
+            pos += 1
+            await ownership.checkpoint(owned.sid, {"pos": pos})
+            await asyncio.sleep(0.02)
+
+    ownership = SessionOwnership(
+        ctx.redis,
+        keys,
+        service="worker",
+        replica=ctx.replica,
+        run_session=run_session,
+        dead=ctx.dead,
+        heartbeat_ms=ctx.settings.heartbeat_ms,
+        claim_idle_ms=ctx.settings.claim_idle_ms,
+    )
+    await ownership.run(ctx.stop, grace_s=2)
+
+
+def main(argv: list[str]) -> int:
+    mode, url, prefix, *rest = argv
+    if mode == "consume":
+        stream, group, name, delay = rest
+        settings = ServiceSettings(
+            redis_url=url,
+            stream_prefix=prefix,
+            replica_name=name,
+            claim_idle_ms=60_000,
+            http_host="127.0.0.1",
+        )
+        return asyncio.run(
+            run_service("worker", settings, lambda ctx: consume(ctx, stream, group, float(delay)))
+        )
+    name, heartbeat, idle = rest
+    settings = ServiceSettings(
+        redis_url=url,
+        stream_prefix=prefix,
+        replica_name=name,
+        heartbeat_ms=int(heartbeat),
+        claim_idle_ms=int(idle),
+        http_host="127.0.0.1",
+    )
+    return asyncio.run(run_service("worker", settings, own))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
