@@ -64,14 +64,6 @@ def _json_if_str(value: Any) -> Any:
     return value
 
 
-def _flag(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    if isinstance(value, str) and value.lower() in ("", "none", "null"):
-        return None
-    return value
-
-
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN, description="Session id.")]
 JsonDict = Annotated[dict[str, Any], BeforeValidator(_json_if_str)]
 JsonList = Annotated[list[dict[str, Any]], BeforeValidator(_json_if_str)]
@@ -518,10 +510,6 @@ def decode(model: type[M] | Any, raw: Mapping[Any, Any]) -> M:
             raise ContractError(f"invalid {name}: field 'm' is not a msgpack map")
     else:
         data = _text_fields(raw, binary)
-        for key, value in list(data.items()):
-            if value == "" and key not in binary:
-                data[key] = _flag(value)
-        data = {k: v for k, v in data.items() if v is not None}
     try:
         result: M = adapter.validate_python(data)
     except ValidationError as exc:

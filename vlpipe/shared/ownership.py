@@ -126,6 +126,7 @@ class SessionOwnership:
             batch=32,
             block_ms=min(block_ms, heartbeat_ms),
             claim_idle_ms=claim_idle_ms,
+            claim_every_ms=heartbeat_ms,
             max_deliveries=max_failures,
         )
 

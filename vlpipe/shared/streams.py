@@ -207,6 +207,7 @@ class GroupConsumer:
         claim_idle_ms: int = 15_000,
         max_deliveries: int = 5,
         start_id: str = "0",
+        claim_every_ms: int | None = None,
     ) -> None:
         self.redis = redis
         self.streams = streams
@@ -219,6 +220,7 @@ class GroupConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.start_id = start_id
+        self.claim_every_ms = claim_every_ms or claim_idle_ms // 2
         self.handled = 0
         self._retry_pending = True  # on start, first finish what this consumer left pending
         self._next_claim = 0.0
@@ -261,7 +263,7 @@ class GroupConsumer:
     async def _next_batch(self) -> list[Entry]:
         now = time.monotonic()
         if now >= self._next_claim:
-            self._next_claim = now + self.claim_idle_ms / 2000
+            self._next_claim = now + self.claim_every_ms / 1000
             claimed = await self._claim_idle()
             if claimed:
                 return claimed
