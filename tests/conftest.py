@@ -13,8 +13,7 @@ from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import connect
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SPEECH_WAV = SHARED_DATA / "speech-16k-beckett.wav"
+SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "speech-16k-beckett.wav"
 SPEECH_WORDS = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
 
 
