@@ -107,7 +107,8 @@ _ENCODING_NOTE = {
 def json_schemas() -> dict[str, dict[str, Any]]:
     """One standalone JSON Schema per message model (and the session config)."""
     out: dict[str, dict[str, Any]] = {}
-    for model in (*c.ALL_MESSAGES, c.SessionConfig):
+    models: list[type[BaseModel]] = [*c.ALL_MESSAGES, c.SessionConfig]
+    for model in models:
         schema = model.model_json_schema(mode="validation")
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"https://vlpipe.dev/contracts/{model.__name__}.json"

@@ -148,13 +148,14 @@ class StreamingResampler:
         if self._stream is None:
             return pcm
         samples = np.frombuffer(pcm, dtype="<i2")
-        return self._stream.resample_chunk(samples).astype("<i2", copy=False).tobytes()
+        out: np.ndarray = self._stream.resample_chunk(samples)
+        return out.astype("<i2", copy=False).tobytes()
 
     def flush(self) -> bytes:
         """The samples still held in the filter; call once at end of signal."""
         if self._stream is None:
             return b""
-        tail = self._stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True)
+        tail: np.ndarray = self._stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True)
         return tail.astype("<i2", copy=False).tobytes()
 
 

@@ -150,7 +150,7 @@ class SessionOwnership:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
-        ids = [s.entry_id for s in sessions if s.sid in self.owned]
+        ids: list[Any] = [s.entry_id for s in sessions if s.sid in self.owned]
         if ids:
             try:
                 await self.redis.xclaim(
@@ -185,11 +185,11 @@ class SessionOwnership:
         """Record how far this service got with `sid`."""
         await self.redis.hset(
             self.keys.session_state(sid),
-            mapping={self._field(k): v for k, v in values.items()},  # type: ignore[arg-type]
+            mapping={self._field(k): v for k, v in values.items()},
         )
 
     async def load_checkpoint(self, sid: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(self.keys.session_state(sid))
+        raw: Any = await self.redis.hgetall(self.keys.session_state(sid))
         prefix = self._field("")
         out: dict[str, str] = {}
         for k, v in raw.items():
@@ -213,7 +213,7 @@ class SessionOwnership:
     # ---------------------------------------------------------------- internals
 
     async def _on_entry(self, entry: Entry) -> Disposition:
-        msg = decode(SessionAnnouncement, entry.fields)
+        msg: SessionStart | SessionEnd = decode(SessionAnnouncement, entry.fields)
         if isinstance(msg, SessionEnd):
             await self.redis.hset(
                 self.keys.session_state(msg.session),

@@ -121,7 +121,7 @@ async def run_service(
         "service started",
         extra={"replica": ctx.replica, "http_port": ctx.http_port, "prefix": keys.prefix},
     )
-    task = asyncio.create_task(body(ctx), name=f"{name}-body")
+    task: asyncio.Task[None] = asyncio.ensure_future(body(ctx))
     stopper = asyncio.create_task(stop.wait())
     code = 0
     try:

@@ -166,7 +166,7 @@ class DeadLetters:
                 deliveries=deliveries,
             )
         )
-        fields: dict[str | bytes, Any] = dict(head)
+        fields: dict[Any, Any] = dict(head)
         for name, value in entry.fields.items():
             fields[b"orig." + name] = value
         await self.redis.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
@@ -275,12 +275,9 @@ class GroupConsumer:
         return await self._read({s: ">" for s in self.streams}, block=self.block_ms)
 
     async def _read(self, ids: dict[str, str], block: int | None) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            ids,
-            count=self.batch,
-            block=block,  # type: ignore[arg-type]
+        streams: Any = ids
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, streams, count=self.batch, block=block
         )
         out: list[Entry] = []
         for stream, raw in reply or []:
@@ -400,9 +397,8 @@ class SessionStreamReader:
         return key in self._followed
 
     def _wake(self) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
-        )
+        wake: Any = self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(wake)
         task.add_done_callback(_ignore_result)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -424,7 +420,8 @@ class SessionStreamReader:
     async def _read_once(self) -> None:
         ids = {key: f.last_id for key, f in self._followed.items()}
         ids[self.wake_key] = self._wake_id
-        reply = await self.redis.xread(ids, count=self.count, block=self.block_ms)  # type: ignore[arg-type]
+        streams: Any = ids
+        reply: Any = await self.redis.xread(streams, count=self.count, block=self.block_ms)
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
             if key == self.wake_key:
@@ -464,7 +461,7 @@ class SessionStreamReader:
 
 
 async def _last_id(redis: aioredis.Redis, key: str) -> str:
-    reply = await redis.xrevrange(key, count=1)
+    reply: Any = await redis.xrevrange(key, count=1)
     return _s(reply[0][0]) if reply else "0-0"
 
 
