@@ -1,0 +1,117 @@
+"""What every service process gets: settings, health and metrics over HTTP, JSON logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.shared.procs import ROOT
+from vlpipe.shared import logs
+from vlpipe.shared.config import ServiceSettings, redact_url
+from vlpipe.shared.redis_server import free_port
+from vlpipe.shared.service import ServiceContext, serve_health
+from vlpipe.shared.streams import DeadLetters, connect
+
+
+def test_settings_come_from_vlpipe_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLPIPE_REDIS_URL", "rediss://app:s3cret@redis.example:6380/2")
+    monkeypatch.setenv("VLPIPE_STREAM_PREFIX", "prod")
+    monkeypatch.setenv("VLPIPE_MAX_DELIVERIES", "7")
+    settings = ServiceSettings()
+    assert settings.keys.sessions == "prod:sessions"
+    assert settings.max_deliveries == 7
+    assert settings.redis_url.get_secret_value().startswith("rediss://app:s3cret@")
+    shown = settings.redacted()
+    assert shown["redis_url"] == "rediss://app:***@redis.example:6380/2"
+    assert "s3cret" not in repr(settings) and "s3cret" not in json.dumps(shown)
+
+
+def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLPIPE_MAX_DELIVERIES", "0")
+    with pytest.raises(ValueError, match="max_deliveries"):
+        ServiceSettings()
+
+
+def test_vlpipe_config_prints_effective_settings_with_secrets_redacted() -> None:
+    env = {"VLPIPE_REDIS_URL": "redis://:hunter2@localhost:6379/0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "vlpipe", "config"], cwd=ROOT, env=env, capture_output=True,
+        text=True, check=True,
+    ).stdout  # fmt: skip
+    shown = json.loads(out)
+    assert shown["redis_url"] == "redis://:***@localhost:6379/0"
+    assert "hunter2" not in out
+
+
+def test_redact_url_keeps_urls_without_passwords() -> None:
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert redact_url("rediss://user:pw@h:1") == "rediss://user:***@h:1"
+
+
+def test_json_logs_carry_session_and_never_audio_bytes_or_secrets() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter("ingest"))
+    logger = logging.getLogger("vlpipe.test.logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    token = logs.current_session.set("call-7")
+    try:
+        logger.info(
+            "chunk handled",
+            extra={"audio": b"\x00\x01secret-audio", "api_key": "k-123", "frames": 3},
+        )
+    finally:
+        logs.current_session.reset(token)
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert line["session"] == "call-7" and line["service"] == "ingest"
+    assert line["frames"] == 3
+    assert line["audio"] == "<14 bytes>"
+    assert line["api_key"] == "***"
+    assert "secret-audio" not in stream.getvalue() and "k-123" not in stream.getvalue()
+
+
+async def test_health_readiness_and_metrics_endpoints(redis_url: str) -> None:
+    redis = connect(redis_url)
+    ctx = ServiceContext(
+        name="t", settings=ServiceSettings(), redis=redis, keys=ServiceSettings().keys,
+        replica="r", dead=DeadLetters(redis, ServiceSettings().keys, "t"), stop=asyncio.Event(),
+    )  # fmt: skip
+    upstream_ok = False
+
+    async def upstream() -> str | None:
+        return None if upstream_ok else "upstream unreachable: connection refused"
+
+    ctx.ready_checks.append(upstream)
+    port = free_port()
+    server = await serve_health(ctx, "127.0.0.1", port)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    try:
+        assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n")
+        status, body = await asyncio.to_thread(get, "/readyz")
+        assert status == 503 and "upstream unreachable" in body
+        upstream_ok = True
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 200 and "# TYPE" in body
+        assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+    finally:
+        server.close()
+        await server.wait_closed()
+        await redis.aclose()
