@@ -910,6 +910,8 @@ class EngineSession:
                 "cached_tokens": 0,
                 "text_tokens": text_in,
                 "audio_tokens": audio_in,
+                "image_tokens": 0,
+                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0},
             },
             "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
         }
