@@ -475,7 +475,7 @@ def test_a_matching_tool_is_called_and_its_output_is_spoken() -> None:
     h.send({"type": "conversation.item.create", "item": output})
     h.send({"type": "response.create"})
     h.run_jobs()
-    assert h.spoken == ["Result of get weather: temperature c 21."]
+    assert h.spoken == ["From get weather: temperature c is 21."]
 
 
 def test_truncate_delete_and_retrieve_items() -> None:

@@ -111,4 +111,4 @@ def test_calls_a_matching_tool_once_then_speaks_its_output() -> None:
         tool_called=True,
         tool_results=(ToolResult("get_weather", '{"temperature": 21, "sky": "clear"}'),),
     )
-    assert reply_to(answered) == Say("Result of get weather: temperature 21, sky clear.")
+    assert reply_to(answered) == Say("From get weather: temperature is 21, sky is clear.")

@@ -3,8 +3,8 @@
 It is not a language model. `reply_to` applies these rules, first match wins:
 
 1. Tool results: if function outputs arrived after the last user message (and no
-   assistant message has answered them yet), speak them: "Result of get weather:
-   temperature 21, unit celsius." (JSON objects read as "key value" pairs).
+   assistant message has answered them yet), speak them: "From get weather:
+   temperature is 21, unit is celsius." (JSON objects read as "key is value" pairs).
 2. Tool call: if the session declares tools, the last user message has not been answered
    by a call yet, and the tool rule in `tools` picks one, call it with arguments filled
    from the utterance.
@@ -111,12 +111,12 @@ def speak_tool_result(result: ToolResult) -> str:
         value = json.loads(result.output)
     except ValueError:
         value = result.output
-    return f"Result of {label}: {_sentence(_spoken(value))}"
+    return f"From {label}: {_sentence(_spoken(value))}"
 
 
 def _spoken(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k.replace('_', ' ')} {_spoken(v)}" for k, v in value.items())
+        return ", ".join(f"{k.replace('_', ' ')} is {_spoken(v)}" for k, v in value.items())
     if isinstance(value, list):
         return ", ".join(_spoken(v) for v in value)
     if isinstance(value, bool):

@@ -25,7 +25,7 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(
 
 # Session voices that get espeak-ng's female variant; every other name gets the male one.
 _FEMALE_VOICES = (
-    "alloy coral sage shimmer marin ava emma jenny aria sara nancy jane michelle elizabeth "
+    "coral sage shimmer marin ava emma jenny aria sara nancy jane michelle elizabeth "
     "amber ashley cora monica denise elsa francisca xiaoxiao ximena aarti diya meera"
 ).split()
 
