@@ -130,3 +130,23 @@ async def test_sigterm_hands_sessions_over_to_another_replica_at_once(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(15)
+
+
+async def test_sessions_stream_is_trimmed_only_behind_every_groups_oldest_unfinished_entry(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    from vlpipe.shared.ownership import trim_sessions
+
+    ids = [await publish(redis, keys.sessions, SessionStart(session=f"s{i}")) for i in range(300)]
+    await redis.xgroup_create(keys.sessions, "ingest", id="0")
+    await redis.xgroup_create(keys.sessions, "broker", id="0")
+    # ingest read everything and still owns s120; broker has read only up to s200.
+    await redis.xreadgroup("ingest", "r1", {keys.sessions: ">"}, count=300)
+    await redis.xack(keys.sessions, "ingest", *[i for n, i in enumerate(ids) if n != 120])
+    await redis.xreadgroup("broker", "r1", {keys.sessions: ">"}, count=201)
+    await redis.xack(keys.sessions, "broker", *ids[:201])
+    minid = await trim_sessions(redis, keys.sessions)
+    assert minid == ids[120]
+    left = [e[0].decode() for e in await redis.xrange(keys.sessions)]
+    assert ids[120] in left, "the start entry of a live session is never trimmed"
+    assert left[-1] == ids[-1] and len(left) < 300

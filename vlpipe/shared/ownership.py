@@ -61,6 +61,37 @@ return lost
 """
 
 
+TRIM_EVERY_BEATS = 30
+
+
+async def trim_sessions(redis: aioredis.Redis, key: str) -> str | None:
+    """Trim the sessions stream behind every group's oldest pending or undelivered entry.
+
+    Start entries of live sessions stay pending, so they are never trimmed; ended
+    sessions' entries go once every group has read and acked them. Returns the MINID used,
+    or None when nothing may be trimmed (no groups yet).
+    """
+    groups: Any = await redis.xinfo_groups(key)
+    if not groups:
+        return None
+    floor: tuple[int, int] | None = None
+    for group in groups:
+        candidates = [group["last-delivered-id"]]
+        if group["pending"]:
+            summary: Any = await redis.xpending(key, group["name"])
+            candidates.append(summary["min"])
+        for raw in candidates:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            ms, _, seq = text.partition("-")
+            point = (int(ms), int(seq or 0))
+            floor = point if floor is None or point < floor else floor
+    if floor is None or floor == (0, 0):
+        return None
+    minid = f"{floor[0]}-{floor[1]}"
+    await redis.xtrim(key, minid=minid, approximate=True)
+    return minid
+
+
 @dataclass(slots=True)
 class OwnedSession:
     """A session this replica owns, as its service's session task sees it."""
@@ -295,12 +326,17 @@ class SessionOwnership:
             return
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        beats = 0
         while not stop.is_set():
             await _sleep_or_stop(stop, self.heartbeat_ms / 1000)
-            if stop.is_set() or not self.owned:
+            if stop.is_set():
                 continue
+            beats += 1
             try:
-                await self._beat()
+                if self.owned:
+                    await self._beat()
+                if beats % TRIM_EVERY_BEATS == 0:
+                    await trim_sessions(self.redis, self.keys.sessions)
             except REDIS_DOWN as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
 
