@@ -37,7 +37,7 @@ import soxr
 from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEECH = ROOT.parent / "shared" / "data" / "speech-16k-beckett.wav"
+SPEECH = ROOT / "samples" / "speech-16k-beckett.wav"
 RATE = 24000
 FRAME_MS = 40
 PHRASE_MS = 1400  # "Ever tried."

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.engine.sdk_models import parse_server_event
 
-SPEECH_WAV = Path(__file__).resolve().parents[3] / "shared" / "data" / "speech-16k-beckett.wav"
+SPEECH_WAV = Path(__file__).resolve().parents[2] / "samples" / "speech-16k-beckett.wav"
 SPEECH_WORDS = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
 
 

@@ -121,7 +121,10 @@ def upstream_configured() -> bool:
 
 
 def service_exists(name: str) -> bool:
-    return importlib.util.find_spec(f"vlpipe.services.{name}.__main__") is not None
+    try:
+        return importlib.util.find_spec(f"vlpipe.services.{name}.__main__") is not None
+    except ModuleNotFoundError:  # not even the service's package exists yet
+        return False
 
 
 def main(argv: list[str]) -> int:
