@@ -157,20 +157,56 @@ def main(argv: list[str]) -> int:
     else:
         out.write(f"   up | using Redis at {redis_url.split('@')[-1]}\n")
     prefix = args.prefix or settings.stream_prefix
-
     env = {**os.environ, "VLPIPE_REDIS_URL": redis_url, "VLPIPE_STREAM_PREFIX": prefix}
     children: list[Child] = []
-    engine: Child | None = None
+    try:
+        children, engine_url, health_ports = plan_children(args, env, out)
+        for child in children:
+            child.start(out)
+        if engine_url is not None:
+            engine = next(c for c in children if c.name == "engine")
+            ready = wait_ready(f"{engine_url}/readyz", 120, engine)
+            out.write(f"   up | engine {'ready' if ready else 'NOT ready'} at {engine_url}\n")
+        for name, port in health_ports.items():
+            ready = wait_ready(f"http://127.0.0.1:{port}/readyz", 30)
+            out.write(f"   up | {name} {'ready' if ready else 'NOT ready'}\n")
+        out.write(
+            f"   up | pipeline ready. Publish audio: XADD {prefix}:sessions * type start session ID, "
+            f"then XADD {prefix}:audio:{{ID}} * audio <bytes> format pcm16 rate 16000; "
+            f"read {prefix}:transcript:{{ID}}. Ctrl-C stops.\n"
+        )
+        out.flush()
+        supervise(children, stopping, out)
+    finally:
+        out.write("   up | stopping\n")
+        out.flush()
+        stop_children(children)
+        if private is not None:
+            private.stop()
+        out.write("   up | stopped\n")
+        out.flush()
+    return 0
+
+
+def plan_children(
+    args: argparse.Namespace, env: dict[str, str], out: IO[str]
+) -> tuple[list[Child], str | None, dict[str, int]]:
+    """The processes to run: the engine (unless an upstream is configured) and the services
+    that exist, with their environment; the engine's URL; each service's health port."""
+    children: list[Child] = []
+    engine_url: str | None = None
     if not upstream_configured():
         port = args.engine_port if port_free(args.engine_port) else free_port()
-        engine = Child(
-            "engine",
-            [sys.executable, "-m", "vlpipe.services.engine", "--port", str(port),
-             "--model", args.engine_model],
-            env,
+        children.append(
+            Child(
+                "engine",
+                [sys.executable, "-m", "vlpipe.services.engine", "--port", str(port),
+                 "--model", args.engine_model],
+                env,
+            )
         )  # fmt: skip
-        env = {**env, "VLPIPE_BROKER_ENDPOINT": f"http://127.0.0.1:{port}"}
-        children.append(engine)
+        engine_url = f"http://127.0.0.1:{port}"
+        env = {**env, "VLPIPE_BROKER_ENDPOINT": engine_url}
     health_ports: dict[str, int] = {}
     for name in SERVICES:
         if not service_exists(name):
@@ -183,47 +219,24 @@ def main(argv: list[str]) -> int:
             "VLPIPE_HTTP_HOST": "127.0.0.1",
         }
         children.append(Child(name, [sys.executable, "-m", f"vlpipe.services.{name}"], child_env))
+    return children, engine_url, health_ports
 
-    for child in children:
-        child.start(out)
-    code = 0
-    try:
-        if engine is not None:
-            engine_url = env["VLPIPE_BROKER_ENDPOINT"]
-            ready = wait_ready(f"{engine_url}/readyz", 120, engine)
-            out.write(f"   up | engine {'ready' if ready else 'NOT ready'} at {engine_url}\n")
-        for name, port in health_ports.items():
-            ready = wait_ready(f"http://127.0.0.1:{port}/readyz", 30)
-            out.write(f"   up | {name} {'ready' if ready else 'NOT ready'}\n")
-        out.write(
-            f"   up | pipeline ready. Publish audio: XADD {prefix}:sessions * type start session ID, "
-            f"then XADD {prefix}:audio:{{ID}} * audio <bytes> format pcm16 rate 16000 "
-            f"(or `vlpipe publish FILE --session ID`); read {prefix}:transcript:{{ID}}. "
-            "Ctrl-C stops.\n"
-        )
-        out.flush()
-        backoff: dict[str, float] = {}
-        while not stopping.wait(0.5):
-            for child in children:
-                if child.proc is not None and child.proc.poll() is not None:
-                    delay = backoff.get(child.name, 1.0)
-                    out.write(
-                        f"   up | {child.name} exited ({child.proc.returncode}); restart in {delay:.0f}s\n"
-                    )
-                    if stopping.wait(delay):
-                        break
-                    backoff[child.name] = min(delay * 2, 30.0)
-                    child.restarts += 1
-                    child.start(out)
-    finally:
-        out.write("   up | stopping\n")
-        out.flush()
-        stop_children(children)
-        if private is not None:
-            private.stop()
-        out.write("   up | stopped\n")
-        out.flush()
-    return code
+
+def supervise(children: list[Child], stopping: threading.Event, out: IO[str]) -> None:
+    """Restart a child that exited, with doubling backoff, until `stopping` is set."""
+    backoff: dict[str, float] = {}
+    while not stopping.wait(0.5):
+        for child in children:
+            if child.proc is not None and child.proc.poll() is not None:
+                delay = backoff.get(child.name, 1.0)
+                out.write(
+                    f"   up | {child.name} exited ({child.proc.returncode}); restart in {delay:.0f}s\n"
+                )
+                if stopping.wait(delay):
+                    return
+                backoff[child.name] = min(delay * 2, 30.0)
+                child.restarts += 1
+                child.start(out)
 
 
 def stop_children(children: list[Child]) -> None:
