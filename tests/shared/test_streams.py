@@ -230,3 +230,39 @@ async def _no_pending(redis: aioredis.Redis, stream: str, group: str) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_session_reader_retries_a_failing_handler_then_dead_letters_the_entry(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    calls: list[list[bytes]] = []
+    healthy: list[bytes] = []
+
+    async def flaky(key: str, entries: list[Entry]) -> None:
+        calls.append([e.fields[b"seq"] for e in entries])
+        if entries[0].fields[b"seq"] == b"0":
+            raise RuntimeError("cannot handle the first entry")
+
+    async def fine(key: str, entries: list[Entry]) -> None:
+        healthy.extend(e.fields[b"seq"] for e in entries)
+
+    bad, good = keys.frames("bad"), keys.frames("good")
+    await _fill(redis, bad, 3, "bad")
+    reader = SessionStreamReader(
+        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
+        block_ms=200, max_deliveries=3,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader.run(stop))
+    reader.add(bad, "0-0", flaky)
+    reader.add(good, "0-0", fine)
+    await _fill(redis, good, 3, "good")
+    await wait_until(lambda: _xlen(redis, keys.dead, 1))
+    await wait_until(lambda: _true(calls[-1] == [b"1", b"2"]))
+    await wait_until(lambda: _true(healthy == [b"0", b"1", b"2"]))
+    stop.set()
+    await task
+    assert calls[:3] == [[b"0", b"1", b"2"]] * 3, "the same batch retried, in order"
+    [(_, dead)] = await redis.xrange(keys.dead)
+    assert dead[b"stream"] == bad.encode() and dead[b"orig.seq"] == b"0"
+    assert b"cannot handle the first entry" in dead[b"reason"]

@@ -358,6 +358,7 @@ class _Followed:
     last_id: str
     handler: SessionHandler
     failures: int = 0
+    retry_at: float = 0.0  # monotonic time before which a failing stream is not read
 
 
 @dataclass(slots=True)
@@ -418,10 +419,12 @@ class SessionStreamReader:
                 await _sleep_or_stop(stop, delay)
 
     async def _read_once(self) -> None:
-        ids = {key: f.last_id for key, f in self._followed.items()}
+        now = time.monotonic()
+        ids = {key: f.last_id for key, f in self._followed.items() if f.retry_at <= now}
         ids[self.wake_key] = self._wake_id
+        block = self.block_ms if len(ids) == len(self._followed) + 1 else min(self.block_ms, 100)
         streams: Any = ids
-        reply: Any = await self.redis.xread(streams, count=self.count, block=self.block_ms)
+        reply: Any = await self.redis.xread(streams, count=self.count, block=block)
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
             if key == self.wake_key:
@@ -442,6 +445,7 @@ class SessionStreamReader:
             raise
         except Exception as exc:
             followed.failures += 1
+            followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
             if followed.failures < self.max_deliveries:
                 log.warning(
                     "session handler failed; will retry",
