@@ -749,16 +749,18 @@ class EngineSession:
             )
         )
         item.arguments = arguments
+        return events + self._complete(response, item, where["output_index"])
+
+    def _complete(self, response: _Response, item: Any, output_index: int) -> list[dict[str, Any]]:
+        """Mark the response's last output item done and finish the response."""
         item.status = "completed"
-        events.append(
-            self._event(
-                "response.output_item.done",
-                response_id=response.id,
-                output_index=where["output_index"],
-                item=item.to_wire(),
-            )
+        done = self._event(
+            "response.output_item.done",
+            response_id=response.id,
+            output_index=output_index,
+            item=item.to_wire(),
         )
-        return events + self._finish_response("completed")
+        return [done, *self._finish_response("completed")]
 
     def _message(self, response: _Response, text: str) -> list[dict[str, Any]]:
         item = Message(self.ids("item"), "assistant", [], status="in_progress")
@@ -798,16 +800,7 @@ class EngineSession:
         events.append(
             self._event("response.content_part.done", **where, content_index=0, part=part.to_wire())
         )
-        item.status = "completed"
-        events.append(
-            self._event(
-                "response.output_item.done",
-                response_id=response.id,
-                output_index=where["output_index"],
-                item=item.to_wire(),
-            )
-        )
-        return events + self._finish_response("completed")
+        return events + self._complete(response, item, where["output_index"])
 
     def _echo_reply(self, response: _Response) -> list[dict[str, Any]]:
         last_user = self.conversation.last_user_message()
