@@ -384,7 +384,7 @@ class SessionStreamReader:
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
         self._followed[key] = _Followed(last_id, handler)
-        self._wake()
+        self.wake()
 
     def remove(self, key: str) -> None:
         self._followed.pop(key, None)
@@ -397,7 +397,8 @@ class SessionStreamReader:
     def __contains__(self, key: str) -> bool:
         return key in self._followed
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Interrupt the blocking read (after adding a stream, or to notice a stop)."""
         wake: Any = self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(wake)
         task.add_done_callback(_ignore_result)

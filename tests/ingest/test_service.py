@@ -1,0 +1,107 @@
+"""The ingest service as a black box: raw Redis commands in, frames out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from tests.shared.procs import ROOT
+from tests.waiting import wait_until
+from vlpipe.shared.audio import pcm16_to_ulaw
+from vlpipe.shared.contracts import Frame, decode
+from vlpipe.shared.keys import StreamKeys
+
+
+@pytest.fixture
+def ingest(redis_url: str, keys: StreamKeys) -> Iterator[subprocess.Popen[bytes]]:
+    env = {
+        **os.environ,
+        "VLPIPE_REDIS_URL": redis_url,
+        "VLPIPE_STREAM_PREFIX": keys.prefix,
+        "VLPIPE_HTTP_PORT": "0",
+        "VLPIPE_HTTP_HOST": "127.0.0.1",
+        "VLPIPE_HEARTBEAT_MS": "200",
+        "VLPIPE_BLOCK_MS": "200",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlpipe.services.ingest"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+
+
+def tone(rate: int, seconds: float, hz: float = 440.0) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes()
+
+
+async def frames_of(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> list[Frame]:
+    return [decode(Frame, fields) for _, fields in await redis.xrange(keys.frames(sid))]
+
+
+async def test_a_session_published_with_raw_commands_becomes_numbered_20ms_frames(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes]
+) -> None:
+    sid = "call-1"
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid,
+                                     "config": '{"input_audio_format": "pcm16_16000hz"}'})  # fmt: skip
+    audio = tone(8000, 1.0)
+    for i in range(0, len(audio), 1600):  # 100 ms chunks of 8 kHz PCM16
+        await redis.xadd(keys.audio(sid), {"audio": audio[i : i + 1600], "format": "pcm16",
+                                           "rate": "8000", "seq": str(i // 1600)})  # fmt: skip
+    mulaw = pcm16_to_ulaw(tone(8000, 0.5))
+    await redis.xadd(keys.audio(sid), {"audio": mulaw, "format": "mulaw"})
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+
+    async def final_written() -> bool:
+        frames = await frames_of(redis, keys, sid)
+        return bool(frames) and frames[-1].final
+
+    await wait_until(final_written, within=30)
+    frames = await frames_of(redis, keys, sid)
+    assert [f.seq for f in frames] == list(range(len(frames))), "numbered from 0, no gaps"
+    audio_frames = frames[:-1]
+    assert {len(f.audio) for f in audio_frames} == {640}, "20 ms of 16 kHz PCM16"
+    assert {f.format.value for f in frames} == {"pcm16_16000hz"}
+    assert abs(len(audio_frames) * 0.020 - 1.5) <= 0.020, "1.5 s in, 1.5 s out"
+    assert await redis.xlen(keys.audio(sid)) <= 1, "the audio stream is trimmed behind ingest"
+
+
+async def test_a_bad_chunk_is_dead_lettered_and_reported_while_the_session_goes_on(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes]
+) -> None:
+    sid = "call-2"
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+    await redis.xadd(
+        keys.audio(sid), {"audio": tone(24000, 0.1), "format": "pcm16", "rate": "24000"}
+    )
+    await redis.xadd(
+        keys.audio(sid), {"audio": b"\x01\x02\x03", "format": "pcm16", "rate": "24000"}
+    )
+    await redis.xadd(keys.audio(sid), {"audio": b"\x00\x00", "format": "aiff"})
+    await redis.xadd(
+        keys.audio(sid), {"audio": tone(24000, 0.1), "format": "pcm16", "rate": "24000"}
+    )
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+
+    async def final_written() -> bool:
+        frames = await frames_of(redis, keys, sid)
+        return bool(frames) and frames[-1].final
+
+    await wait_until(final_written, within=30)
+    assert len(await frames_of(redis, keys, sid)) == 11, "200 ms of good audio and the marker"
+    dead = [fields for _, fields in await redis.xrange(keys.dead)]
+    reasons = sorted(d[b"reason"].decode() for d in dead)
+    assert len(reasons) == 2
+    assert "multiple of 2 bytes" in reasons[1] and "'format'" in reasons[0]
+    status = [fields for _, fields in await redis.xrange(keys.status(sid))]
+    assert [s[b"kind"] for s in status] == [b"error", b"error"]

@@ -1,0 +1,189 @@
+"""The ingest service: the thin Redis shell around `Normalizer`.
+
+For each session it owns (SessionOwnership, group `ingest`), it follows the session's raw
+audio stream from its checkpoint (one SessionStreamReader for the whole process), turns
+each batch of `RawAudio` entries into frames, and writes the frames together with its
+checkpoint in one MULTI, so a replica that takes the session over continues with the next
+frame number and no frame lost or repeated. It trims the audio stream behind the
+checkpoint (it is the stream's only reader). A bad chunk goes to `vl:dead` and to the
+session's status stream; the session goes on. When the producer has ended the session and
+the audio stream is drained, it flushes the last partial frame (padded to a full frame)
+and writes the final frame marker.
+
+Hot path per batch: one XREAD (shared), one MULTI with the frames, the checkpoint and
+the trim. No per-frame round trip, no per-frame log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from vlpipe.services.ingest.normalize import BadAudio, Normalizer
+from vlpipe.services.ingest.settings import IngestSettings
+from vlpipe.shared import telemetry
+from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, decode, encode
+from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.service import ServiceContext
+from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+
+log = logging.getLogger("vlpipe.ingest")
+
+
+@dataclass
+class SessionIngest:
+    """One owned session's normalizer and frame numbering."""
+
+    owned: OwnedSession
+    normalizer: Normalizer
+    next_seq: int
+    last_id: str
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class IngestService:
+    def __init__(self, ctx: ServiceContext, settings: IngestSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.keys = ctx.keys
+        self.retention = Retention()
+        self.sessions: dict[str, SessionIngest] = {}
+        self.reader = SessionStreamReader(
+            ctx.redis,
+            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
+            dead=ctx.dead,
+            count=settings.read_batch,
+            block_ms=settings.block_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.ownership = SessionOwnership(
+            ctx.redis,
+            ctx.keys,
+            service="ingest",
+            replica=ctx.replica,
+            run_session=self.run_session,
+            dead=ctx.dead,
+            heartbeat_ms=settings.heartbeat_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_failures=settings.max_deliveries,
+        )
+        meter = telemetry.meter("ingest")
+        self.frames_out = meter.create_counter("vlpipe.ingest.frames", description="Frames written")
+        self.bad_chunks = meter.create_counter(
+            "vlpipe.ingest.bad_chunks", description="Chunks refused"
+        )
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
+        try:
+            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
+        finally:
+            self.reader.wake()
+            await reader
+
+    async def run_session(self, owned: OwnedSession) -> None:
+        """Normalize one session until it ends and its audio is drained."""
+        checkpoint = owned.checkpoint
+        state = SessionIngest(
+            owned=owned,
+            normalizer=Normalizer(owned.start.config.input_audio_format, self.settings.frame_ms),
+            next_seq=int(checkpoint.get("next_seq", "0")),
+            last_id=checkpoint.get("audio_id", "0-0"),
+        )
+        if checkpoint.get("final") == "1":
+            return
+        self.sessions[owned.sid] = state
+        audio_key = self.keys.audio(owned.sid)
+        self.reader.add(audio_key, state.last_id, self._on_audio)
+        try:
+            await owned.ended.wait()
+            # The producer ended the session: everything it sent is in the stream now.
+            while await self._unread(audio_key, state.last_id):
+                state.idle.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.idle.wait(), timeout=1)
+            await self._finish(state)
+        finally:
+            self.reader.remove(audio_key)
+            self.sessions.pop(owned.sid, None)
+
+    async def _unread(self, key: str, after: str) -> bool:
+        newer = await self.ctx.redis.xrange(key, min=f"({after}", count=1)
+        return bool(newer)
+
+    async def _on_audio(self, key: str, entries: list[Entry]) -> None:
+        sid = key[key.index("{") + 1 : key.rindex("}")]
+        state = self.sessions.get(sid)
+        if state is None or state.owned.lost.is_set():
+            return
+        frames: list[Frame] = []
+        for entry in entries:
+            try:
+                chunk: RawAudio = decode(RawAudio, entry.fields)
+                pcm_frames = state.normalizer.push(chunk)
+            except (ContractError, BadAudio) as exc:
+                await self._refuse(sid, entry, str(exc))
+                continue
+            ts = chunk.ts if chunk.ts is not None else time.time() * 1000
+            for i, audio in enumerate(pcm_frames):
+                frames.append(
+                    Frame(
+                        session=sid,
+                        seq=state.next_seq,
+                        format=state.normalizer.target,
+                        audio=audio,
+                        ts=ts + i * self.settings.frame_ms,
+                        traceparent=chunk.traceparent if i == 0 else None,
+                    )
+                )
+                state.next_seq += 1
+        await self._write(state, frames, entries[-1].id)
+        state.idle.set()
+
+    async def _write(
+        self, state: SessionIngest, frames: list[Frame], audio_id: str, final: bool = False
+    ) -> None:
+        sid = state.owned.sid
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            for frame in frames:
+                pipe.xadd(self.keys.frames(sid), encode(frame))  # type: ignore[arg-type]
+            self.ownership.checkpoint_into(
+                pipe, sid, {"audio_id": audio_id, "next_seq": state.next_seq, "final": int(final)}
+            )
+            pipe.xtrim(self.keys.audio(sid), minid=audio_id, approximate=True)
+            await pipe.execute()
+        state.last_id = audio_id
+        if frames:
+            self.frames_out.add(len(frames))
+
+    async def _finish(self, state: SessionIngest) -> None:
+        sid = state.owned.sid
+        frames = [
+            Frame(session=sid, seq=state.next_seq + i, format=state.normalizer.target, audio=audio)
+            for i, audio in enumerate(state.normalizer.flush(pad=True))
+        ]
+        state.next_seq += len(frames)
+        frames.append(
+            Frame(
+                session=sid,
+                seq=state.next_seq,
+                format=state.normalizer.target,
+                audio=b"",
+                final=True,
+            )
+        )
+        state.next_seq += 1
+        await self._write(state, frames, state.last_id, final=True)
+        log.info("session input finished", extra={"session": sid, "frames": state.next_seq})
+
+    async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
+        self.bad_chunks.add(1)
+        await self.ctx.dead.send(entry, reason)
+        status = Status(
+            session=sid, service="ingest", kind="error", message=reason,
+            detail={"stream": entry.stream, "id": entry.id},
+        )  # fmt: skip
+        await publish(self.ctx.redis, self.keys.status(sid), status, maxlen=self.retention.status)

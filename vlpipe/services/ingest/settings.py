@@ -1,0 +1,18 @@
+"""Ingest settings: `VLPIPE_*` shared settings plus `VLPIPE_INGEST_*`."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from vlpipe.shared.config import ServiceSettings
+
+
+class IngestSettings(ServiceSettings):
+    http_port: int = Field(default=9101, description="Health and metrics port.")
+    frame_ms: int = Field(
+        default=20,
+        ge=10,
+        le=100,
+        validation_alias=AliasChoices("VLPIPE_INGEST_FRAME_MS", "frame_ms"),
+        description="Frame length in ms (VLPIPE_INGEST_FRAME_MS).",
+    )
