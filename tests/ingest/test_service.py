@@ -29,6 +29,7 @@ def ingest(redis_url: str, keys: StreamKeys) -> Iterator[subprocess.Popen[bytes]
         "VLPIPE_HTTP_HOST": "127.0.0.1",
         "VLPIPE_HEARTBEAT_MS": "200",
         "VLPIPE_BLOCK_MS": "200",
+        "VLPIPE_INGEST_REORDER_WINDOW": "3",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlpipe.services.ingest"], cwd=ROOT, env=env,
@@ -105,3 +106,28 @@ async def test_a_bad_chunk_is_dead_lettered_and_reported_while_the_session_goes_
     assert "multiple of 2 bytes" in reasons[1] and "'format'" in reasons[0]
     status = [fields for _, fields in await redis.xrange(keys.status(sid))]
     assert [s[b"kind"] for s in status] == [b"error", b"error"]
+
+
+async def test_producer_sequence_numbers_reorder_drop_duplicates_and_report_gaps(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes]
+) -> None:
+    sid = "call-3"
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+    for seq in (0, 2, 1, 1, 3, 6, 7, 8, 9):  # 1 twice, 4 and 5 never come
+        level = np.full(480, seq * 100, dtype="<i2").tobytes()  # one 20 ms frame at 24 kHz
+        await redis.xadd(keys.audio(sid), {"audio": level, "format": "pcm16", "rate": "24000",
+                                           "seq": str(seq)})  # fmt: skip
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+
+    async def final_written() -> bool:
+        frames = await frames_of(redis, keys, sid)
+        return bool(frames) and frames[-1].final
+
+    await wait_until(final_written, within=30)
+    frames = (await frames_of(redis, keys, sid))[:-1]
+    levels = [int(np.frombuffer(f.audio, dtype="<i2")[240]) for f in frames]
+    assert levels == [0, 100, 200, 300, 600, 700, 800, 900]
+    status = [fields for _, fields in await redis.xrange(keys.status(sid))]
+    kinds = [s[b"kind"] for s in status]
+    assert kinds == [b"stale", b"gap"]
+    assert b"seq 4-5" in status[1][b"message"]

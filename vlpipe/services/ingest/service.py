@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from vlpipe.services.ingest.normalize import BadAudio, Normalizer
+from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, decode, encode
@@ -41,6 +42,7 @@ class SessionIngest:
     normalizer: Normalizer
     next_seq: int
     last_id: str
+    order: SequenceWindow[tuple[Entry, RawAudio]]
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -92,6 +94,12 @@ class IngestService:
             normalizer=Normalizer(owned.start.config.input_audio_format, self.settings.frame_ms),
             next_seq=int(checkpoint.get("next_seq", "0")),
             last_id=checkpoint.get("audio_id", "0-0"),
+            order=SequenceWindow(
+                window=self.settings.reorder_window,
+                expected=int(checkpoint["expected_seq"])
+                if checkpoint.get("expected_seq")
+                else None,
+            ),
         )
         if checkpoint.get("final") == "1":
             return
@@ -120,28 +128,62 @@ class IngestService:
         if state is None or state.owned.lost.is_set():
             return
         frames: list[Frame] = []
+        notices: list[Notice] = []
         for entry in entries:
             try:
                 chunk: RawAudio = decode(RawAudio, entry.fields)
-                pcm_frames = state.normalizer.push(chunk)
-            except (ContractError, BadAudio) as exc:
+            except ContractError as exc:
                 await self._refuse(sid, entry, str(exc))
                 continue
-            ts = chunk.ts if chunk.ts is not None else time.time() * 1000
-            for i, audio in enumerate(pcm_frames):
-                frames.append(
-                    Frame(
-                        session=sid,
-                        seq=state.next_seq,
-                        format=state.normalizer.target,
-                        audio=audio,
-                        ts=ts + i * self.settings.frame_ms,
-                        traceparent=chunk.traceparent if i == 0 else None,
-                    )
-                )
-                state.next_seq += 1
+            ready, noticed = state.order.accept(chunk.seq, (entry, chunk))
+            notices += noticed
+            for ready_entry, ready_chunk in ready:
+                frames += await self._normalize(state, ready_entry, ready_chunk)
+        await self._report(sid, notices)
         await self._write(state, frames, entries[-1].id)
         state.idle.set()
+
+    async def _normalize(self, state: SessionIngest, entry: Entry, chunk: RawAudio) -> list[Frame]:
+        try:
+            pcm_frames = state.normalizer.push(chunk)
+        except BadAudio as exc:
+            await self._refuse(state.owned.sid, entry, str(exc))
+            return []
+        ts = chunk.ts if chunk.ts is not None else time.time() * 1000
+        frames = []
+        for i, audio in enumerate(pcm_frames):
+            frames.append(
+                Frame(
+                    session=state.owned.sid,
+                    seq=state.next_seq,
+                    format=state.normalizer.target,
+                    audio=audio,
+                    ts=ts + i * self.settings.frame_ms,
+                    traceparent=chunk.traceparent if i == 0 else None,
+                )
+            )
+            state.next_seq += 1
+        return frames
+
+    async def _report(self, sid: str, notices: list[Notice]) -> None:
+        """Gaps and stale entries go to the session's status stream, never silently."""
+        for notice in notices:
+            if isinstance(notice, Gap):
+                status = Status(
+                    session=sid, service="ingest", kind="gap",
+                    message=f"{notice.count} audio entries missing (seq {notice.first_missing}"
+                    f"-{notice.last_missing}); continuing without them",
+                    detail={"first_missing": notice.first_missing, "last_missing": notice.last_missing},
+                )  # fmt: skip
+            else:
+                status = Status(
+                    session=sid, service="ingest", kind="stale",
+                    message=f"audio entry seq {notice.seq} dropped: duplicate or too late",
+                    detail={"seq": notice.seq},
+                )  # fmt: skip
+            await publish(
+                self.ctx.redis, self.keys.status(sid), status, maxlen=self.retention.status
+            )
 
     async def _write(
         self, state: SessionIngest, frames: list[Frame], audio_id: str, final: bool = False
@@ -150,9 +192,12 @@ class IngestService:
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             for frame in frames:
                 pipe.xadd(self.keys.frames(sid), encode(frame))  # type: ignore[arg-type]
-            self.ownership.checkpoint_into(
-                pipe, sid, {"audio_id": audio_id, "next_seq": state.next_seq, "final": int(final)}
-            )
+            values: dict[str, str | int | float] = {
+                "audio_id": audio_id, "next_seq": state.next_seq, "final": int(final),
+            }  # fmt: skip
+            if state.order.expected is not None:
+                values["expected_seq"] = state.order.expected
+            self.ownership.checkpoint_into(pipe, sid, values)
             pipe.xtrim(self.keys.audio(sid), minid=audio_id, approximate=True)
             await pipe.execute()
         state.last_id = audio_id
@@ -161,7 +206,12 @@ class IngestService:
 
     async def _finish(self, state: SessionIngest) -> None:
         sid = state.owned.sid
-        frames = [
+        held, notices = state.order.drain()
+        await self._report(sid, notices)
+        frames: list[Frame] = []
+        for entry, chunk in held:
+            frames += await self._normalize(state, entry, chunk)
+        frames += [
             Frame(session=sid, seq=state.next_seq + i, format=state.normalizer.target, audio=audio)
             for i, audio in enumerate(state.normalizer.flush(pad=True))
         ]

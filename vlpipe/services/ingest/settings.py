@@ -16,3 +16,10 @@ class IngestSettings(ServiceSettings):
         validation_alias=AliasChoices("VLPIPE_INGEST_FRAME_MS", "frame_ms"),
         description="Frame length in ms (VLPIPE_INGEST_FRAME_MS).",
     )
+    reorder_window: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        validation_alias=AliasChoices("VLPIPE_INGEST_REORDER_WINDOW", "reorder_window"),
+        description="Entries held waiting for a missing producer seq before a gap is declared.",
+    )
