@@ -7,7 +7,7 @@ state kept across chunks (soxr), and cuts frames, keeping the leftover partial f
 the next chunk. No Redis, no I/O: the ingest service feeds it.
 
 Bad input raises `BadAudio` naming the problem; the normalizer stays usable for the next
-chunk. Compressed containers (Ogg, WebM, MP3) are not handled here yet.
+chunk. Compressed streams (Ogg/WebM Opus, MP3) are decoded by `ContainerDecoder`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import wave
 
 import numpy as np
 
+from vlpipe.services.ingest.containers import ContainerDecoder, ContainerError
 from vlpipe.shared.audio import (
     AudioFormat,
     StreamingResampler,
@@ -61,6 +62,15 @@ def _f32(data: bytes, channels: int) -> np.ndarray:
     return _downmix(np.clip(samples, -1.0, 1.0) * 32767.0, channels)
 
 
+def _joined(
+    pieces: list[tuple[int, np.ndarray]], source: tuple[int, str] | None
+) -> tuple[int, np.ndarray]:
+    """Decoded pieces of a container as one signal (a container keeps one rate)."""
+    if not pieces:
+        return (source[0] if source else 48000), np.zeros(0, dtype=np.float32)
+    return pieces[0][0], np.concatenate([p for _, p in pieces])
+
+
 def _to_int16_bytes(samples: np.ndarray) -> bytes:
     out: bytes = np.clip(np.rint(samples), -32768, 32767).astype("<i2").tobytes()
     return out
@@ -83,12 +93,20 @@ class Normalizer:
         self._source: tuple[int, str] | None = None  # (rate, format) the resampler is for
         self._resampler: StreamingResampler | None = None
         self._wav: tuple[int, int, int] | None = None  # (rate, channels, sample width)
+        self._container: ContainerDecoder | None = None
 
     def push(self, chunk: RawAudio) -> list[bytes]:
         """Frames completed by this chunk, in order. Raises BadAudio for bad input."""
         rate, samples = self._decode(chunk)
+        if not len(samples):
+            return []
         pcm = _to_int16_bytes(samples)
-        return self._frames(self._resample(rate, chunk.format.value, pcm))
+        source = (
+            "container"
+            if self._container is not None and chunk.format.value == self._container.format
+            else chunk.format.value
+        )
+        return self._frames(self._resample(rate, source, pcm))
 
     def flush(self, pad: bool = True) -> list[bytes]:
         """At end of session: the resampler's tail and the last partial frame.
@@ -97,8 +115,17 @@ class Normalizer:
         size; without it the partial frame is returned as it is (or nothing if empty).
         """
         out: list[bytes] = []
+        if self._container is not None:
+            try:
+                pieces = self._container.close()
+            except ContainerError:
+                pieces = []
+            self._container = None
+            if pieces:
+                rate, samples = _joined(pieces, self._source)
+                out += self._frames(self._resample(rate, "container", _to_int16_bytes(samples)))
         if self._resampler is not None:
-            out = self._frames(self._resampler.flush())
+            out += self._frames(self._resampler.flush())
             self._resampler = None
         if self._pending:
             tail = bytes(self._pending)
@@ -122,7 +149,17 @@ class Normalizer:
             return rate, _pcm16(decode(chunk.audio), chunk.channels)
         if fmt is InputFormat.WAV:
             return self._decode_wav(chunk.audio)
-        raise BadAudio(f"format {fmt.value!r} is not supported by this ingest yet")
+        return self._decode_container(fmt.value, chunk.audio)
+
+    def _decode_container(self, fmt: str, data: bytes) -> tuple[int, np.ndarray]:
+        if self._container is None or self._container.format != fmt:
+            self._container = ContainerDecoder(fmt)
+        try:
+            pieces = self._container.feed(data)
+        except ContainerError as exc:
+            self._container = None
+            raise BadAudio(str(exc)) from None
+        return _joined(pieces, self._source)
 
     @staticmethod
     def _require_rate(chunk: RawAudio) -> int:
