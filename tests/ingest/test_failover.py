@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import redis.asyncio as aioredis
 
+from tests.ingest.test_service import wait_for_final_frame
 from tests.shared.procs import ROOT
 from tests.waiting import wait_until
 from vlpipe.shared.contracts import Frame, decode
@@ -68,11 +69,7 @@ async def test_killing_the_owner_mid_session_leaves_a_continuous_frame_sequence(
         await feeding
         await redis.xadd(keys.sessions, {"type": "end", "session": sid})
 
-        async def final_written() -> bool:
-            last = await redis.xrevrange(keys.frames(sid), count=1)
-            return bool(last) and decode(Frame, last[0][1]).final
-
-        await wait_until(final_written, within=30)
+        await wait_for_final_frame(redis, keys, sid)
         frames = [decode(Frame, f) for _, f in await redis.xrange(keys.frames(sid))]
         seqs = [f.seq for f in frames]
         assert seqs == list(range(len(seqs))), "no frame lost, none duplicated"

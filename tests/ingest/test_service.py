@@ -45,6 +45,14 @@ def tone(rate: int, seconds: float, hz: float = 440.0) -> bytes:
     return (0.3 * np.sin(2 * np.pi * hz * t) * 32767).astype("<i2").tobytes()
 
 
+async def wait_for_final_frame(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> None:
+    async def final_written() -> bool:
+        last = await redis.xrevrange(keys.frames(sid), count=1)
+        return bool(last) and decode(Frame, last[0][1]).final
+
+    await wait_until(final_written, within=30)
+
+
 async def frames_of(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> list[Frame]:
     return [decode(Frame, fields) for _, fields in await redis.xrange(keys.frames(sid))]
 
@@ -63,11 +71,7 @@ async def test_a_session_published_with_raw_commands_becomes_numbered_20ms_frame
     await redis.xadd(keys.audio(sid), {"audio": mulaw, "format": "mulaw"})
     await redis.xadd(keys.sessions, {"type": "end", "session": sid})
 
-    async def final_written() -> bool:
-        frames = await frames_of(redis, keys, sid)
-        return bool(frames) and frames[-1].final
-
-    await wait_until(final_written, within=30)
+    await wait_for_final_frame(redis, keys, sid)
     frames = await frames_of(redis, keys, sid)
     assert [f.seq for f in frames] == list(range(len(frames))), "numbered from 0, no gaps"
     audio_frames = frames[:-1]
@@ -94,11 +98,7 @@ async def test_a_bad_chunk_is_dead_lettered_and_reported_while_the_session_goes_
     )
     await redis.xadd(keys.sessions, {"type": "end", "session": sid})
 
-    async def final_written() -> bool:
-        frames = await frames_of(redis, keys, sid)
-        return bool(frames) and frames[-1].final
-
-    await wait_until(final_written, within=30)
+    await wait_for_final_frame(redis, keys, sid)
     assert len(await frames_of(redis, keys, sid)) == 11, "200 ms of good audio and the marker"
     dead = [fields for _, fields in await redis.xrange(keys.dead)]
     reasons = sorted(d[b"reason"].decode() for d in dead)
@@ -119,11 +119,7 @@ async def test_producer_sequence_numbers_reorder_drop_duplicates_and_report_gaps
                                            "seq": str(seq)})  # fmt: skip
     await redis.xadd(keys.sessions, {"type": "end", "session": sid})
 
-    async def final_written() -> bool:
-        frames = await frames_of(redis, keys, sid)
-        return bool(frames) and frames[-1].final
-
-    await wait_until(final_written, within=30)
+    await wait_for_final_frame(redis, keys, sid)
     frames = (await frames_of(redis, keys, sid))[:-1]
     levels = [int(np.frombuffer(f.audio, dtype="<i2")[240]) for f in frames]
     assert levels == [0, 100, 200, 300, 600, 700, 800, 900]
