@@ -127,3 +127,56 @@ async def test_producer_sequence_numbers_reorder_drop_duplicates_and_report_gaps
     kinds = [s[b"kind"] for s in status]
     assert kinds == [b"stale", b"gap"]
     assert b"seq 4-5" in status[1][b"message"]
+
+
+def _wav_bytes(rate: int, seconds: float) -> bytes:
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        mono = np.frombuffer(tone(rate, seconds, hz=440), dtype="<i2")
+        wav.writeframes(np.column_stack([mono, mono]).reshape(-1).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _published(fmt: str) -> tuple[bytes, dict[str, str]]:
+    """One second of a 440 Hz tone in `fmt`, and the plain fields that describe it."""
+    from tests.ingest.test_normalize import encoded
+    from vlpipe.shared.audio import pcm16_to_alaw
+
+    if fmt == "f32":
+        t = np.arange(44100) / 44100
+        return (0.3 * np.sin(2 * np.pi * 440 * t)).astype("<f4").tobytes(), {"rate": "44100"}
+    if fmt == "alaw":
+        return pcm16_to_alaw(tone(8000, 1.0)), {}
+    if fmt == "wav":
+        return _wav_bytes(48000, 1.0), {}
+    if fmt == "ogg":
+        return encoded("ogg", "libopus", 48000, 1.0, hz=440), {}
+    if fmt == "webm":
+        return encoded("webm", "libopus", 48000, 1.0, hz=440), {}
+    return encoded("mp3", "libmp3lame", 44100, 1.0, hz=440), {}
+
+
+@pytest.mark.parametrize("fmt", ["f32", "alaw", "wav", "ogg", "webm", "mp3"])
+async def test_every_input_format_published_with_raw_commands_keeps_its_tone_and_length(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes], fmt: str
+) -> None:
+    sid = f"fmt-{fmt}"
+    data, extra = _published(fmt)
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+    for i in range(0, len(data), 4000):
+        await redis.xadd(keys.audio(sid), {"audio": data[i : i + 4000], "format": fmt, **extra})
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+    await wait_for_final_frame(redis, keys, sid)
+    frames = (await frames_of(redis, keys, sid))[:-1]
+    assert {len(f.audio) for f in frames} == {960}
+    assert abs(len(frames) * 0.020 - 1.0) <= 0.1, "encoder padding at most 100 ms"
+    pcm = np.frombuffer(b"".join(f.audio for f in frames), dtype="<i2")[2400:21600] / 32767
+    peak_hz = np.argmax(np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))) * 24000 / len(pcm)
+    assert abs(peak_hz - 440) < 5
+    assert await redis.xlen(keys.dead) == 0
