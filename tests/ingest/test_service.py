@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,22 +20,27 @@ from vlpipe.shared.contracts import Frame, decode
 from vlpipe.shared.keys import StreamKeys
 
 
-@pytest.fixture
-def ingest(redis_url: str, keys: StreamKeys) -> Iterator[subprocess.Popen[bytes]]:
+def start_ingest(redis_url: str, prefix: str, **extra: str) -> subprocess.Popen[bytes]:
+    """One ingest replica as a real process, with short timings for tests."""
     env = {
         **os.environ,
         "VLPIPE_REDIS_URL": redis_url,
-        "VLPIPE_STREAM_PREFIX": keys.prefix,
+        "VLPIPE_STREAM_PREFIX": prefix,
         "VLPIPE_HTTP_PORT": "0",
         "VLPIPE_HTTP_HOST": "127.0.0.1",
         "VLPIPE_HEARTBEAT_MS": "200",
         "VLPIPE_BLOCK_MS": "200",
-        "VLPIPE_INGEST_REORDER_WINDOW": "3",
+        **extra,
     }
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "vlpipe.services.ingest"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+@pytest.fixture
+def ingest(redis_url: str, keys: StreamKeys) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_ingest(redis_url, keys.prefix, VLPIPE_INGEST_REORDER_WINDOW="3")
     yield proc
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
@@ -180,3 +186,40 @@ async def test_every_input_format_published_with_raw_commands_keeps_its_tone_and
     peak_hz = np.argmax(np.abs(np.fft.rfft(pcm * np.hanning(len(pcm))))) * 24000 / len(pcm)
     assert abs(peak_hz - 440) < 5
     assert await redis.xlen(keys.dead) == 0
+
+
+async def test_when_the_broker_falls_behind_ingest_pauses_instead_of_piling_up_frames(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    proc = start_ingest(
+        redis_url, keys.prefix, VLPIPE_READ_BATCH="2", VLPIPE_INGEST_MAX_BACKLOG_FRAMES="20"
+    )
+    sid = "slow-broker"
+    try:
+        await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+        audio = tone(24000, 2.0)
+        for i in range(0, len(audio), 4800):  # 100 ms chunks: 5 frames each
+            await redis.xadd(
+                keys.audio(sid), {"audio": audio[i : i + 4800], "format": "pcm16", "rate": "24000"}
+            )
+        await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+
+        async def stalled() -> bool:
+            return int(await redis.xlen(keys.frames(sid))) >= 20
+
+        await wait_until(stalled)
+        await asyncio.sleep(1.0)  # nobody reads: ingest must hold still
+        backlog = int(await redis.xlen(keys.frames(sid)))
+        assert 20 <= backlog <= 30, "paused at the limit (plus at most one batch)"
+        assert await redis.xlen(keys.audio(sid)) > 0, "the rest waits in Redis, not in memory"
+        seen: list[Frame] = []
+        while not (seen and seen[-1].final):  # now the "broker" reads and trims
+            entries = await redis.xrange(keys.frames(sid))
+            if entries:
+                seen += [decode(Frame, f) for _, f in entries]
+                await redis.xdel(keys.frames(sid), *[i for i, _ in entries])
+            await asyncio.sleep(0.05)
+        assert [f.seq for f in seen] == list(range(101)), "100 frames and the marker, in order"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

@@ -43,6 +43,7 @@ class SessionIngest:
     next_seq: int
     last_id: str
     order: SequenceWindow[tuple[Entry, RawAudio]]
+    paused: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -53,6 +54,7 @@ class IngestService:
         self.keys = ctx.keys
         self.retention = Retention()
         self.sessions: dict[str, SessionIngest] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.reader = SessionStreamReader(
             ctx.redis,
             wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
@@ -199,10 +201,41 @@ class IngestService:
                 values["expected_seq"] = state.order.expected
             self.ownership.checkpoint_into(pipe, sid, values)
             pipe.xtrim(self.keys.audio(sid), minid=audio_id, approximate=True)
-            await pipe.execute()
+            pipe.xlen(self.keys.frames(sid))
+            *_, backlog = await pipe.execute()
         state.last_id = audio_id
         if frames:
             self.frames_out.add(len(frames))
+        if backlog > self.settings.max_backlog_frames and not final and not state.paused:
+            self._pause(state)
+
+    def _pause(self, state: SessionIngest) -> None:
+        """Backpressure: the broker is behind, so leave the audio in Redis, not in memory.
+
+        The broker trims the frames stream behind its checkpoint, so its length is what the
+        broker has not read yet. Reading resumes once it is below half the limit.
+        """
+        sid = state.owned.sid
+        audio_key = self.keys.audio(sid)
+        self.reader.remove(audio_key)
+        state.paused = True
+        log.info("broker behind: pausing audio", extra={"session": sid})
+
+        async def resume() -> None:
+            while not state.owned.lost.is_set() and sid in self.sessions:
+                if (
+                    await self.ctx.redis.xlen(self.keys.frames(sid))
+                    <= self.settings.max_backlog_frames // 2
+                ):
+                    state.paused = False
+                    self.reader.add(audio_key, state.last_id, self._on_audio)
+                    log.info("broker caught up: resuming audio", extra={"session": sid})
+                    return
+                await asyncio.sleep(0.2)
+
+        task = asyncio.create_task(resume(), name=f"ingest-resume-{sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, state: SessionIngest) -> None:
         sid = state.owned.sid

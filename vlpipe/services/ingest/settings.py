@@ -23,3 +23,9 @@ class IngestSettings(ServiceSettings):
         validation_alias=AliasChoices("VLPIPE_INGEST_REORDER_WINDOW", "reorder_window"),
         description="Entries held waiting for a missing producer seq before a gap is declared.",
     )
+    max_backlog_frames: int = Field(
+        default=3000,
+        ge=10,
+        validation_alias=AliasChoices("VLPIPE_INGEST_MAX_BACKLOG_FRAMES", "max_backlog_frames"),
+        description="Frames the broker may leave unread (60 s at 20 ms) before ingest pauses.",
+    )
