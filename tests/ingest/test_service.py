@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,38 @@ async def test_when_the_broker_falls_behind_ingest_pauses_instead_of_piling_up_f
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+async def test_the_speech_recording_as_wav_chunks_keeps_its_duration_within_one_frame(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes], speech_wav: Path
+) -> None:
+    import wave
+
+    sid = "speech"
+    data = await asyncio.to_thread(speech_wav.read_bytes)
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+    for i in range(0, len(data), 6400):  # the first chunk carries the RIFF header
+        await redis.xadd(keys.audio(sid), {"audio": data[i : i + 6400], "format": "wav"})
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+    await wait_for_final_frame(redis, keys, sid)
+    frames = (await frames_of(redis, keys, sid))[:-1]
+    with wave.open(str(speech_wav)) as wav:
+        seconds = wav.getnframes() / wav.getframerate()
+    assert abs(len(frames) * 0.020 - seconds) <= 0.020
+    assert {len(f.audio) for f in frames} == {960}
+
+
+async def test_audio_of_a_session_never_announced_waits_untouched_until_it_is_announced(
+    redis: aioredis.Redis, keys: StreamKeys, ingest: subprocess.Popen[bytes]
+) -> None:
+    sid = "early-bird"
+    await redis.xadd(
+        keys.audio(sid), {"audio": tone(24000, 0.2), "format": "pcm16", "rate": "24000"}
+    )
+    await asyncio.sleep(1.0)  # ingest is running but the session is not announced
+    assert await redis.xlen(keys.frames(sid)) == 0
+    assert await redis.xlen(keys.audio(sid)) == 1, "not consumed, not trimmed"
+    await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+    await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+    await wait_for_final_frame(redis, keys, sid)
+    assert len(await frames_of(redis, keys, sid)) == 11, "200 ms and the marker"
