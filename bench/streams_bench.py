@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlpipe.shared.contracts import Frame, decode, encode
 from vlpipe.shared.audio import AudioFormat
+from vlpipe.shared.contracts import Frame, decode, encode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import DeadLetters, Entry, GroupConsumer, connect
