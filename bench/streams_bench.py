@@ -79,8 +79,12 @@ async def main() -> None:
         server = RedisServer(Path(tmp))
         server.start()
         try:
-            print(f"one hop, {args.messages} frames of 20 ms PCM16 24 kHz (960 B), redis on loopback")
-            print(f"{'batch':>6} {'msgs/s':>10} {'consumer CPU us/msg':>20} {'producer CPU us/msg':>20}")
+            print(
+                f"one hop, {args.messages} frames of 20 ms PCM16 24 kHz (960 B), redis on loopback"
+            )
+            print(
+                f"{'batch':>6} {'msgs/s':>10} {'consumer CPU us/msg':>20} {'producer CPU us/msg':>20}"
+            )
             for batch in (1, 16, 64, 256):
                 rate, cons, prod = await one_run(server.url, args.messages, batch)
                 print(f"{batch:>6} {rate:>10.0f} {cons:>20.1f} {prod:>20.1f}")
