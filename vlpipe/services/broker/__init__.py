@@ -1,0 +1,1 @@
+"""The session broker: owns the Voice Live WebSockets and routes every event."""

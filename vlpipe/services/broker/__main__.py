@@ -1,0 +1,23 @@
+"""`vlpipe broker` / `python -m vlpipe.services.broker`: run the session broker."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from vlpipe.services.broker.service import BrokerService
+from vlpipe.services.broker.settings import BrokerSettings
+from vlpipe.shared.service import ServiceContext, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = BrokerSettings()
+
+    async def body(ctx: ServiceContext) -> None:
+        await BrokerService(ctx, settings).run()
+
+    return asyncio.run(run_service("broker", settings, body))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

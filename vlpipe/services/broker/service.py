@@ -1,0 +1,172 @@
+"""The session broker: one Voice Live WebSocket per session, events out to Redis.
+
+It claims sessions through the `broker` consumer group (SessionOwnership), follows every
+owned session's frames and control streams with one shared XREAD (SessionStreamReader),
+and runs a `BrokerSession` per session for its upstream socket. SIGTERM: stop taking
+sessions, hand the owned ones over (their checkpoints are current), exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from opentelemetry.metrics import Observation
+
+from vlpipe.services.broker.session import BrokerSession
+from vlpipe.services.broker.settings import BrokerSettings
+from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
+from vlpipe.shared import telemetry
+from vlpipe.shared.contracts import ContractError, Control, Frame, Message, Status, decode
+from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.service import ServiceContext
+from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+
+log = logging.getLogger("vlpipe.broker")
+
+LATENCY_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500)
+
+
+class BrokerService:
+    def __init__(
+        self, ctx: ServiceContext, settings: BrokerSettings, credential: Any = None
+    ) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.redis = ctx.redis
+        self.keys = ctx.keys
+        self.retention = Retention()
+        self.url = realtime_url(settings)
+        self.auth: Auth = make_auth(settings, credential)
+        self.sessions: dict[str, BrokerSession] = {}
+        self.reader = SessionStreamReader(
+            ctx.redis,
+            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
+            dead=ctx.dead,
+            count=settings.read_batch,
+            block_ms=settings.block_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.ownership = SessionOwnership(
+            ctx.redis,
+            ctx.keys,
+            service="broker",
+            replica=ctx.replica,
+            run_session=self.run_session,
+            dead=ctx.dead,
+            heartbeat_ms=settings.heartbeat_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_failures=settings.max_deliveries,
+        )
+        self._upstream_ok: tuple[float, bool] = (0.0, False)
+        ctx.ready_checks.append(self.upstream_ready)
+        meter = telemetry.meter("broker")
+        self.frames_sent = meter.create_counter(
+            "vlpipe.broker.frames", description="Frames sent upstream"
+        )
+        self.appends_sent = meter.create_counter(
+            "vlpipe.broker.appends", description="input_audio_buffer.append messages sent"
+        )
+        self.events_out = meter.create_counter("vlpipe.broker.events", description="Events written")
+        self.reconnects = meter.create_counter(
+            "vlpipe.broker.reconnects", description="Upstream connections lost or refused"
+        )
+        self.upstream_errors = meter.create_counter(
+            "vlpipe.broker.upstream_errors", description="Upstream error events, by code"
+        )
+        self.tool_calls = meter.create_counter("vlpipe.broker.tool_calls", description="Tool calls")
+        self.barge_ins = meter.create_counter("vlpipe.broker.barge_ins", description="Barge-ins")
+        self.frame_latency = meter.create_histogram(
+            "vlpipe.broker.frame_to_upstream",
+            unit="ms",
+            description="From a frame's arrival on the frames stream to its append upstream",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        meter.create_observable_gauge(
+            "vlpipe.broker.sessions",
+            callbacks=[lambda _: [Observation(len(self.sessions))]],
+            description="Sessions this replica owns",
+        )
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
+        try:
+            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
+        finally:
+            self.reader.wake()
+            await reader
+            await self.auth.close()
+
+    async def run_session(self, owned: OwnedSession) -> None:
+        session = BrokerSession(self, owned)
+        self.sessions[owned.sid] = session
+        try:
+            await session.run()
+        finally:
+            if self.sessions.get(owned.sid) is session:
+                del self.sessions[owned.sid]
+
+    # ---------------------------------------------------------------- reader handlers
+
+    async def on_frames(self, key: str, entries: list[Entry]) -> None:
+        session = self.sessions.get(_sid(key))
+        if session is None:
+            return
+        frames: list[tuple[str, Frame]] = []
+        for entry in entries:
+            try:
+                frames.append((entry.id, decode(Frame, entry.fields)))
+            except ContractError as exc:
+                await self.refuse(session.sid, entry, str(exc))
+        if frames:
+            session.queue_frames(frames)
+
+    async def on_ctl(self, key: str, entries: list[Entry]) -> None:
+        session = self.sessions.get(_sid(key))
+        if session is None:
+            return
+        for entry in entries:
+            try:
+                msg: Message = decode(Control, entry.fields)
+            except ContractError as exc:
+                await self.refuse(session.sid, entry, _control_problem(entry, exc))
+                continue
+            session.queue_control(entry, msg)
+
+    async def refuse(self, sid: str, entry: Entry, reason: str) -> None:
+        """A bad entry: to the dead-letter stream and the session's status; the session goes on."""
+        await self.ctx.dead.send(entry, reason)
+        status = Status(
+            session=sid, service="broker", kind="error", message=reason,
+            detail={"stream": entry.stream, "id": entry.id},
+        )  # fmt: skip
+        await publish(self.redis, self.keys.status(sid), status, maxlen=self.retention.status)
+        log.warning("refused an entry", extra={"session": sid, "reason": reason[:300]})
+
+    async def playback(self, sid: str) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(self.keys.playback(sid))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def upstream_ready(self) -> str | None:
+        checked_at, ok = self._upstream_ok
+        if time.monotonic() - checked_at > 5:
+            ok = await reachable(self.url)
+            self._upstream_ok = (time.monotonic(), ok)
+        return None if ok else "upstream unreachable"
+
+
+def _sid(key: str) -> str:
+    return key[key.index("{") + 1 : key.rindex("}")]
+
+
+def _control_problem(entry: Entry, exc: ContractError) -> str:
+    kind = entry.fields.get(b"type", b"").decode("utf-8", "replace")
+    known = (
+        "session.update, text, response.create, response.cancel, input_audio_buffer.commit, "
+        "input_audio_buffer.clear, tool.result, session.end"
+    )
+    if kind and f"'{kind}'" not in str(exc) and kind not in known.split(", "):
+        return f"unknown control message type {kind!r}; expected one of: {known}"
+    return str(exc)
