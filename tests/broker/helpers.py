@@ -47,7 +47,9 @@ def broker_env(redis_url: str, prefix: str, endpoint: str, **extra: str) -> dict
     }
 
 
-def start_broker(redis_url: str, prefix: str, endpoint: str, **extra: str) -> subprocess.Popen[bytes]:
+def start_broker(
+    redis_url: str, prefix: str, endpoint: str, **extra: str
+) -> subprocess.Popen[bytes]:
     """One broker replica as a real process."""
     return subprocess.Popen(
         [sys.executable, "-m", "vlpipe.services.broker"],
@@ -83,9 +85,7 @@ async def running_broker(
         await redis.aclose()
 
 
-async def start_session(
-    redis: aioredis.Redis, keys: StreamKeys, sid: str, **config: Any
-) -> None:
+async def start_session(redis: aioredis.Redis, keys: StreamKeys, sid: str, **config: Any) -> None:
     config.setdefault("input_audio_format", "pcm16_16000hz")
     await redis.xadd(keys.sessions, {"type": "start", "session": sid, "config": json.dumps(config)})
 
@@ -111,7 +111,9 @@ class FrameWriter:
     async def write(self, pcm: bytes, pace: float = 0.0) -> None:
         size = self.fmt.bytes_for_ms(20)
         for start in range(0, len(pcm) - size + 1, size):
-            frame = Frame(session=self.sid, seq=self.seq, format=self.fmt, audio=pcm[start : start + size])
+            frame = Frame(
+                session=self.sid, seq=self.seq, format=self.fmt, audio=pcm[start : start + size]
+            )
             await self.redis.xadd(self.keys.frames(self.sid), encode(frame))  # type: ignore[arg-type]
             self.seq += 1
             if pace:

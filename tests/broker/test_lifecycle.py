@@ -18,14 +18,16 @@ from tests.broker.helpers import (
     wait_for_event,
 )
 from vlpipe.services.engine.server import running_engine
+from vlpipe.shared.contracts import Event
 from vlpipe.shared.keys import StreamKeys
 
 
 async def test_server_vad_session_start_to_end(
     redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
 ) -> None:
-    async with running_engine(model="echo", output_pace=0) as engine, running_broker(
-        redis_url, keys, engine.endpoint
+    async with (
+        running_engine(model="echo", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint),
     ):
         await start_session(redis, keys, "s1")
         frames = FrameWriter(redis, keys, "s1")
@@ -44,3 +46,60 @@ async def test_server_vad_session_start_to_end(
     assert audio and all(e.audio and "delta" not in e.event for e in audio)
     updated = next(e for e in evs if e.type == "session.updated")
     assert updated.event["session"]["input_audio_sampling_rate"] == 16000
+
+
+def transcripts(evs: list[Event], kind: str = "response.audio_transcript.done") -> list[str]:
+    return [e.event.get("transcript", "") for e in evs if e.type == kind]
+
+
+async def test_manual_turns_commit_and_response_create_with_the_local_model(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint),
+    ):
+        await start_session(redis, keys, "m1", turn_detection=None)
+        frames = FrameWriter(redis, keys, "m1")
+        await frames.write(read_wav(speech_wav))
+        await wait_for_event(redis, keys, "m1", "session.updated")
+        # With no VAD nothing happens until the producer says the turn is over.
+        await control(redis, keys, "m1", type="input_audio_buffer.commit")
+        await control(redis, keys, "m1", type="response.create")
+        evs = await wait_for_event(redis, keys, "m1", "response.done", within=60)
+        assert "input_audio_buffer.speech_started" not in types(evs)
+        await frames.finish()
+        evs = await wait_for_event(redis, keys, "m1", "vlpipe.session.ended", within=60)
+    assert_in_order(evs)
+    heard = transcripts(evs, "conversation.item.input_audio_transcription.completed")
+    assert heard and "try again" in heard[0].lower()
+    said = transcripts(evs)
+    assert said and said[0].startswith("You said:") and "fail" in said[0].lower()
+
+
+async def test_config_update_and_text_input_mid_session(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint),
+    ):
+        await start_session(redis, keys, "c1", modalities=["text"])
+        await control(redis, keys, "c1", type="text", text="What is the weather like?")
+        evs = await wait_for_event(redis, keys, "c1", "response.done", within=60)
+        first = [e.event["text"] for e in evs if e.type == "response.text.done"]
+        assert len(first) == 1 and first[0].startswith("You said: What is the weather like")
+        await control(
+            redis, keys, "c1", type="session.update",
+            config={"instructions": 'Always answer "The config changed."'},
+        )  # fmt: skip
+        await control(redis, keys, "c1", type="text", text="And now?")
+        evs = await wait_for_event(redis, keys, "c1", "response.done", within=60, count=2)
+        await control(redis, keys, "c1", type="session.end", reason="test over")
+        evs = await wait_for_event(redis, keys, "c1", "vlpipe.session.ended", within=30)
+    assert_in_order(evs)
+    updated = [e for e in evs if e.type == "session.updated"]
+    assert updated[-1].event["session"]["instructions"] == 'Always answer "The config changed."'
+    texts = [e.event["text"] for e in evs if e.type == "response.text.done"]
+    assert texts[-1] == "The config changed."
+    assert evs[-1].event["reason"] == "control: test over"

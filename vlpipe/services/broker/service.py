@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from opentelemetry.metrics import Observation
@@ -61,6 +62,7 @@ class BrokerService:
             max_failures=settings.max_deliveries,
         )
         self._upstream_ok: tuple[float, bool] = (0.0, False)
+        self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
         ctx.ready_checks.append(self.upstream_ready)
         meter = telemetry.meter("broker")
         self.frames_sent = meter.create_counter(

@@ -314,6 +314,11 @@ class BrokerSession:
             )
             self.svc.frames_sent.add(len(chunk))
             self.svc.appends_sent.add(1)
+            self.svc.totals["frames"] += len(chunk)
+            self.svc.totals["appends"] += 1
+            self.svc.totals["largest_append_bytes"] = max(
+                self.svc.totals["largest_append_bytes"], len(audio)
+            )
         self.frames_id = last_id
         self.checkpoint_dirty = True
         self.output_ready.set()
