@@ -246,11 +246,11 @@ class BrokerSession:
                     raise exc
             if self._rollover_requested:
                 self._rollover_requested = False
-                return ws.close_code, "rollover"
+                return 1000, "rollover"
             if self.end_now or (sender in done and sender.exception() is None):
                 await ws.close(1000, "session ended")
                 return None
-            return ws.close_code, ws.close_reason or "connection lost"
+            return _close_cause(ws)
         finally:
             for task in (receiver, sender):
                 task.cancel()
@@ -640,8 +640,8 @@ class BrokerSession:
                 for key, msg, maxlen in side:
                     pipe.xadd(key, encode(msg), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
                 self.svc.ownership.checkpoint_into(pipe, self.sid, values)
-                pipe.xtrim(keys.frames(self.sid), minid=self.frames_id)
-                pipe.xtrim(keys.ctl(self.sid), minid=self.ctl_id)
+                pipe.xtrim(keys.frames(self.sid), minid=self.frames_id, approximate=False)
+                pipe.xtrim(keys.ctl(self.sid), minid=self.ctl_id, approximate=False)
                 await pipe.execute()
         except BaseException:
             self.outbox[:0] = events
@@ -689,6 +689,16 @@ class BrokerSession:
                 await asyncio.wait_for(
                     self.work.wait(), timeout=max(0.0, deadline - time.monotonic())
                 )
+
+
+def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
+    """Why a socket closed: the upstream's close frame, else the one this side sent."""
+    received, sent = ws.protocol.close_rcvd, ws.protocol.close_sent
+    if received is not None:
+        return received.code, received.reason or "closed by the upstream"
+    if sent is not None:  # e.g. 1011 keepalive ping timeout: the upstream went silent
+        return sent.code, sent.reason or "closed"
+    return 1006, "connection lost"
 
 
 def _entry_ms(entry_id: str) -> float:
