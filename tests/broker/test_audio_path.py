@@ -25,7 +25,12 @@ async def test_a_backlog_is_coalesced_into_bounded_appends(
     async with (
         running_engine(model="echo") as engine,
         running_broker(
-            redis_url, keys, engine.endpoint, max_append_ms=200, read_batch=100, max_pending_frames=50
+            redis_url,
+            keys,
+            engine.endpoint,
+            max_append_ms=200,
+            read_batch=100,
+            max_pending_frames=50,
         ) as broker,
     ):
 

@@ -42,19 +42,24 @@ log = logging.getLogger("vlpipe.streams")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def connect(url: str, *, name: str = "vlpipe") -> aioredis.Redis:
+def connect(url: str, *, name: str = "vlpipe", max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password).
 
-    Responses stay bytes: audio travels as raw field values.
+    Responses stay bytes: audio travels as raw field values. The pool blocks when all
+    `max_connections` are busy (hundreds of sessions writing at once wait their turn for
+    a connection instead of failing).
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=30,
         decode_responses=False,
         health_check_interval=10,
         socket_keepalive=True,
         socket_connect_timeout=5,
         client_name=name,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(slots=True)

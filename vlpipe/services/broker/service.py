@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, get_args
 
 from opentelemetry.metrics import Observation
@@ -63,6 +63,7 @@ class BrokerService:
         )
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
+        self.recent_latency_ms: deque[float] = deque(maxlen=50_000)
         ctx.ready_checks.append(self.upstream_ready)
         meter = telemetry.meter("broker")
         self.frames_sent = meter.create_counter(
@@ -94,12 +95,21 @@ class BrokerService:
 
     async def run(self) -> None:
         reader = asyncio.create_task(self.reader.run(self.ctx.stop))
+        ticker = asyncio.create_task(self._tick())
         try:
             await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
         finally:
             self.reader.wake()
-            await reader
+            ticker.cancel()
+            await asyncio.gather(reader, ticker, return_exceptions=True)
             await self.auth.close()
+
+    async def _tick(self) -> None:
+        """Wake every session's sender 4 times a second: tool deadlines, drains, rollovers."""
+        while True:
+            await asyncio.sleep(0.25)
+            for session in list(self.sessions.values()):
+                session.work.set()
 
     async def run_session(self, owned: OwnedSession) -> None:
         session = BrokerSession(self, owned)

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlpipe.broker")
 
+CHECKPOINT_EVERY_S = 0.5
 TOOL_TIMEOUT_OUTPUT = '{"error":"timeout","message":"the tool did not answer in time"}'
 
 
@@ -108,6 +109,7 @@ class BrokerSession:
         self.checkpoint_dirty = False
         self.conversation_dirty = False
         self.output_ready = asyncio.Event()
+        self.events_ready = asyncio.Event()  # events (not just a checkpoint) to write
         # Upstream state.
         self.ws: ClientConnection | None = None
         self.connected_at = 0.0
@@ -119,6 +121,7 @@ class BrokerSession:
         self.response_calls: set[str] = set()
         self.respond_after_calls = False
         self.end_now: str | None = None
+        self.closing = False
 
     # ---------------------------------------------------------------- life
 
@@ -144,17 +147,19 @@ class BrokerSession:
             if self.ws is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.ws.close(1001, "broker stopping"))
+            self.closing = True
+            self.output_ready.set()
+            self.events_ready.set()
             if self.owned.lost.is_set():
                 writer.cancel()
             else:
                 if not self.ended and reason != "cancelled":
                     self._event("vlpipe.session.ended", {"reason": reason})
                     self.ended = True
-                # Leave the last events and the checkpoint behind, even when cancelled.
-                self.output_ready.set()
-                writer.cancel()
+                # Leave the last events and the checkpoint behind, even when cancelled:
+                # the writer stops after the write in progress, then one last write.
                 with contextlib.suppress(BaseException):
-                    await writer
+                    await asyncio.wait_for(writer, timeout=5)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._flush())
         log.info("session finished", extra={"session": self.sid, "reason": reason})
@@ -289,8 +294,7 @@ class BrokerSession:
                 return
             self._check_tool_deadlines()
             self.work.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.work.wait(), timeout=0.25)
+            await self.work.wait()  # new work, or the service's tick (deadlines, drain)
 
     async def _send_frames(self, max_bytes: int) -> None:
         chunk: list[bytes] = []
@@ -306,7 +310,9 @@ class BrokerSession:
                 break
             chunk.append(frame.audio)
             size += len(frame.audio)
-            self.svc.frame_latency.record(max(0.0, now_ms - _entry_ms(entry_id)))
+            latency = max(0.0, now_ms - _entry_ms(entry_id))
+            self.svc.frame_latency.record(latency)
+            self.svc.recent_latency_ms.append(latency)
         if chunk:
             audio = b"".join(chunk)
             await self._send(
@@ -593,21 +599,31 @@ class BrokerSession:
         )
         self.seq += 1
         self.output_ready.set()
+        self.events_ready.set()
 
     def _status(self, kind: str, message: str, detail: dict[str, Any]) -> None:
         status = Status(session=self.sid, service="broker", kind=kind, message=message,
                         detail=detail)  # fmt: skip
         self.side.append((self.svc.keys.status(self.sid), status, self.svc.retention.status))
         self.output_ready.set()
+        self.events_ready.set()
         if kind == "error":
             log.warning(message, extra={"session": self.sid})
 
     async def _write_loop(self) -> None:
-        while True:
+        while not self.closing:
             await self.output_ready.wait()
             self.output_ready.clear()
-            if not self.outbox and not self.side:
-                await asyncio.sleep(0.1)  # only a checkpoint: let a few frames gather
+            if not self.outbox and not self.side and not self.closing:
+                # Only the frame position moved: checkpoint it at most every
+                # `CHECKPOINT_EVERY_S`. A takeover re-sends at most that much audio, to a
+                # new upstream session that never had it.
+                self.events_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CHECKPOINT_EVERY_S):
+                        await self.events_ready.wait()
+            if self.closing:
+                return
             try:
                 await self._flush()
             except Exception as exc:
@@ -686,9 +702,8 @@ class BrokerSession:
                 break
             self.work.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self.work.wait(), timeout=max(0.0, deadline - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.work.wait()
 
 
 def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
