@@ -352,6 +352,8 @@ class SessionOwnership:
                 pipe.hget(self.keys.session_state(s.sid), "ended")
             ended = await pipe.execute()
         for s, flag in zip(sessions, ended, strict=True):
+            if self.owned.get(s.sid) is not s:
+                continue  # released (acked) while the heartbeat ran: not lost
             if s.entry_id in lost:
                 log.warning("session lost to another replica", extra={"session": s.sid})
                 s.lost.set()
