@@ -1,0 +1,1 @@
+"""Egress: transcripts and audio from the broker's events, to every consumer."""

@@ -1,0 +1,28 @@
+"""`vlpipe egress` / `python -m vlpipe.services.egress`: egress and its WebSocket gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from vlpipe.services.egress.service import EgressService
+from vlpipe.services.egress.settings import EgressSettings
+from vlpipe.shared.service import ServiceContext, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = EgressSettings()
+
+    async def body(ctx: ServiceContext) -> None:
+        work = [EgressService(ctx, settings).run()]
+        if settings.gateway:
+            from vlpipe.services.egress.gateway import Gateway
+
+            work.append(Gateway(ctx, settings).run())
+        await asyncio.gather(*work)
+
+    return asyncio.run(run_service("egress", settings, body))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

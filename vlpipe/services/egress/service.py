@@ -1,0 +1,168 @@
+"""The egress service: the Redis shell around `SessionOutputs`.
+
+For each session it owns (SessionOwnership, group `egress`) it follows the session's
+events stream from its checkpoint (one shared XREAD for the process), turns each batch
+into transcript pieces, audio chunks and status messages, and writes them together with
+the playback position and its checkpoint in one MULTI, so a replica that takes the
+session over continues both output streams with no entry lost or written twice. After
+`vlpipe.session.ended` it sets the session's keys to expire and releases the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from vlpipe.services.egress.outputs import Outputs, SessionOutputs
+from vlpipe.services.egress.settings import EgressSettings
+from vlpipe.shared import telemetry
+from vlpipe.shared.contracts import ContractError, Event, Status, decode, encode
+from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.service import ServiceContext
+from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+
+log = logging.getLogger("vlpipe.egress")
+
+
+@dataclass
+class SessionEgress:
+    owned: OwnedSession
+    outputs: SessionOutputs
+    next_event: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class EgressService:
+    def __init__(self, ctx: ServiceContext, settings: EgressSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.redis = ctx.redis
+        self.keys = ctx.keys
+        self.retention = Retention()
+        self.sessions: dict[str, SessionEgress] = {}
+        self.reader = SessionStreamReader(
+            ctx.redis,
+            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
+            dead=ctx.dead,
+            count=settings.read_batch,
+            block_ms=settings.block_ms,
+            max_deliveries=settings.max_deliveries,
+        )
+        self.ownership = SessionOwnership(
+            ctx.redis, ctx.keys, service="egress", replica=ctx.replica,
+            run_session=self.run_session, dead=ctx.dead, heartbeat_ms=settings.heartbeat_ms,
+            claim_idle_ms=settings.claim_idle_ms, max_failures=settings.max_deliveries,
+        )  # fmt: skip
+        meter = telemetry.meter("egress")
+        self.chunks_out = meter.create_counter(
+            "vlpipe.egress.audio_chunks", description="Audio chunks written"
+        )
+        self.pieces_out = meter.create_counter(
+            "vlpipe.egress.transcripts", description="Transcript pieces written"
+        )
+        self.events_in = meter.create_counter("vlpipe.egress.events", description="Events read")
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
+        try:
+            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
+        finally:
+            self.reader.wake()
+            await reader
+
+    async def run_session(self, owned: OwnedSession) -> None:
+        checkpoint = owned.checkpoint
+        if checkpoint.get("ended") == "1":
+            return
+        config = owned.start.config
+        outputs = SessionOutputs(
+            owned.sid, owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
+        )
+        if checkpoint.get("state"):
+            outputs.load(checkpoint["state"])
+        state = SessionEgress(owned, outputs, int(checkpoint.get("next_event", "0")))
+        self.sessions[owned.sid] = state
+        key = self.keys.events(owned.sid)
+        self.reader.add(key, checkpoint.get("events_id", "0-0"), self._on_events)
+        try:
+            await state.done.wait()
+        finally:
+            self.reader.remove(key)
+            self.sessions.pop(owned.sid, None)
+
+    async def _on_events(self, key: str, entries: list[Entry]) -> None:
+        sid = key[key.index("{") + 1 : key.rindex("}")]
+        state = self.sessions.get(sid)
+        if state is None or state.owned.lost.is_set() or state.done.is_set():
+            return
+        out = Outputs()
+        for entry in entries:
+            try:
+                event: Event = decode(Event, entry.fields)
+            except ContractError as exc:
+                await self._refuse(sid, entry, str(exc))
+                continue
+            if event.seq < state.next_event:
+                continue  # already handled (a repeat after a broker takeover)
+            state.next_event = event.seq + 1
+            state.outputs.observe(event, out)
+            if out.ended:
+                break
+        self.events_in.add(len(entries))
+        await self._write(state, out, entries[-1].id)
+        if out.ended:
+            await self._expire(sid)
+            state.done.set()
+
+    async def _write(self, state: SessionEgress, out: Outputs, events_id: str) -> None:
+        sid = state.owned.sid
+        keys, keep = self.keys, self.retention
+        playback = state.outputs.state.playback
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for piece in out.transcripts:
+                pipe.xadd(keys.transcript(sid), encode(piece), maxlen=keep.transcript)  # type: ignore[arg-type]
+                if piece.final:
+                    pipe.xadd(keys.transcripts, encode(piece), maxlen=keep.transcripts)  # type: ignore[arg-type]
+            for chunk in out.audio:
+                pipe.xadd(keys.audio_out(sid), encode(chunk), maxlen=keep.audio_out)  # type: ignore[arg-type]
+            for status in out.status:
+                pipe.xadd(keys.status(sid), encode(status), maxlen=keep.status)  # type: ignore[arg-type]
+            if out.playback_changed and playback.response_id:
+                if out.reset_played:
+                    pipe.hdel(keys.playback(sid), "played_ms")
+                pipe.hset(
+                    keys.playback(sid),
+                    mapping={
+                        "response_id": playback.response_id, "item_id": playback.item_id or "",
+                        "delivered_ms": round(playback.delivered_ms, 1),
+                    },
+                )  # fmt: skip
+            self.ownership.checkpoint_into(
+                pipe, sid,
+                {"events_id": events_id, "next_event": state.next_event,
+                 "state": state.outputs.dump(), "ended": int(out.ended)},
+            )  # fmt: skip
+            pipe.xtrim(keys.events(sid), minid=events_id, approximate=False)
+            await pipe.execute()
+        if out.audio:
+            self.chunks_out.add(len(out.audio))
+        if out.transcripts:
+            self.pieces_out.add(len(out.transcripts))
+
+    async def _expire(self, sid: str) -> None:
+        """The session is over: its keys stay readable for `session_ttl_s`, then go."""
+        ttl = self.retention.session_ttl_s
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in self.keys.session_streams(sid):
+                pipe.expire(key, ttl)
+            await pipe.execute()
+        log.info("session output finished", extra={"session": sid})
+
+    async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
+        await self.ctx.dead.send(entry, reason)
+        status = Status(
+            session=sid, service="egress", kind="error", message=reason,
+            detail={"stream": entry.stream, "id": entry.id},
+        )  # fmt: skip
+        await publish(self.redis, self.keys.status(sid), status, maxlen=self.retention.status)
