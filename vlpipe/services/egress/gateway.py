@@ -223,7 +223,8 @@ class Gateway:
             elif parts.path == "/v1/call":
                 await self._call(ws, query)
             else:
-                await self._twilio(ws, authorized=parts.path != "/twilio" or not self.tokens)
+                # Twilio cannot send headers: a token in the path or query, else in `start`.
+                await self._twilio(ws, authorized=self._authorized(request))
         except BadRequest as exc:
             await ws.close(1008, str(exc)[:120])
         except ConnectionClosed:

@@ -1,0 +1,66 @@
+"""The whole pipeline for a test: ingest, broker and egress (with its gateway) as real
+processes on one Redis, talking to a local engine."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from tests.broker.helpers import start_broker
+from tests.egress.helpers import start_egress
+from tests.ingest.test_service import start_ingest
+from tests.waiting import wait_until
+from vlpipe.shared.redis_server import free_port
+
+TOKEN = "pipeline-token"
+
+
+@dataclass
+class Pipeline:
+    gateway_port: int
+    procs: list[subprocess.Popen[bytes]]
+
+    def url(self, path: str) -> str:
+        sep = "&" if "?" in path else "?"
+        return f"ws://127.0.0.1:{self.gateway_port}{path}{sep}token={TOKEN}"
+
+
+@asynccontextmanager
+async def running_pipeline(
+    redis_url: str, prefix: str, engine_endpoint: str
+) -> AsyncIterator[Pipeline]:
+    port = free_port()
+    procs = [
+        start_ingest(redis_url, prefix),
+        start_broker(redis_url, prefix, engine_endpoint),
+        start_egress(
+            redis_url,
+            prefix,
+            VLPIPE_GATEWAY="1",
+            VLPIPE_GATEWAY_PORT=str(port),
+            VLPIPE_GATEWAY_TOKENS=TOKEN,
+            VLPIPE_CLAIM_IDLE_MS="15000",
+        ),
+    ]
+
+    async def listening() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    try:
+        await wait_until(listening, within=30)
+        yield Pipeline(port, procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(30) for proc in procs]
+        assert codes == [0, 0, 0], codes

@@ -1,0 +1,163 @@
+"""Calls through the whole pipeline: a Twilio Media Stream and a browser, speech in, speech out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+import websockets
+
+from tests.integration.pipeline import running_pipeline
+from tests.waiting import wait_until
+from vlpipe.services.engine.server import running_engine
+from vlpipe.shared.audio import StreamingResampler, pcm16_to_ulaw, ulaw_to_pcm16
+from vlpipe.shared.contracts import AudioOut, TranscriptPiece, decode
+from vlpipe.shared.keys import StreamKeys
+
+
+LAST_REPLY = "You said: Fail better."
+
+
+def speech_pcm(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        return w.readframes(w.getnframes())
+
+
+async def finals(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> list[TranscriptPiece]:
+    pieces = [decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcript(sid))]
+    return [p for p in pieces if p.final]
+
+
+async def reply_complete(redis: aioredis.Redis, keys: StreamKeys, sid: str, received: int) -> bool:
+    """The last response's audio ended, was transcribed, and every chunk reached the client."""
+    chunks = [decode(AudioOut, f) for _, f in await redis.xrange(keys.audio_out(sid))]
+    if not chunks or chunks[-1].kind != "end":
+        return False
+    said = {p.response_id for p in await finals(redis, keys, sid) if p.speaker == "assistant"}
+    return chunks[-1].response_id in said and received == sum(c.kind == "audio" for c in chunks)
+
+
+def rms(pcm: bytes) -> float:
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
+
+
+async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    resampler = StreamingResampler(16000, 8000)
+    mulaw = pcm16_to_ulaw(resampler.process(speech_pcm(speech_wav)) + resampler.flush())
+    mulaw += b"\xff" * 8000 * 2  # two seconds of mu-law silence: the caller waits
+    stream = "MZ0123456789abcdef"
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
+    ):
+        async with websockets.connect(pipeline.url("/twilio")) as twilio:
+            await twilio.send(
+                json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            )
+            await twilio.send(json.dumps({
+                "event": "start", "sequenceNumber": "1", "streamSid": stream,
+                "start": {"streamSid": stream, "accountSid": "AC1", "callSid": "CA1",
+                          "tracks": ["inbound"], "customParameters": {"session": "tw1"},
+                          "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
+                                          "channels": 1}},
+            }))  # fmt: skip
+            for n, start in enumerate(range(0, len(mulaw), 160)):
+                await twilio.send(json.dumps({
+                    "event": "media", "sequenceNumber": str(n + 2), "streamSid": stream,
+                    "media": {"track": "inbound", "chunk": str(n + 1), "timestamp": str(n * 20),
+                              "payload": base64.b64encode(mulaw[start : start + 160]).decode()},
+                }))  # fmt: skip
+                if n % 50 == 0:
+                    await asyncio.sleep(0.05)  # about 20x real time
+            media: list[dict[str, object]] = []
+            marks: list[str] = []
+
+            async def receive_reply() -> None:
+                async for raw in twilio:
+                    message = json.loads(raw)
+                    assert message["streamSid"] == stream
+                    if message["event"] == "media":
+                        media.append(message)
+                    elif message["event"] == "mark":
+                        marks.append(message["mark"]["name"])
+                        await twilio.send(json.dumps({"event": "mark", "streamSid": stream,
+                                                      "mark": message["mark"]}))  # played  # fmt: skip
+                    if await reply_complete(redis, keys, "tw1", len(media)):
+                        return
+
+            await asyncio.wait_for(receive_reply(), timeout=90)
+            await twilio.send(json.dumps({"event": "stop", "streamSid": stream,
+                                          "stop": {"callSid": "CA1"}}))  # fmt: skip
+        said = await finals(redis, keys, "tw1")
+        playback = await redis.hgetall(keys.playback("tw1"))
+
+    # Sent at 20x real time, the caller's phrases interrupt the replies to the earlier
+    # ones; the reply to the last phrase is heard whole.
+    heard = " ".join(p.text for p in said if p.speaker == "user").lower()
+    assert "try again" in heard and "fail better" in heard  # through G.711 at 8 kHz
+    assistant = [p.text for p in said if p.speaker == "assistant"]
+    assert assistant[-1] == LAST_REPLY
+    audio = b"".join(base64.b64decode(str(m["media"]["payload"])) for m in media)  # type: ignore[index]
+    assert len(audio) > 8000  # more than a second of mu-law at 8 kHz
+    assert rms(ulaw_to_pcm16(audio)) > 300  # speech, not silence
+    # The phone's played marks became the playback position the broker cuts at.
+    assert float(playback[b"played_ms"]) > 0
+    assert float(playback[b"played_ms"]) <= float(playback[b"delivered_ms"]) + 1
+
+
+async def test_a_browser_call_sending_pcm16_gets_speech_and_transcripts_back(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    pcm = speech_pcm(speech_wav) + b"\0\0" * 16000 * 2
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
+    ):
+        url = pipeline.url("/v1/call?session=web1&input=pcm16&rate=16000&format=pcm16_16000hz")
+        async with websockets.connect(url) as browser:
+            hello = json.loads(await browser.recv())
+            assert hello == {"type": "session", "session": "web1", "format": "pcm16_16000hz"}
+            for start in range(0, len(pcm), 640):
+                await browser.send(pcm[start : start + 640])
+            audio: list[bytes] = []
+            texts: list[dict[str, object]] = []
+
+            async def until_answered() -> None:
+                """Until the reply to the last phrase was transcribed and its audio ended."""
+                answered: set[object] = set()
+                ended: set[object] = set()
+                async for message in browser:
+                    if isinstance(message, bytes):
+                        audio.append(message)
+                        continue
+                    data = json.loads(message)
+                    texts.append(data)
+                    if data["type"] == "audio.end":
+                        ended.add(data["response_id"])
+                    if data["type"] == "transcript" and data["final"] and data["text"] == LAST_REPLY:
+                        answered.add(data["response_id"])
+                    if answered & ended:
+                        return
+
+            await asyncio.wait_for(until_answered(), timeout=90)
+            await browser.send(json.dumps({"type": "end"}))
+
+            async def ended() -> bool:
+                return await redis.hget(keys.session_state("web1"), "egress.done") == b"1"
+
+            await wait_until(ended, within=60)
+    transcripts = [t for t in texts if t["type"] == "transcript" and t["final"]]
+    heard = " ".join(str(t["text"]) for t in transcripts if t["speaker"] == "user").lower()
+    assert "try again" in heard and "fail better" in heard
+    assert any(t["type"] == "transcript" and not t["final"] for t in texts)  # partials too
+    reply = b"".join(audio)
+    assert len(reply) > 32000  # over a second at 16 kHz
+    assert rms(reply) > 300
