@@ -19,7 +19,6 @@ from vlpipe.shared.audio import StreamingResampler, pcm16_to_ulaw, ulaw_to_pcm16
 from vlpipe.shared.contracts import AudioOut, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
 
-
 LAST_REPLY = "You said: Fail better."
 
 
@@ -142,7 +141,11 @@ async def test_a_browser_call_sending_pcm16_gets_speech_and_transcripts_back(
                     texts.append(data)
                     if data["type"] == "audio.end":
                         ended.add(data["response_id"])
-                    if data["type"] == "transcript" and data["final"] and data["text"] == LAST_REPLY:
+                    if (
+                        data["type"] == "transcript"
+                        and data["final"]
+                        and data["text"] == LAST_REPLY
+                    ):
                         answered.add(data["response_id"])
                     if answered & ended:
                         return

@@ -372,7 +372,8 @@ class SessionStreamReader:
 
     `add(key, last_id, handler)` starts following `key` after `last_id` (a checkpoint,
     or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
-    should not block for long: every followed stream waits for it. A wake-up stream
+    should not block for long: the next read waits for every handler of this one (the
+    handlers of different streams run concurrently). A wake-up stream
     private to this reader interrupts the blocking read when streams are added, so a
     new session starts at once. A handler that raises is retried with the same entries;
     after `max_deliveries` failures the first entry is dead-lettered and skipped.
@@ -431,6 +432,7 @@ class SessionStreamReader:
         block = self.block_ms if len(ids) == len(self._followed) + 1 else min(self.block_ms, 100)
         streams: Any = ids
         reply: Any = await self.redis.xread(streams, count=self.count, block=block)
+        deliveries = []
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
             if key == self.wake_key:
@@ -440,9 +442,17 @@ class SessionStreamReader:
             if followed is None:
                 continue
             entries = _entries(key, raw)
-            if not entries:
-                continue
-            await self._deliver(key, followed, entries)
+            if entries:
+                deliveries.append(self._deliver(key, followed, entries))
+        # Each stream appears once per reply, so its batches stay in order; different
+        # sessions' handlers (each usually one Redis round trip) overlap instead of queueing.
+        if len(deliveries) == 1:
+            await deliveries[0]
+        elif deliveries:
+            results = await asyncio.gather(*deliveries, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
         try:
