@@ -103,3 +103,26 @@ async def test_config_update_and_text_input_mid_session(
     texts = [e.event["text"] for e in evs if e.type == "response.text.done"]
     assert texts[-1] == "The config changed."
     assert evs[-1].event["reason"] == "control: test over"
+
+
+async def test_input_that_ends_mid_utterance_still_gets_its_answer(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    # A long silence duration: the recording ends before the VAD would call the turn over.
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint),
+    ):
+        await start_session(
+            redis, keys, "e1", turn_detection={"type": "server_vad", "silence_duration_ms": 3000}
+        )
+        frames = FrameWriter(redis, keys, "e1")
+        await frames.write(read_wav(speech_wav))
+        await frames.finish()
+        evs = await wait_for_event(redis, keys, "e1", "vlpipe.session.ended", within=60)
+    kinds = types(evs)
+    assert "input_audio_buffer.speech_stopped" not in kinds
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.done")
+    said = transcripts(evs)
+    assert len(said) == 1 and said[0].startswith("You said: Ever tried")
+    assert evs[-1].event["reason"] == "input_ended"

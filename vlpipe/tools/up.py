@@ -23,7 +23,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.redis_server import RedisServer, free_port
@@ -136,6 +136,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--engine-port", type=int, default=8765)
     parser.add_argument("--engine-model", choices=["local", "echo"], default="local")
     parser.add_argument("--prefix", default=None, help="stream key prefix (default vl)")
+    parser.add_argument("--gateway-port", type=int, default=8080, help="gateway and web console")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="publish the sample speech recording, print both sides' transcripts, stop",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     out = sys.stdout
     stopping = threading.Event()
@@ -159,6 +164,7 @@ def main(argv: list[str]) -> int:
     prefix = args.prefix or settings.stream_prefix
     env = {**os.environ, "VLPIPE_REDIS_URL": redis_url, "VLPIPE_STREAM_PREFIX": prefix}
     children: list[Child] = []
+    code = 0
     try:
         children, engine_url, health_ports = plan_children(args, env, out)
         for child in children:
@@ -170,13 +176,23 @@ def main(argv: list[str]) -> int:
         for name, port in health_ports.items():
             ready = wait_ready(f"http://127.0.0.1:{port}/readyz", 30)
             out.write(f"   up | {name} {'ready' if ready else 'NOT ready'}\n")
+        gateway = next((c for c in children if c.name == "egress"), None)
+        console = gateway.env.get("VLPIPE_GATEWAY_PORT") if gateway else None
         out.write(
-            f"   up | pipeline ready. Publish audio: XADD {prefix}:sessions * type start session ID, "
-            f"then XADD {prefix}:audio:{{ID}} * audio <bytes> format pcm16 rate 16000; "
-            f"read {prefix}:transcript:{{ID}}. Ctrl-C stops.\n"
+            "   up | pipeline ready.\n"
+            f"   up |   publish audio:   vlpipe publish FILE.wav --session ID   "
+            f"(or XADD {prefix}:sessions * type start session ID, then XADD {prefix}:audio:{{ID}} "
+            "* audio <bytes> format pcm16 rate 16000)\n"
+            f"   up |   read transcripts: vlpipe tail --session ID   (or XREAD STREAMS "
+            f"{prefix}:transcript:{{ID}} 0)\n"
+            + (f"   up |   web console:     http://127.0.0.1:{console}/\n" if console else "")
+            + "   up | Ctrl-C stops.\n"
         )
         out.flush()
-        supervise(children, stopping, out)
+        if args.demo:
+            code = 0 if demo(redis_url, prefix, out) else 1
+        else:
+            supervise(children, stopping, out)
     finally:
         out.write("   up | stopping\n")
         out.flush()
@@ -185,7 +201,59 @@ def main(argv: list[str]) -> int:
             private.stop()
         out.write("   up | stopped\n")
         out.flush()
-    return 0
+    return code
+
+
+def demo(redis_url: str, prefix: str, out: IO[str]) -> bool:
+    """Publish the sample speech recording as a session and print both sides' transcripts."""
+    import asyncio
+
+    from vlpipe.shared.contracts import SessionStart
+    from vlpipe.shared.keys import StreamKeys
+    from vlpipe.shared.streams import connect
+    from vlpipe.tools.publish import publish, wav_chunks
+    from vlpipe.tools.tail import tail
+
+    sample = Path(__file__).resolve().parents[2] / "samples" / "speech-16k-beckett.wav"
+    if not sample.exists():
+        out.write(f"   up | demo: the sample recording is missing ({sample})\n")
+        return False
+    sid = f"demo-{int(time.time())}"
+    keys = StreamKeys(prefix)
+    chunks, seconds = wav_chunks(sample)
+    # The recording pauses briefly between its phrases: a longer silence makes it one turn.
+    config = {
+        "input_audio_format": "pcm16_16000hz",
+        "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500},
+    }
+    start = SessionStart.model_validate({"session": sid, "config": config})
+    out.write(f"   up | demo: publishing {sample.name} ({seconds:.1f} s) as session {sid}\n")
+    out.flush()
+
+    async def run() -> None:
+        watcher = asyncio.create_task(
+            tail(redis_url, keys, sid, as_json=False, follow=False, from_start=True)
+        )
+        await publish(redis_url, keys, sid, chunks, seconds, start, pace=1.0, progress=False)
+        await asyncio.wait_for(watcher, timeout=180)
+
+    async def answered() -> bool:
+        redis = connect(redis_url)
+        try:
+            entries: Any = await redis.xrange(keys.transcript(sid))
+        finally:
+            await redis.aclose()
+        return any(
+            f.get(b"speaker") == b"assistant" and f.get(b"final") == b"1" for _, f in entries
+        )
+
+    asyncio.run(run())
+    ok = asyncio.run(answered())
+    out.write(
+        f"   up | demo: {'done' if ok else 'FAILED: the assistant did not answer (see the errors above)'}\n"
+    )
+    out.flush()
+    return ok
 
 
 def plan_children(
@@ -196,7 +264,7 @@ def plan_children(
     children: list[Child] = []
     engine_url: str | None = None
     if not upstream_configured():
-        port = args.engine_port if port_free(args.engine_port) else free_port()
+        port = args.engine_port if args.engine_port and port_free(args.engine_port) else free_port()
         children.append(
             Child(
                 "engine",
@@ -218,6 +286,13 @@ def plan_children(
             "VLPIPE_HTTP_PORT": str(health_ports[name]),
             "VLPIPE_HTTP_HOST": "127.0.0.1",
         }
+        if name == "egress":
+            port = (
+                args.gateway_port
+                if args.gateway_port and port_free(args.gateway_port)
+                else free_port()
+            )
+            child_env["VLPIPE_GATEWAY_PORT"] = str(port)
         children.append(Child(name, [sys.executable, "-m", f"vlpipe.services.{name}"], child_env))
     return children, engine_url, health_ports
 

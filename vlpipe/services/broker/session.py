@@ -337,9 +337,10 @@ class BrokerSession:
         self.final_at = time.monotonic()
         self.checkpoint_dirty = True
         if self.conv.user_speaking and self.config.turn_detection is not None:
-            # The audio stopped mid-utterance: that is the user's last turn.
+            # The audio stopped mid-utterance: that is the user's last turn. A client's
+            # commit never creates a response by itself, even with server VAD.
             await self._send({"type": "input_audio_buffer.commit"})
-            self.expect_response = True
+            await self._create_response()
 
     def _finished(self) -> bool:
         if not self.input_final or self.final_at is None:
