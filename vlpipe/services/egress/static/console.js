@@ -1,0 +1,170 @@
+// The vlpipe web console: talk to the pipeline through the gateway's /v1/call socket.
+// Microphone audio goes out as 16 kHz PCM16; the assistant's audio comes back as 24 kHz
+// PCM16 and is played in order; both sides' transcripts and the session's status show live.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { ws: null, mic: null, capture: null, player: null, items: new Map(), played: 0 };
+
+const CAPTURE_WORKLET = `
+class Capture extends AudioWorkletProcessor {
+  process(inputs) {
+    const channel = inputs[0][0];
+    if (channel) {
+      const pcm = new Int16Array(channel.length);
+      for (let i = 0; i < channel.length; i++) {
+        const s = Math.max(-1, Math.min(1, channel[i]));
+        pcm[i] = s < 0 ? s * 0x8000 : s * 0x7fff;
+      }
+      this.port.postMessage(pcm.buffer, [pcm.buffer]);
+    }
+    return true;
+  }
+}
+registerProcessor("capture", Capture);`;
+
+function setState(text) { $("state").textContent = text; }
+
+function addStatus(text, error) {
+  const li = document.createElement("li");
+  li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  if (error) li.className = "error";
+  $("status").prepend(li);
+}
+
+function showTranscript(piece) {
+  let li = state.items.get(piece.item_id);
+  if (!li) {
+    li = document.createElement("li");
+    li.innerHTML = "<b></b><span></span>";
+    state.items.set(piece.item_id, li);
+    $("transcript").append(li);
+  }
+  li.className = `${piece.speaker}${piece.final ? "" : " partial"}`;
+  li.dataset.final = piece.final ? "1" : "0";
+  li.querySelector("b").textContent = piece.speaker;
+  li.querySelector("span").textContent = piece.text;
+  li.scrollIntoView({ block: "nearest" });
+}
+
+class Player {
+  // Plays PCM16 chunks back to back; `clear()` stops at once (barge-in).
+  constructor(rate) {
+    this.ctx = new AudioContext({ sampleRate: rate });
+    this.rate = rate;
+    this.next = 0;
+    this.sources = [];
+    this.response = null;
+    this.responseStart = 0;
+  }
+  play(buffer, response) {
+    const pcm = new Int16Array(buffer);
+    if (!pcm.length) return;
+    const audio = this.ctx.createBuffer(1, pcm.length, this.rate);
+    const data = audio.getChannelData(0);
+    for (let i = 0; i < pcm.length; i++) data[i] = pcm[i] / 0x8000;
+    const source = this.ctx.createBufferSource();
+    source.buffer = audio;
+    source.connect(this.ctx.destination);
+    const at = Math.max(this.ctx.currentTime + 0.05, this.next);
+    if (response !== this.response) { this.response = response; this.responseStart = at; }
+    source.start(at);
+    this.next = at + audio.duration;
+    this.sources.push(source);
+    source.onended = () => {
+      this.sources = this.sources.filter((s) => s !== source);
+      state.played += audio.duration;
+      $("played").textContent = `${state.played.toFixed(1)} s`;
+    };
+  }
+  playedMs() { return Math.max(0, (this.ctx.currentTime - this.responseStart) * 1000); }
+  clear() {
+    for (const s of this.sources) { try { s.stop(); } catch (e) { /* already ended */ } }
+    this.sources = [];
+    this.next = 0;
+  }
+}
+
+async function start() {
+  $("start").disabled = true;
+  const params = new URLSearchParams({ input: "pcm16", rate: "16000", format: "pcm16" });
+  if ($("instructions").value) params.set("instructions", $("instructions").value);
+  if ($("token").value) params.set("token", $("token").value);
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/v1/call?${params}`);
+  ws.binaryType = "arraybuffer";
+  state.ws = ws;
+  state.player = new Player(24000);
+  let currentResponse = null;
+  let reporter = null;
+
+  ws.onopen = async () => {
+    setState("connecting the microphone");
+    try {
+      state.mic = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
+    } catch (err) {
+      addStatus(`no microphone: ${err.message}`, true);
+      ws.close();
+      return;
+    }
+    state.capture = new AudioContext({ sampleRate: 16000 });
+    const url = URL.createObjectURL(new Blob([CAPTURE_WORKLET], { type: "text/javascript" }));
+    await state.capture.audioWorklet.addModule(url);
+    const node = new AudioWorkletNode(state.capture, "capture");
+    node.port.onmessage = (e) => { if (ws.readyState === WebSocket.OPEN) ws.send(e.data); };
+    state.capture.createMediaStreamSource(state.mic).connect(node);
+    setState("listening");
+    $("stop").disabled = false;
+    reporter = setInterval(() => {
+      if (currentResponse && ws.readyState === WebSocket.OPEN) {
+        ws.send(JSON.stringify({ type: "played", response_id: currentResponse, ms: state.player.playedMs() }));
+      }
+    }, 250);
+  };
+  ws.onmessage = (e) => {
+    if (typeof e.data !== "string") { state.player.play(e.data, currentResponse); return; }
+    const msg = JSON.parse(e.data);
+    if (msg.type === "session") { $("session").textContent = msg.session; }
+    else if (msg.type === "transcript") {
+      showTranscript(msg);
+      if (msg.speaker === "assistant" && msg.response_id) currentResponse = msg.response_id;
+    }
+    else if (msg.type === "audio.clear") { state.player.clear(); addStatus("interrupted: playback cleared"); }
+    else if (msg.type === "audio.end") { addStatus(`response ${msg.response_id} complete`); }
+    else if (msg.type === "status") {
+      if (msg.kind === "latency") {
+        $("latency").textContent = `${Math.round(msg.detail.ms)} ms`;
+        currentResponse = msg.detail.response_id;
+      }
+      addStatus(`${msg.service} ${msg.kind}: ${msg.message}`, msg.kind === "error");
+      if (msg.kind === "state") setState(msg.message);
+    }
+    else if (msg.type === "notice" || msg.type === "error") { addStatus(msg.message, msg.type === "error"); }
+  };
+  ws.onclose = (e) => {
+    clearInterval(reporter);
+    setState(e.code === 1000 || e.code === 1005 ? "ended" : `closed (${e.code} ${e.reason})`);
+    stopAudio();
+    $("start").disabled = false;
+    $("stop").disabled = true;
+  };
+}
+
+function stopAudio() {
+  if (state.mic) state.mic.getTracks().forEach((t) => t.stop());
+  if (state.capture) state.capture.close();
+  state.mic = null;
+  state.capture = null;
+}
+
+function hangUp() {
+  stopAudio();
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "end" }));
+  $("stop").disabled = true;
+  setState("finishing");
+}
+
+const query = new URLSearchParams(location.search);
+if (query.get("token")) $("token").value = query.get("token");
+$("start").onclick = start;
+$("stop").onclick = hangUp;
