@@ -1,0 +1,210 @@
+"""The Dockerfile, docker-compose.yml and the Kubernetes manifests, validated offline."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from compose_spec import PyCompose
+
+from tests.shared.procs import ROOT
+from vlpipe.cli import COMMANDS
+
+K8S_VERSION = "1.30.0"
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+# ---------------------------------------------------------------- compose
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    parsed = PyCompose.from_yaml((ROOT / "docker-compose.yml").read_text())
+    parsed.validate()
+    assert set(parsed.service_names()) == {
+        "redis", "engine", "ingest", "broker", "egress", "otel-collector", "jaeger",
+    }  # fmt: skip
+
+
+def test_the_specification_check_is_real() -> None:
+    broken = (
+        (ROOT / "docker-compose.yml").read_text().replace("    healthcheck:", "    healtcheck:", 1)
+    )
+    with pytest.raises(ValueError, match="healtcheck"):
+        PyCompose.from_yaml(broken)
+
+
+def test_compose_runs_the_pipeline_with_health_checks_and_optional_env_file() -> None:
+    services = compose()["services"]
+    assert (
+        services["redis"]["command"][-3:]
+        == ["--appendonly", "yes", "--appendfsync", "everysec"][-3:]
+    )
+    for name in ("redis", "engine", "ingest", "broker", "egress", "jaeger"):
+        assert "healthcheck" in services[name], name
+    for name in ("ingest", "broker", "egress"):
+        service = services[name]
+        assert service["command"] == [name] and name in COMMANDS
+        assert service["build"]["target"] == "service"
+        assert {"path": ".env", "required": False} in service["env_file"]
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        port = service["environment"]["VLPIPE_HTTP_PORT"]
+        assert port in " ".join(service["healthcheck"]["test"])
+    assert services["engine"]["build"]["target"] == "engine"
+    assert services["egress"]["environment"]["VLPIPE_GATEWAY_TOKENS"]  # never open to the world
+    collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
+    assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_the_dockerfile_builds_small_non_root_images_of_real_commands() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = {name for _, name in re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)}
+        re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)[i][::-1] for i in range(text.count(" AS "))
+    )
+    assert {"build", "build-engine", "runtime", "service", "engine"} <= set(stages)
+    assert not re.search(r"apt-get install|build-essential|gcc", text), "no compilers anywhere"
+    assert re.search(r'^ENTRYPOINT \["vlpipe"\]$', text, re.M)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["vlpipe"] == "vlpipe.cli:main"
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    for command in re.findall(r'^CMD \["([a-z-]+)"\]$', text, re.M):
+        assert command in COMMANDS or command == "--help"
+    engine_stage = text[text.index("AS engine") :]
+    assert "build-engine" in engine_stage and "HEALTHCHECK" in engine_stage
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def kustomize(overlay: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, (
+        "the manifest tests need kubectl (its built-in kustomize): apt-get install kubectl"
+    )
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+KEDA_SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"]},
+                "minReplicaCount": {"type": "integer", "minimum": 1},
+                "maxReplicaCount": {"type": "integer"},
+                "triggers": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "required": ["type", "metadata"],
+                        "properties": {
+                            "type": {"const": "redis-streams"},
+                            "metadata": {"type": "object", "required": ["stream", "consumerGroup"]},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["dev", "prod"])
+def manifests(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, kustomize(request.param)
+
+
+def test_every_object_is_valid_for_kubernetes(manifests: tuple[str, list[dict[str, Any]]]) -> None:
+    import jsonschema
+
+    _, docs = manifests
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            if doc["kind"] == "ScaledObject":
+                jsonschema.validate(doc, KEDA_SCALED_OBJECT)
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def test_workloads_are_probed_limited_non_root_and_disruption_budgeted(
+    manifests: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, docs = manifests
+    accounts = by_kind(docs, "ServiceAccount")
+    budgets = list(by_kind(docs, "PodDisruptionBudget").values())
+    workloads = [d for d in docs if d["kind"] in WORKLOADS]
+    assert workloads
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["terminationGracePeriodSeconds"] >= 30, name
+        assert pod["serviceAccountName"] in accounts, name
+        for container in pod["containers"]:
+            assert container["readinessProbe"] and container["livenessProbe"], name
+            limits = container["resources"]["limits"]
+            assert limits["cpu"] and limits["memory"], name
+            assert container["resources"]["requests"], name
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+        assert any(
+            all(labels.get(k) == v for k, v in b["spec"]["selector"]["matchLabels"].items())
+            for b in budgets
+        ), f"no PodDisruptionBudget for {name}"
+
+
+def test_traffic_is_denied_unless_allowed_and_scaling_follows_the_streams(
+    manifests: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, docs = manifests
+    policies = by_kind(docs, "NetworkPolicy")
+    deny = policies["vlpipe-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny
+    scaled = by_kind(docs, "ScaledObject")
+    deployments = by_kind(docs, "Deployment")
+    assert set(scaled) == {"vlpipe-ingest", "vlpipe-egress", "vlpipe-broker"}
+    for name, obj in scaled.items():
+        assert obj["spec"]["scaleTargetRef"]["name"] in deployments
+        trigger = obj["spec"]["triggers"][0]["metadata"]
+        assert trigger["stream"] == "vl:sessions"
+        assert trigger["consumerGroup"] == name.removeprefix("vlpipe-")
+    broker = deployments["vlpipe-broker"]["spec"]["template"]
+    env = {e["name"]: e for e in broker["spec"]["containers"][0]["env"]}
+    if overlay == "prod":
+        assert "vlpipe-engine" not in deployments
+        assert broker["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+        account = by_kind(docs, "ServiceAccount")["vlpipe-broker"]
+        assert account["metadata"]["annotations"]["azure.workload.identity/client-id"]
+        assert env["VLPIPE_BROKER_AUTH"]["value"] == "entra" and "VLPIPE_BROKER_API_KEY" not in env
+        assert not [d for d in docs if d["kind"] == "Secret"], "prod secrets live outside git"
+    else:
+        assert "vlpipe-engine" in deployments
+        redis = by_kind(docs, "StatefulSet")["redis"]
+        assert "--appendonly" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert redis["spec"]["volumeClaimTemplates"]
