@@ -31,12 +31,12 @@ class Pipeline:
 
 @asynccontextmanager
 async def running_pipeline(
-    redis_url: str, prefix: str, engine_endpoint: str
+    redis_url: str, prefix: str, engine_endpoint: str, **env: str
 ) -> AsyncIterator[Pipeline]:
     port = free_port()
     procs = [
-        start_ingest(redis_url, prefix),
-        start_broker(redis_url, prefix, engine_endpoint),
+        start_ingest(redis_url, prefix, **env),
+        start_broker(redis_url, prefix, engine_endpoint, **env),
         start_egress(
             redis_url,
             prefix,
@@ -44,6 +44,7 @@ async def running_pipeline(
             VLPIPE_GATEWAY_PORT=str(port),
             VLPIPE_GATEWAY_TOKENS=TOKEN,
             VLPIPE_CLAIM_IDLE_MS="15000",
+            **env,
         ),
     ]
 

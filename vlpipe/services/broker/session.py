@@ -38,6 +38,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from vlpipe.services.broker.conversation import Conversation
+from vlpipe.services.broker.turns import TurnTracer
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import (
@@ -122,6 +123,8 @@ class BrokerSession:
         self.respond_after_calls = False
         self.end_now: str | None = None
         self.closing = False
+        self.turns = TurnTracer(self.sid, owned.start.traceparent)
+        self.frame_traceparent: str | None = None
 
     # ---------------------------------------------------------------- life
 
@@ -142,6 +145,7 @@ class BrokerSession:
         except SessionEnded as exc:
             reason = exc.reason
         finally:
+            self.turns.end()
             svc.reader.remove(svc.keys.ctl(self.sid))
             svc.reader.remove(svc.keys.frames(self.sid))
             if self.ws is not None:
@@ -226,6 +230,7 @@ class BrokerSession:
                 },
             )
             # Whatever was in flight died with the old upstream session.
+            self.turns.end()
             self.conv.response_id = None
             self.conv.user_speaking = False
             self.expect_response = False
@@ -305,6 +310,8 @@ class BrokerSession:
         while self.frames and (not chunk or size + len(self.frames[0][1].audio) <= max_bytes):
             entry_id, frame = self.frames.popleft()
             last_id = entry_id
+            if frame.traceparent:
+                self.frame_traceparent = frame.traceparent
             if frame.final:
                 final = True
                 break
@@ -498,6 +505,11 @@ class BrokerSession:
                     self._status("error", "upstream audio delta is not base64; dropped", {})
                     audio = b""
             self.conv.observe(event, len(audio) if audio else 0)
+            if kind == "input_audio_buffer.speech_started" or (
+                kind == "response.created" and self.turns.turn is None
+            ):
+                self.turns.start(kind.rpartition(".")[2], self.frame_traceparent)
+            self.turns.observe(kind, event)
             self._event(kind, event, audio, received)
             await self._react(kind, event)
 
@@ -520,6 +532,7 @@ class BrokerSession:
                 self.expect_response = True
         elif kind == "input_audio_buffer.speech_started":
             await self._barge_in()
+            self.turns.close_previous()
         elif kind == "response.function_call_arguments.done":
             self._tool_call(event)
         elif kind == "response.done":
@@ -528,6 +541,14 @@ class BrokerSession:
 
     async def _response_done(self, event: dict[str, Any]) -> None:
         self.expect_response = False
+        try:
+            await self._after_response()
+        finally:
+            if not (self.calls or self.respond_after_calls or self.response_calls
+                    or self.respond_when_idle or self.expect_response):  # fmt: skip
+                self.turns.end()  # the turn's last response is done
+
+    async def _after_response(self) -> None:
         if self.response_calls:
             self.response_calls = set()
             if self.calls:
@@ -561,6 +582,7 @@ class BrokerSession:
         if cut is None:
             return
         self.svc.barge_ins.add(1)
+        self.turns.interrupt()
         self._event(
             "vlpipe.barge_in",
             {"response_id": self.conv.response_id or playback.get("response_id"),
@@ -596,6 +618,7 @@ class BrokerSession:
                 event=body,
                 audio=audio,
                 received=received if received is not None else time.time() * 1000,
+                traceparent=self.turns.traceparent if self.turns.turn is not None else None,
             )
         )
         self.seq += 1

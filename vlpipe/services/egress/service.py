@@ -14,6 +14,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import SpanKind
+
 from vlpipe.services.egress.outputs import Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
@@ -54,6 +56,7 @@ class EgressService:
             run_session=self.run_session, dead=ctx.dead, heartbeat_ms=settings.heartbeat_ms,
             claim_idle_ms=settings.claim_idle_ms, max_failures=settings.max_deliveries,
         )  # fmt: skip
+        self.tracer = telemetry.tracer("egress")
         meter = telemetry.meter("egress")
         self.chunks_out = meter.create_counter(
             "vlpipe.egress.audio_chunks", description="Audio chunks written"
@@ -145,10 +148,33 @@ class EgressService:
             )  # fmt: skip
             pipe.xtrim(keys.events(sid), minid=events_id, approximate=False)
             await pipe.execute()
+        self._trace(sid, out)
         if out.audio:
             self.chunks_out.add(len(out.audio))
         if out.transcripts:
             self.pieces_out.add(len(out.transcripts))
+
+    def _trace(self, sid: str, out: Outputs) -> None:
+        """Spans in the turn's trace (the event's traceparent): first audio, finals."""
+        firsts = [c for c in out.audio if c.kind == "audio" and c.offset_ms == 0]
+        finals = [p for p in out.transcripts if p.final]
+        for name, traceparent, response in [
+            *(("egress.first_audio", c.traceparent, c.response_id) for c in firsts),
+            *(("egress.transcript", p.traceparent, p.response_id) for p in finals),
+        ]:
+            context = telemetry.extract(traceparent)
+            if context is None:
+                continue
+            destination = (
+                self.keys.audio_out(sid)
+                if name == "egress.first_audio"
+                else self.keys.transcript(sid)
+            )
+            attributes = dict(telemetry.messaging_attributes("send", destination))
+            attributes.update({"session.id": sid, "gen_ai.response.id": response or ""})
+            self.tracer.start_span(
+                name, context=context, kind=SpanKind.PRODUCER, attributes=attributes
+            ).end()
 
     async def _expire(self, sid: str) -> None:
         """The session is over: its keys stay readable for `session_ttl_s`, then go."""

@@ -1,0 +1,66 @@
+"""One trace per turn across the broker and egress, exported over OTLP, and turn metrics."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from tests.integration.pipeline import running_pipeline
+from tests.otlp_receiver import otlp_receiver
+from tests.waiting import wait_until
+from vlpipe.services.engine.server import running_engine
+from vlpipe.shared.keys import StreamKeys
+
+SPAN_KIND_INTERNAL, SPAN_KIND_PRODUCER = 1, 4
+
+
+async def test_a_turn_is_one_trace_from_the_broker_to_egress(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    with wave.open(str(speech_wav)) as w:
+        pcm = w.readframes(w.getnframes()) + b"\0\0" * 16000 * 2
+    config = {"input_audio_format": "pcm16_16000hz",
+              "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500}}  # fmt: skip
+    with otlp_receiver() as otlp:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+               "OTEL_METRIC_EXPORT_INTERVAL": "500"}  # fmt: skip
+        async with (
+            running_engine(model="local", output_pace=0) as engine,
+            running_pipeline(redis_url, keys.prefix, engine.endpoint, **env),
+        ):
+            await redis.xadd(
+                keys.sessions, {"type": "start", "session": "tr1", "config": json.dumps(config)}
+            )
+            for seq, start in enumerate(range(0, len(pcm), 3200)):
+                await redis.xadd(keys.audio("tr1"), {"audio": pcm[start : start + 3200],
+                                                     "rate": "16000", "seq": str(seq)})  # fmt: skip
+            await redis.xadd(keys.sessions, {"type": "end", "session": "tr1"})
+
+            async def done() -> bool:
+                return await redis.hget(keys.session_state("tr1"), "egress.done") == b"1"
+
+            await wait_until(done, within=90)
+        # The services exported their last spans and metrics as they stopped.
+        spans = list(otlp.spans)
+        metrics = otlp.metric_names()
+    turns = [s for s in spans if s.name == "vlpipe.turn"]
+    assert len(turns) == 1, [s.name for s in spans]
+    turn = turns[0]
+    assert turn.service == "vlpipe-broker" and turn.kind == SPAN_KIND_INTERNAL
+    assert turn.attributes["session.id"] == "tr1"
+    trace = [s for s in spans if s.trace_id == turn.trace_id]
+    response = next(s for s in trace if s.name == "vlpipe.response")
+    assert response.parent_span_id == turn.span_id
+    assert response.attributes["gen_ai.usage.output_tokens"] > 0
+    assert response.attributes["gen_ai.response.id"] == turn.attributes["gen_ai.response.id"]
+    egress = {s.name: s for s in trace if s.service == "vlpipe-egress"}
+    assert set(egress) == {"egress.first_audio", "egress.transcript"}
+    for span in egress.values():
+        assert span.parent_span_id == turn.span_id and span.kind == SPAN_KIND_PRODUCER
+        assert span.attributes["messaging.system"] == "redis"
+        assert span.attributes["session.id"] == "tr1"
+    assert "vlpipe.turn.time_to_first_audio" in metrics
+    assert "vlpipe.broker.frame_to_upstream" in metrics

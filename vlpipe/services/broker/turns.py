@@ -1,0 +1,183 @@
+"""One OpenTelemetry trace per conversational turn, seen from the broker.
+
+A turn starts when the user starts speaking (`input_audio_buffer.speech_started`) or when
+a response is asked for without speech (text, manual turns); it ends with its response.
+The `vlpipe.turn` span (linked to the frame that carried the producer's trace, if any,
+and to the session's span) holds a `vlpipe.response` child span per response, with span
+events for what happened in between (speech stopped, transcript, first audio, tool call,
+interruption). Every event the broker writes during the turn carries the turn's
+`traceparent`, so egress's spans join the same trace.
+
+Metrics: `vlpipe.turn.time_to_first_audio` (speech stopped to the first audio delta, ms:
+the silence the user hears), `vlpipe.turn.transcription_delay` (speech stopped to the
+user's transcript), and `vlpipe.turn.interrupted` (turns cut short by barge-in).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from vlpipe.shared import telemetry
+
+_tracer = telemetry.tracer("broker")
+_meter = telemetry.meter("broker")
+TIME_TO_FIRST_AUDIO = _meter.create_histogram(
+    "vlpipe.turn.time_to_first_audio",
+    unit="ms",
+    description="From the end of the user's speech to the first audio of the answer",
+    explicit_bucket_boundaries_advisory=(
+        50,
+        100,
+        200,
+        300,
+        500,
+        750,
+        1000,
+        1500,
+        2000,
+        3000,
+        5000,
+        10000,
+    ),
+)
+TRANSCRIPTION_DELAY = _meter.create_histogram(
+    "vlpipe.turn.transcription_delay",
+    unit="ms",
+    description="From the end of the user's speech to the user's transcript",
+    explicit_bucket_boundaries_advisory=(
+        50,
+        100,
+        200,
+        300,
+        500,
+        750,
+        1000,
+        1500,
+        2000,
+        3000,
+        5000,
+        10000,
+    ),
+)
+INTERRUPTED = _meter.create_counter(
+    "vlpipe.turn.interrupted", description="Turns whose answer the user interrupted"
+)
+
+
+class TurnTracer:
+    def __init__(self, sid: str, session_traceparent: str | None) -> None:
+        self.sid = sid
+        self.session_links = telemetry.link_from(session_traceparent)
+        self.turn: Span | None = None
+        self.response: Span | None = None
+        self.traceparent: str | None = None
+        self.speech_stopped_at: float | None = None
+        self.first_audio_seen = False
+        self.interrupted = False
+        self.previous: Span | None = None
+        self.previous_response: Span | None = None
+
+    def start(self, reason: str, frame_traceparent: str | None) -> None:
+        """A new turn. A previous one still open stays open until `close_previous()`, so a
+        barge-in can still mark it interrupted."""
+        self.close_previous()
+        if self.turn is not None:
+            self.previous, self.previous_response = self.turn, self.response
+            self.response = None
+        links = [*telemetry.link_from(frame_traceparent), *self.session_links]
+        self.turn = _tracer.start_span(
+            "vlpipe.turn", kind=SpanKind.INTERNAL, links=links,
+            attributes={"session.id": self.sid, "vlpipe.turn.start": reason},
+        )  # fmt: skip
+        self.traceparent = telemetry.current_traceparent(trace.set_span_in_context(self.turn))
+        self.speech_stopped_at = None
+        self.first_audio_seen = False
+        self.interrupted = False
+
+    def observe(self, kind: str, event: dict[str, Any], now: float | None = None) -> None:
+        now = now if now is not None else time.monotonic()
+        turn = self.turn
+        if turn is None:
+            return
+        if kind == "input_audio_buffer.speech_stopped":
+            self.speech_stopped_at = now
+            turn.add_event("speech_stopped", {"audio_end_ms": event.get("audio_end_ms") or 0})
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            turn.add_event("transcript")
+            if self.speech_stopped_at is not None:
+                TRANSCRIPTION_DELAY.record((now - self.speech_stopped_at) * 1000)
+        elif kind == "response.created":
+            response_id = (event.get("response") or {}).get("id") or ""
+            self.response = _tracer.start_span(
+                "vlpipe.response", context=trace.set_span_in_context(turn),
+                attributes={"session.id": self.sid, "gen_ai.response.id": response_id},
+            )  # fmt: skip
+            turn.set_attribute("gen_ai.response.id", response_id)
+        elif kind == "response.audio.delta" and not self.first_audio_seen:
+            self.first_audio_seen = True
+            turn.add_event("first_audio")
+            if self.speech_stopped_at is not None:
+                ms = (now - self.speech_stopped_at) * 1000
+                TIME_TO_FIRST_AUDIO.record(ms)
+                turn.set_attribute("vlpipe.turn.time_to_first_audio_ms", round(ms, 1))
+        elif kind == "response.function_call_arguments.done":
+            turn.add_event("tool_call", {"gen_ai.tool.name": str(event.get("name") or ""),
+                                         "gen_ai.tool.call.id": str(event.get("call_id") or "")})  # fmt: skip
+        elif kind == "error":
+            error = event.get("error") or {}
+            turn.add_event("upstream_error", {"code": str(error.get("code") or "")})
+        elif kind == "response.done":
+            self._response_done(event.get("response") or {})
+
+    def interrupt(self) -> None:
+        """The user cut the answer short: marks the turn that was answering."""
+        span = self.previous or self.turn
+        if span is not None and span.is_recording():
+            span.set_attribute("turn.was_interrupted", True)
+            INTERRUPTED.add(1)
+
+    def close_previous(self) -> None:
+        for span in (self.previous_response, self.previous):
+            if span is not None:
+                span.end()
+        self.previous = self.previous_response = None
+
+    def _response_done(self, response: dict[str, Any]) -> None:
+        span: Span | None
+        if self.previous_response is not None and (response.get("id") or "") == _span_response(
+            self.previous_response
+        ):
+            span, self.previous_response = self.previous_response, None
+        else:
+            span, self.response = self.response, None
+        if span is None:
+            return
+        status = str(response.get("status") or "")
+        usage = response.get("usage") or {}
+        span.set_attribute("gen_ai.response.status", status)
+        for key in ("input_tokens", "output_tokens", "total_tokens"):
+            if isinstance(usage.get(key), int):
+                span.set_attribute(f"gen_ai.usage.{key}", usage[key])
+        if status == "cancelled":
+            span.set_attribute("turn.was_interrupted", True)
+        elif status == "failed":
+            span.set_status(Status(StatusCode.ERROR, "response failed"))
+        span.end()
+
+    def end(self) -> None:
+        self.close_previous()
+        if self.response is not None:
+            self.response.end()
+            self.response = None
+        if self.turn is not None:
+            self.turn.end()
+            self.turn = None
+
+
+def _span_response(span: Span) -> str:
+    attributes = getattr(span, "attributes", None) or {}
+    return str(attributes.get("gen_ai.response.id", ""))
