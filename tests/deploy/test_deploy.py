@@ -206,3 +206,33 @@ def test_traffic_is_denied_unless_allowed_and_scaling_follows_the_streams(
         redis = by_kind(docs, "StatefulSet")["redis"]
         assert "--appendonly" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
         assert redis["spec"]["volumeClaimTemplates"]
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def defined_metrics() -> set[str]:
+    """Every metric the code creates, as Prometheus names (dots to underscores)."""
+    names = set()
+    for source in (ROOT / "vlpipe").rglob("*.py"):
+        for kind, name in re.findall(
+            r'create_(counter|histogram|observable_gauge|up_down_counter)\(\s*"([a-z_.]+)"',
+            source.read_text(),
+        ):
+            base = name.replace(".", "_")
+            names.add(base + ("_total" if kind == "counter" else ""))
+            names.add(base)
+    return names
+
+
+def test_the_dashboard_only_charts_metrics_the_services_export() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "vlpipe.json").read_text())
+    known = defined_metrics()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        for metric in re.findall(r"\b(vlpipe_[a-z_]+)", expr):
+            stem = re.sub(r"_(milliseconds_bucket|bucket)$", "", metric)
+            assert metric in known or stem in known, f"{metric} is not a metric vlpipe exports"
