@@ -7,6 +7,7 @@ Secrets are `SecretStr`: they never appear in `repr`, logs or `vlpipe config`.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -72,3 +73,13 @@ def redact_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user + ':' if user else ':'}***@{host}"
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` names only the loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

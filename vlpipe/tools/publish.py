@@ -17,7 +17,6 @@ import time
 import wave
 from pathlib import Path
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import (
     InputFormat,
     RawAudio,
@@ -28,6 +27,7 @@ from vlpipe.shared.contracts import (
 )
 from vlpipe.shared.keys import StreamKeys, check_session_id
 from vlpipe.shared.streams import connect
+from vlpipe.tools.target import add_redis_options, redis_target
 
 CHUNK_MS = 100
 _EXTENSIONS = {".ogg": "ogg", ".opus": "ogg", ".webm": "webm", ".mp3": "mp3",
@@ -122,10 +122,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--instructions", help="the assistant's instructions")
     parser.add_argument("--config", help="session config as JSON (see docs/contracts)")
     parser.add_argument("--audio-out", default="pcm16", help="format of the audio-out stream")
-    parser.add_argument("--redis-url", help="default: VLPIPE_REDIS_URL")
-    parser.add_argument("--prefix", help="stream prefix (default: VLPIPE_STREAM_PREFIX or vl)")
+    add_redis_options(parser)
     args = parser.parse_args(argv)
-    settings = ServiceSettings()
     try:
         sid = check_session_id(args.session)
         chunks, seconds = load(args.file, args.format)
@@ -138,7 +136,6 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, wave.Error, EOFError) as exc:
         print(f"vlpipe publish: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    url = args.redis_url or settings.redis_url.get_secret_value()
-    keys = StreamKeys(args.prefix or settings.stream_prefix)
+    url, keys = redis_target(args)
     asyncio.run(publish(url, keys, sid, chunks, seconds, start, args.pace))
     return 0

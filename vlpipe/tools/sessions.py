@@ -12,9 +12,9 @@ import asyncio
 import json
 from typing import Any
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.streams import connect
+from vlpipe.tools.target import add_redis_options, redis_target
 
 SERVICES = ("ingest", "broker", "egress")
 
@@ -60,12 +60,10 @@ async def live_sessions(url: str, keys: StreamKeys) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlpipe sessions", description=__doc__)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--redis-url", help="default: VLPIPE_REDIS_URL")
-    parser.add_argument("--prefix", help="stream prefix (default: VLPIPE_STREAM_PREFIX or vl)")
+    add_redis_options(parser)
     args = parser.parse_args(argv)
-    settings = ServiceSettings()
-    url = args.redis_url or settings.redis_url.get_secret_value()
-    rows = asyncio.run(live_sessions(url, StreamKeys(args.prefix or settings.stream_prefix)))
+    url, keys = redis_target(args)
+    rows = asyncio.run(live_sessions(url, keys))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -13,10 +13,10 @@ import json
 import sys
 from typing import Any
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import ContractError, Status, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys, check_session_id
 from vlpipe.shared.streams import connect
+from vlpipe.tools.target import add_redis_options, redis_target
 
 SPEAKERS = {"user": "user     ", "assistant": "assistant"}
 
@@ -84,17 +84,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--follow", action="store_true", help="only new entries; do not stop at the end"
     )
-    parser.add_argument("--redis-url", help="default: VLPIPE_REDIS_URL")
-    parser.add_argument("--prefix", help="stream prefix (default: VLPIPE_STREAM_PREFIX or vl)")
+    add_redis_options(parser)
     args = parser.parse_args(argv)
-    settings = ServiceSettings()
     try:
         sid = check_session_id(args.session)
     except ValueError as exc:
         print(f"vlpipe tail: {exc}", file=sys.stderr)
         return 2
-    url = args.redis_url or settings.redis_url.get_secret_value()
-    keys = StreamKeys(args.prefix or settings.stream_prefix)
+    url, keys = redis_target(args)
     try:
         asyncio.run(tail(url, keys, sid, args.json, args.follow, from_start=not args.follow))
     except KeyboardInterrupt:

@@ -20,10 +20,11 @@ from vlpipe.services.broker.session import BrokerSession
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
 from vlpipe.shared import telemetry
-from vlpipe.shared.contracts import ContractError, Control, Frame, Message, Status, decode
-from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.contracts import ContractError, Control, Frame, Message, decode
+from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
-from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
+from vlpipe.shared.streams import Entry, Retention
 
 log = logging.getLogger("vlpipe.broker")
 
@@ -42,25 +43,8 @@ class BrokerService:
         self.url = realtime_url(settings)
         self.auth: Auth = make_auth(settings, credential)
         self.sessions: dict[str, BrokerSession] = {}
-        self.reader = SessionStreamReader(
-            ctx.redis,
-            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
-            dead=ctx.dead,
-            count=settings.read_batch,
-            block_ms=settings.block_ms,
-            max_deliveries=settings.max_deliveries,
-        )
-        self.ownership = SessionOwnership(
-            ctx.redis,
-            ctx.keys,
-            service="broker",
-            replica=ctx.replica,
-            run_session=self.run_session,
-            dead=ctx.dead,
-            heartbeat_ms=settings.heartbeat_ms,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_failures=settings.max_deliveries,
-        )
+        self.reader = session_reader(ctx, settings)
+        self.ownership = session_ownership(ctx, settings, self.run_session)
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
         self.recent_latency_ms: deque[float] = deque(maxlen=50_000)
@@ -94,14 +78,12 @@ class BrokerService:
         )
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
         ticker = asyncio.create_task(self._tick())
         try:
-            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
+            await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
         finally:
-            self.reader.wake()
             ticker.cancel()
-            await asyncio.gather(reader, ticker, return_exceptions=True)
+            await asyncio.gather(ticker, return_exceptions=True)
             await self.auth.close()
 
     async def _tick(self) -> None:
@@ -158,14 +140,7 @@ class BrokerService:
             session.queue_control(entry, msg)
 
     async def refuse(self, sid: str, entry: Entry, reason: str) -> None:
-        """A bad entry: to the dead-letter stream and the session's status; the session goes on."""
-        await self.ctx.dead.send(entry, reason)
-        status = Status(
-            session=sid, service="broker", kind="error", message=reason,
-            detail={"stream": entry.stream, "id": entry.id},
-        )  # fmt: skip
-        await publish(self.redis, self.keys.status(sid), status, maxlen=self.retention.status)
-        log.warning("refused an entry", extra={"session": sid, "reason": reason[:300]})
+        await refuse(self.ctx, sid, entry, reason)
 
     async def playback(self, sid: str) -> dict[str, str]:
         raw: Any = await self.redis.hgetall(self.keys.playback(sid))

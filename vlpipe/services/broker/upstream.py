@@ -12,7 +12,6 @@ expire; neither keys nor tokens are ever logged.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +22,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from vlpipe.services.broker.settings import BrokerSettings
+from vlpipe.shared.config import is_loopback
 
 
 class UpstreamError(Exception):
@@ -102,23 +102,13 @@ class TokenAuth:
         return f"TokenAuth(scope={self.scope!r})"
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def make_auth(settings: BrokerSettings, credential: Any = None) -> Auth:
     """The credential the settings ask for (see `BrokerSettings.auth`)."""
     mode = settings.auth
     if mode == "auto":
         if settings.api_key is not None:
             mode = "key"
-        elif credential is None and _is_loopback(settings.endpoint):
+        elif credential is None and is_loopback(urlsplit(settings.endpoint).hostname or ""):
             mode = "none"
         else:
             mode = "entra"

@@ -26,7 +26,6 @@ import base64
 import binascii
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import uuid
@@ -45,6 +44,7 @@ from websockets.http11 import Request, Response
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.audio import AudioFormat, FormatConverter, decode_to_pcm16
+from vlpipe.shared.config import is_loopback
 from vlpipe.shared.contracts import (
     AudioOut,
     ContractError,
@@ -59,7 +59,8 @@ from vlpipe.shared.contracts import (
 )
 from vlpipe.shared.keys import check_session_id
 from vlpipe.shared.service import ServiceContext
-from vlpipe.shared.streams import Entry, SessionStreamReader
+from vlpipe.shared.sessions import session_reader
+from vlpipe.shared.streams import Entry
 
 log = logging.getLogger("vlpipe.gateway")
 
@@ -145,16 +146,13 @@ class Gateway:
         self.redis = ctx.redis
         self.keys = ctx.keys
         self.tokens = settings.tokens()
-        if not self.tokens and not _loopback(settings.gateway_host):
+        if not self.tokens and not is_loopback(settings.gateway_host):
             raise ValueError(
                 "the gateway needs VLPIPE_GATEWAY_TOKENS to listen beyond loopback "
                 f"(VLPIPE_GATEWAY_HOST={settings.gateway_host})"
             )
         self.followed: dict[str, Followed] = {}
-        self.reader = SessionStreamReader(
-            ctx.redis, wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}:gateway", dead=ctx.dead,
-            count=settings.read_batch, block_ms=settings.block_ms,
-        )  # fmt: skip
+        self.reader = session_reader(ctx, settings, purpose="gateway")
         self.server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -531,15 +529,6 @@ def _session_id(value: str | None) -> str:
         return check_session_id(value)
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _int(value: Any) -> int | None:

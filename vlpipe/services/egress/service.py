@@ -19,10 +19,11 @@ from opentelemetry.trace import SpanKind
 from vlpipe.services.egress.outputs import Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
-from vlpipe.shared.contracts import ContractError, Event, Status, decode, encode
-from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.contracts import ContractError, Event, decode, encode
+from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
-from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
+from vlpipe.shared.streams import Entry, Retention
 
 log = logging.getLogger("vlpipe.egress")
 
@@ -43,19 +44,8 @@ class EgressService:
         self.keys = ctx.keys
         self.retention = Retention()
         self.sessions: dict[str, SessionEgress] = {}
-        self.reader = SessionStreamReader(
-            ctx.redis,
-            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
-            dead=ctx.dead,
-            count=settings.read_batch,
-            block_ms=settings.block_ms,
-            max_deliveries=settings.max_deliveries,
-        )
-        self.ownership = SessionOwnership(
-            ctx.redis, ctx.keys, service="egress", replica=ctx.replica,
-            run_session=self.run_session, dead=ctx.dead, heartbeat_ms=settings.heartbeat_ms,
-            claim_idle_ms=settings.claim_idle_ms, max_failures=settings.max_deliveries,
-        )  # fmt: skip
+        self.reader = session_reader(ctx, settings)
+        self.ownership = session_ownership(ctx, settings, self.run_session)
         self.tracer = telemetry.tracer("egress")
         meter = telemetry.meter("egress")
         self.chunks_out = meter.create_counter(
@@ -67,12 +57,7 @@ class EgressService:
         self.events_in = meter.create_counter("vlpipe.egress.events", description="Events read")
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
-        try:
-            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
-        finally:
-            self.reader.wake()
-            await reader
+        await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
 
     async def run_session(self, owned: OwnedSession) -> None:
         checkpoint = owned.checkpoint
@@ -186,9 +171,4 @@ class EgressService:
         log.info("session output finished", extra={"session": sid})
 
     async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
-        await self.ctx.dead.send(entry, reason)
-        status = Status(
-            session=sid, service="egress", kind="error", message=reason,
-            detail={"stream": entry.stream, "id": entry.id},
-        )  # fmt: skip
-        await publish(self.redis, self.keys.status(sid), status, maxlen=self.retention.status)
+        await refuse(self.ctx, sid, entry, reason)

@@ -6,13 +6,12 @@ own fields read `VLPIPE_ENGINE_<FIELD>`, e.g. `VLPIPE_ENGINE_PORT=8765`.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.config import ServiceSettings, is_loopback
 
 EngineModel = Literal["local", "echo"]
 
@@ -74,13 +73,3 @@ class EngineSettings(ServiceSettings):
                 f"refusing to listen on {self.host} without an API key; "
                 "set VLPIPE_ENGINE_API_KEY (or --api-key) or listen on 127.0.0.1"
             )
-
-
-def is_loopback(host: str) -> bool:
-    """True if `host` names only the loopback interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

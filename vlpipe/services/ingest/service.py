@@ -27,9 +27,10 @@ from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, decode, encode
-from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
-from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
+from vlpipe.shared.streams import Entry, Retention, publish
 
 log = logging.getLogger("vlpipe.ingest")
 
@@ -55,25 +56,8 @@ class IngestService:
         self.retention = Retention()
         self.sessions: dict[str, SessionIngest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.reader = SessionStreamReader(
-            ctx.redis,
-            wake_key=f"{ctx.keys.prefix}:wake:{ctx.replica}",
-            dead=ctx.dead,
-            count=settings.read_batch,
-            block_ms=settings.block_ms,
-            max_deliveries=settings.max_deliveries,
-        )
-        self.ownership = SessionOwnership(
-            ctx.redis,
-            ctx.keys,
-            service="ingest",
-            replica=ctx.replica,
-            run_session=self.run_session,
-            dead=ctx.dead,
-            heartbeat_ms=settings.heartbeat_ms,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_failures=settings.max_deliveries,
-        )
+        self.reader = session_reader(ctx, settings)
+        self.ownership = session_ownership(ctx, settings, self.run_session)
         meter = telemetry.meter("ingest")
         self.frames_out = meter.create_counter("vlpipe.ingest.frames", description="Frames written")
         self.bad_chunks = meter.create_counter(
@@ -81,12 +65,7 @@ class IngestService:
         )
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self.reader.run(self.ctx.stop))
-        try:
-            await self.ownership.run(self.ctx.stop, grace_s=self.settings.shutdown_grace_s)
-        finally:
-            self.reader.wake()
-            await reader
+        await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
 
     async def run_session(self, owned: OwnedSession) -> None:
         """Normalize one session until it ends and its audio is drained."""
@@ -264,9 +243,4 @@ class IngestService:
 
     async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
         self.bad_chunks.add(1)
-        await self.ctx.dead.send(entry, reason)
-        status = Status(
-            session=sid, service="ingest", kind="error", message=reason,
-            detail={"stream": entry.stream, "id": entry.id},
-        )  # fmt: skip
-        await publish(self.ctx.redis, self.keys.status(sid), status, maxlen=self.retention.status)
+        await refuse(self.ctx, sid, entry, reason)

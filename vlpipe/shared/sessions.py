@@ -1,0 +1,66 @@
+"""What every per-session service (ingest, broker, egress) builds the same way: the one
+reader for its sessions' streams, the ownership of sessions through its consumer group,
+the loop that runs both until SIGTERM, and the refusal of a bad entry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.contracts import Status
+from vlpipe.shared.ownership import SessionOwnership, SessionRunner
+from vlpipe.shared.service import ServiceContext
+from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+
+log = logging.getLogger("vlpipe.sessions")
+
+
+def session_reader(
+    ctx: ServiceContext, settings: ServiceSettings, purpose: str = ""
+) -> SessionStreamReader:
+    """One shared XREAD for every session stream this process follows (for `purpose`)."""
+    wake = f"{ctx.keys.prefix}:wake:{ctx.replica}" + (f":{purpose}" if purpose else "")
+    return SessionStreamReader(
+        ctx.redis, wake_key=wake, dead=ctx.dead, count=settings.read_batch,
+        block_ms=settings.block_ms, max_deliveries=settings.max_deliveries,
+    )  # fmt: skip
+
+
+def session_ownership(
+    ctx: ServiceContext, settings: ServiceSettings, run_session: SessionRunner
+) -> SessionOwnership:
+    """Sessions claimed through the consumer group named after the service."""
+    return SessionOwnership(
+        ctx.redis, ctx.keys, service=ctx.name, replica=ctx.replica, run_session=run_session,
+        dead=ctx.dead, heartbeat_ms=settings.heartbeat_ms, claim_idle_ms=settings.claim_idle_ms,
+        max_failures=settings.max_deliveries,
+    )  # fmt: skip
+
+
+async def run_sessions(
+    ctx: ServiceContext,
+    settings: ServiceSettings,
+    reader: SessionStreamReader,
+    ownership: SessionOwnership,
+) -> None:
+    """Take sessions until SIGTERM, then hand the owned ones over; the reader stops last."""
+    reading = asyncio.create_task(reader.run(ctx.stop))
+    try:
+        await ownership.run(ctx.stop, grace_s=settings.shutdown_grace_s)
+    finally:
+        reader.wake()
+        await reading
+
+
+async def refuse(ctx: ServiceContext, sid: str, entry: Entry, reason: str) -> None:
+    """A bad entry: to the dead-letter stream and the session's status; the session goes on."""
+    await ctx.dead.send(entry, reason)
+    service: Any = ctx.name
+    status = Status(
+        session=sid, service=service, kind="error", message=reason,
+        detail={"stream": entry.stream, "id": entry.id},
+    )  # fmt: skip
+    await publish(ctx.redis, ctx.keys.status(sid), status, maxlen=Retention().status)
+    log.warning("refused an entry", extra={"session": sid, "reason": reason[:300]})

@@ -1,0 +1,20 @@
+"""Which Redis and key prefix a command works on: `--redis-url` and `--prefix`, else the
+`VLPIPE_REDIS_URL` and `VLPIPE_STREAM_PREFIX` every service reads."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.keys import StreamKeys
+
+
+def add_redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="default: VLPIPE_REDIS_URL")
+    parser.add_argument("--prefix", help="stream prefix (default: VLPIPE_STREAM_PREFIX or vl)")
+
+
+def redis_target(args: argparse.Namespace) -> tuple[str, StreamKeys]:
+    settings = ServiceSettings()
+    url = args.redis_url or settings.redis_url.get_secret_value()
+    return url, StreamKeys(args.prefix or settings.stream_prefix)
