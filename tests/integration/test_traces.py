@@ -1,7 +1,8 @@
-"""One trace per turn across the broker and egress, exported over OTLP, and turn metrics."""
+"""One trace per turn across ingest, the broker and egress, exported over OTLP, and turn metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import wave
 from pathlib import Path
@@ -37,6 +38,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
             for seq, start in enumerate(range(0, len(pcm), 3200)):
                 await redis.xadd(keys.audio("tr1"), {"audio": pcm[start : start + 3200],
                                                      "rate": "16000", "seq": str(seq)})  # fmt: skip
+                await asyncio.sleep(0.025)  # 100 ms of audio at 4x real time, as a live call
             await redis.xadd(keys.sessions, {"type": "end", "session": "tr1"})
 
             async def done() -> bool:
@@ -56,6 +58,12 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
     assert response.parent_span_id == turn.span_id
     assert response.attributes["gen_ai.usage.output_tokens"] > 0
     assert response.attributes["gen_ai.response.id"] == turn.attributes["gen_ai.response.id"]
+    # Ingest's span of the utterance's first frame, the broker's turn, egress's outputs.
+    ingest = [s for s in trace if s.service == "vlpipe-ingest"]
+    assert [s.name for s in ingest] == ["ingest.utterance"]
+    assert ingest[0].parent_span_id == turn.span_id and ingest[0].kind == SPAN_KIND_PRODUCER
+    assert ingest[0].attributes["vlpipe.frame.seq"] == turn.attributes["vlpipe.turn.first_frame"]
+    assert ingest[0].attributes["messaging.destination.name"] == keys.frames("tr1")
     egress = {s.name: s for s in trace if s.service == "vlpipe-egress"}
     assert set(egress) == {"egress.first_audio", "egress.transcript"}
     for span in egress.values():
@@ -64,3 +72,4 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
         assert span.attributes["session.id"] == "tr1"
     assert "vlpipe.turn.time_to_first_audio" in metrics
     assert "vlpipe.broker.frame_to_upstream" in metrics
+    assert "vlpipe.sessions.owned" in metrics

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from opentelemetry import metrics
+from opentelemetry.metrics import Observation
 
 from vlpipe.shared.contracts import SessionAnnouncement, SessionEnd, SessionStart, decode
 from vlpipe.shared.keys import StreamKeys
@@ -146,6 +148,15 @@ class SessionOwnership:
         self.max_failures = max_failures
         self.owned: dict[str, OwnedSession] = {}
         self.takeovers = 0
+        meter = metrics.get_meter("vlpipe.ownership")
+        self._takeover_counter = meter.create_counter(
+            "vlpipe.takeovers", description="Sessions taken over from another replica"
+        )
+        meter.create_observable_gauge(
+            "vlpipe.sessions.owned",
+            callbacks=[lambda _: [Observation(len(self.owned), {"service": self.service})]],
+            description="Sessions this replica owns",
+        )
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self.consumer = GroupConsumer(
             redis,
@@ -265,6 +276,7 @@ class SessionOwnership:
         taken_over = previous is not None
         if taken_over:
             self.takeovers += 1
+            self._takeover_counter.add(1, {"service": self.service})
             log.info(
                 "taking session over",
                 extra={"session": msg.session, "previous_owner": previous},

@@ -8,6 +8,9 @@ import asyncio
 import logging
 from typing import Any
 
+from opentelemetry import metrics
+from opentelemetry.metrics import Observation
+
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import Status
 from vlpipe.shared.ownership import SessionOwnership, SessionRunner
@@ -47,11 +50,49 @@ async def run_sessions(
 ) -> None:
     """Take sessions until SIGTERM, then hand the owned ones over; the reader stops last."""
     reading = asyncio.create_task(reader.run(ctx.stop))
+    watching = asyncio.create_task(_watch_group(ctx, ownership.service))
     try:
         await ownership.run(ctx.stop, grace_s=settings.shutdown_grace_s)
     finally:
+        watching.cancel()
         reader.wake()
         await reading
+        await asyncio.gather(watching, return_exceptions=True)
+
+
+_GROUPS: dict[str, tuple[int, int]] = {}
+
+
+def _observe_groups(_: Any) -> list[Observation]:
+    return [Observation(lag, {"group": g}) for g, (lag, _p) in _GROUPS.items()]
+
+
+def _observe_pending(_: Any) -> list[Observation]:
+    return [Observation(pending, {"group": g}) for g, (_l, pending) in _GROUPS.items()]
+
+
+_meter = metrics.get_meter("vlpipe.sessions")
+_meter.create_observable_gauge(
+    "vlpipe.group.lag", callbacks=[_observe_groups],
+    description="Sessions announced that the service's consumer group has not claimed yet",
+)  # fmt: skip
+_meter.create_observable_gauge(
+    "vlpipe.group.pending", callbacks=[_observe_pending],
+    description="Sessions the service's consumer group holds (claimed, not finished)",
+)  # fmt: skip
+
+
+async def _watch_group(ctx: ServiceContext, group: str, every_s: float = 10.0) -> None:
+    """Read the group's lag and pending count on `vl:sessions` for the gauges."""
+    while True:
+        try:
+            groups: Any = await ctx.redis.xinfo_groups(ctx.keys.sessions)
+            for info in groups:
+                if info["name"].decode() == group:
+                    _GROUPS[group] = (int(info.get("lag") or 0), int(info.get("pending") or 0))
+        except Exception as exc:  # no stream yet, Redis down: the gauges keep their values
+            log.debug("could not read the consumer group", extra={"error": str(exc)})
+        await asyncio.sleep(every_s)
 
 
 async def refuse(ctx: ServiceContext, sid: str, entry: Entry, reason: str) -> None:

@@ -28,6 +28,7 @@ from enum import Enum
 from typing import Any
 
 import redis.asyncio as aioredis
+from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -144,6 +145,26 @@ class Retention:
     session_ttl_s: int = 3600
 
 
+_DEAD_LETTERS = metrics.get_meter("vlpipe.streams").create_counter(
+    "vlpipe.dead_letters", description="Entries written to the dead-letter stream, by reason"
+)
+
+
+def _stream_kind(stream: str, dead_key: str) -> str:
+    """`vl:frames:{sid}` -> `frames`: a label with few values, not one per session."""
+    prefix = dead_key.rsplit(":", 1)[0] + ":"
+    return stream.removeprefix(prefix).split(":", 1)[0] or stream
+
+
+def _reason_kind(reason: str) -> str:
+    """contract (a message that breaks its contract), handler (a failure N times), other."""
+    if reason.startswith(("invalid ", "unknown ", "field ")) or "not UTF-8" in reason:
+        return "contract"
+    if "failed" in reason and "times" in reason:
+        return "handler"
+    return "other"
+
+
 class DeadLetters:
     """Writes unhandled entries to `vl:dead` with their reason. Never raises on bad input."""
 
@@ -175,6 +196,11 @@ class DeadLetters:
         for name, value in entry.fields.items():
             fields[b"orig." + name] = value
         await self.redis.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+        _DEAD_LETTERS.add(
+            1,
+            {"service": self.service, "stream": _stream_kind(entry.stream, self.key),
+             "reason": _reason_kind(reason)},
+        )  # fmt: skip
         log.warning(
             "dead-lettered entry",
             extra={"stream": entry.stream, "entry_id": entry.id, "reason": reason[:500]},

@@ -125,6 +125,11 @@ class BrokerSession:
         self.closing = False
         self.turns = TurnTracer(self.sid, owned.start.traceparent)
         self.frame_traceparent: str | None = None
+        # Where each recent frame sits in the upstream's audio (ms since this connection's
+        # first append), its number and its arrival: a turn starts at its first frame.
+        self.timeline: deque[tuple[float, int, float]] = deque(maxlen=3000)
+        self.upstream_ms = 0.0
+        self.turn_marker = ""
 
     # ---------------------------------------------------------------- life
 
@@ -240,6 +245,8 @@ class BrokerSession:
         """Serve one upstream connection; None when the session ended, else why it closed."""
         ws = self.ws
         assert ws is not None
+        self.upstream_ms = 0.0  # the new upstream session counts its audio from zero
+        self.timeline.clear()
         await self._send({"type": "session.update", "session": self.config.session_update()})
         if resumed:
             for item in self.conv.replay():
@@ -317,6 +324,8 @@ class BrokerSession:
                 break
             chunk.append(frame.audio)
             size += len(frame.audio)
+            self.timeline.append((self.upstream_ms, frame.seq, _entry_ms(entry_id)))
+            self.upstream_ms += frame.format.ms_for_bytes(len(frame.audio))
             latency = max(0.0, now_ms - _entry_ms(entry_id))
             self.svc.frame_latency.record(latency)
             self.svc.recent_latency_ms.append(latency)
@@ -508,10 +517,28 @@ class BrokerSession:
             if kind == "input_audio_buffer.speech_started" or (
                 kind == "response.created" and self.turns.turn is None
             ):
-                self.turns.start(kind.rpartition(".")[2], self.frame_traceparent)
+                self._start_turn(kind.rpartition(".")[2], event.get("audio_start_ms"))
             self.turns.observe(kind, event)
             self._event(kind, event, audio, received)
             await self._react(kind, event)
+
+    def _start_turn(self, reason: str, audio_start_ms: Any) -> None:
+        """A new turn's trace, starting when its first frame arrived (for speech)."""
+        first: tuple[float, int, float] | None = None
+        if isinstance(audio_start_ms, int | float):
+            for at_ms, seq, arrived_ms in reversed(self.timeline):
+                if at_ms <= audio_start_ms:
+                    first = (at_ms, seq, arrived_ms)
+                    break
+        self.turns.start(
+            reason, self.frame_traceparent,
+            start_ns=int(first[2] * 1e6) if first else None,
+            first_frame=first[1] if first else None,
+        )  # fmt: skip
+        if first is not None and self.turns.traceparent:
+            # Ingest reads this to put its span of the utterance's first frame in the trace.
+            self.turn_marker = f"{self.turns.traceparent} {first[1]}"
+            self.checkpoint_dirty = True
 
     async def _react(self, kind: str, event: dict[str, Any]) -> None:
         if kind in ("conversation.item.created", "conversation.item.deleted",
@@ -668,6 +695,7 @@ class BrokerSession:
             "seq": self.seq,  # every event numbered so far is in `events` or written
             "frames_id": self.frames_id, "ctl_id": self.ctl_id,
             "input_final": int(self.input_final), "ended": int(self.ended),
+            "turn": self.turn_marker,
         }  # fmt: skip
         conversation = self.conversation_dirty
         if conversation:

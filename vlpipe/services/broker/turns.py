@@ -56,7 +56,13 @@ class TurnTracer:
         self.previous: Span | None = None
         self.previous_response: Span | None = None
 
-    def start(self, reason: str, frame_traceparent: str | None) -> None:
+    def start(
+        self,
+        reason: str,
+        frame_traceparent: str | None,
+        start_ns: int | None = None,
+        first_frame: int | None = None,
+    ) -> None:
         """A new turn. A previous one still open stays open until `close_previous()`, so a
         barge-in can still mark it interrupted."""
         self.close_previous()
@@ -64,9 +70,12 @@ class TurnTracer:
             self.previous, self.previous_response = self.turn, self.response
             self.response = None
         links = [*telemetry.link_from(frame_traceparent), *self.session_links]
+        attributes: dict[str, Any] = {"session.id": self.sid, "vlpipe.turn.start": reason}
+        if first_frame is not None:
+            attributes["vlpipe.turn.first_frame"] = first_frame
         self.turn = _tracer.start_span(
-            "vlpipe.turn", kind=SpanKind.INTERNAL, links=links,
-            attributes={"session.id": self.sid, "vlpipe.turn.start": reason},
+            "vlpipe.turn", kind=SpanKind.INTERNAL, links=links, attributes=attributes,
+            start_time=start_ns,
         )  # fmt: skip
         self.traceparent = telemetry.current_traceparent(trace.set_span_in_context(self.turn))
         self.speech_stopped_at = None

@@ -20,7 +20,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
+
+from opentelemetry.trace import SpanKind
 
 from vlpipe.services.ingest.normalize import BadAudio, Normalizer
 from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
@@ -46,6 +49,9 @@ class SessionIngest:
     order: SequenceWindow[tuple[Entry, RawAudio]]
     paused: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    written_at: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=3000))
+    """(frame seq, time written in ns) of the last minute of frames, for the turn traces."""
+    turn_seen: bytes = b""
 
 
 class IngestService:
@@ -58,6 +64,7 @@ class IngestService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.reader = session_reader(ctx, settings)
         self.ownership = session_ownership(ctx, settings, self.run_session)
+        self.tracer = telemetry.tracer("ingest")
         meter = telemetry.meter("ingest")
         self.frames_out = meter.create_counter("vlpipe.ingest.frames", description="Frames written")
         self.bad_chunks = meter.create_counter(
@@ -180,13 +187,38 @@ class IngestService:
                 values["expected_seq"] = state.order.expected
             self.ownership.checkpoint_into(pipe, sid, values)
             pipe.xtrim(self.keys.audio(sid), minid=audio_id, approximate=True)
+            pipe.hget(self.keys.session_state(sid), "broker.turn")
             pipe.xlen(self.keys.frames(sid))
-            *_, backlog = await pipe.execute()
+            *_, turn, backlog = await pipe.execute()
+        now_ns = time.time_ns()
+        state.written_at.extend((frame.seq, now_ns) for frame in frames)
+        if turn and turn != state.turn_seen:
+            state.turn_seen = turn
+            self._trace_utterance(state, turn.decode())
         state.last_id = audio_id
         if frames:
             self.frames_out.add(len(frames))
         if backlog > self.settings.max_backlog_frames and not final and not state.paused:
             self._pause(state)
+
+    def _trace_utterance(self, state: SessionIngest, marker: str) -> None:
+        """The broker started a turn at frame N: a span, in the turn's trace, from when
+        ingest wrote that first frame of the utterance to now. No span per frame."""
+        traceparent, _, seq_text = marker.partition(" ")
+        context = telemetry.extract(traceparent)
+        if context is None or not seq_text.isdigit():
+            return
+        seq = int(seq_text)
+        start = next((ns for s, ns in reversed(state.written_at) if s == seq), None)
+        if start is None:
+            return  # written before this replica took the session over
+        sid = state.owned.sid
+        attributes = dict(telemetry.messaging_attributes("send", self.keys.frames(sid)))
+        attributes.update({"session.id": sid, "vlpipe.frame.seq": seq})
+        self.tracer.start_span(
+            "ingest.utterance", context=context, kind=SpanKind.PRODUCER,
+            attributes=attributes, start_time=start,
+        ).end()  # fmt: skip
 
     def _pause(self, state: SessionIngest) -> None:
         """Backpressure: the broker is behind, so leave the audio in Redis, not in memory.
