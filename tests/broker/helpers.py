@@ -48,7 +48,7 @@ def broker_env(redis_url: str, prefix: str, endpoint: str, **extra: str) -> dict
 
 
 def start_broker(
-    redis_url: str, prefix: str, endpoint: str, **extra: str
+    redis_url: str, prefix: str, endpoint: str, *, stderr: Any = subprocess.DEVNULL, **extra: str
 ) -> subprocess.Popen[bytes]:
     """One broker replica as a real process."""
     return subprocess.Popen(
@@ -56,7 +56,7 @@ def start_broker(
         cwd=ROOT,
         env=broker_env(redis_url, prefix, endpoint, **extra),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
 
 

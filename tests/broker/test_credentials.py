@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -120,7 +121,7 @@ async def test_a_refused_key_is_reported_and_the_broker_does_not_crash_loop(
     redis_url: str, redis: aioredis.Redis, keys: StreamKeys
 ) -> None:
     async with running_engine(model="echo", api_key=KEY) as engine:
-        broker = start_broker(redis_url, keys.prefix, engine.endpoint,
+        broker = start_broker(redis_url, keys.prefix, engine.endpoint, stderr=subprocess.PIPE,
                               VLPIPE_BROKER_API_KEY="wrong-key", VLPIPE_HTTP_PORT="0")  # fmt: skip
         try:
             for sid in ("k1", "k2"):

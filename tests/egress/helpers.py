@@ -22,7 +22,9 @@ from vlpipe.shared.keys import StreamKeys
 RECORDED = Path(__file__).parent / "data" / "turn.jsonl"
 
 
-def start_egress(redis_url: str, prefix: str, **extra: str) -> subprocess.Popen[bytes]:
+def start_egress(
+    redis_url: str, prefix: str, *, stderr: Any = subprocess.DEVNULL, **extra: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "VLPIPE_REDIS_URL": redis_url,
@@ -37,7 +39,7 @@ def start_egress(redis_url: str, prefix: str, **extra: str) -> subprocess.Popen[
     }
     return subprocess.Popen(
         [sys.executable, "-m", "vlpipe.services.egress"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=stderr,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from vlpipe.shared.contracts import Frame, decode
 from vlpipe.shared.keys import StreamKeys
 
 
-def start_ingest(redis_url: str, prefix: str, **extra: str) -> subprocess.Popen[bytes]:
+def start_ingest(
+    redis_url: str, prefix: str, *, stderr: Any = subprocess.DEVNULL, **extra: str
+) -> subprocess.Popen[bytes]:
     """One ingest replica as a real process, with short timings for tests."""
     env = {
         **os.environ,
@@ -35,7 +38,7 @@ def start_ingest(redis_url: str, prefix: str, **extra: str) -> subprocess.Popen[
     }
     return subprocess.Popen(
         [sys.executable, "-m", "vlpipe.services.ingest"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=stderr,
     )  # fmt: skip
 
 

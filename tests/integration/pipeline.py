@@ -9,6 +9,8 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from tests.broker.helpers import start_broker
 from tests.egress.helpers import start_egress
@@ -29,14 +31,22 @@ class Pipeline:
         return f"ws://127.0.0.1:{self.gateway_port}{path}{sep}token={TOKEN}"
 
 
+def _log_files(logs: Path | None) -> dict[str, IO[bytes] | None]:
+    names = ("ingest", "broker", "egress")
+    return {name: (logs / f"{name}.log").open("wb") if logs else None for name in names}
+
+
 @asynccontextmanager
 async def running_pipeline(
-    redis_url: str, prefix: str, engine_endpoint: str, **env: str
+    redis_url: str, prefix: str, engine_endpoint: str, *, logs: Path | None = None, **env: str
 ) -> AsyncIterator[Pipeline]:
+    """`logs`: a folder for each service's stderr (`ingest.log`, ...); else discarded."""
     port = free_port()
+    files = _log_files(logs)
+    sink = {name: f if f is not None else subprocess.DEVNULL for name, f in files.items()}
     procs = [
-        start_ingest(redis_url, prefix, **env),
-        start_broker(redis_url, prefix, engine_endpoint, **env),
+        start_ingest(redis_url, prefix, stderr=sink["ingest"], **env),
+        start_broker(redis_url, prefix, engine_endpoint, stderr=sink["broker"], **env),
         start_egress(
             redis_url,
             prefix,
@@ -44,6 +54,7 @@ async def running_pipeline(
             VLPIPE_GATEWAY_PORT=str(port),
             VLPIPE_GATEWAY_TOKENS=TOKEN,
             VLPIPE_CLAIM_IDLE_MS="15000",
+            stderr=sink["egress"],
             **env,
         ),
     ]
@@ -64,4 +75,7 @@ async def running_pipeline(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         codes = [proc.wait(30) for proc in procs]
+        for f in files.values():
+            if f is not None:
+                f.close()
         assert codes == [0, 0, 0], codes
