@@ -40,6 +40,7 @@ import psutil
 
 from vlpipe.services.broker.service import BrokerService
 from vlpipe.services.broker.settings import BrokerSettings
+from vlpipe.shared import telemetry
 from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import Frame, encode
 from vlpipe.shared.keys import StreamKeys
@@ -219,7 +220,14 @@ async def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=None)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--soak", type=float, default=0.0, help="soak for this many seconds")
+    parser.add_argument(
+        "--telemetry", choices=["on", "off"], default="on",
+        help="on: the OpenTelemetry SDK as the services configure it (metrics served for "
+        "Prometheus, spans recorded); off: as with OTEL_SDK_DISABLED=true",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.telemetry == "on":
+        telemetry.configure("broker")
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp))
         server.start()
@@ -229,7 +237,8 @@ async def main() -> None:
                 await soak_run(server.url, endpoint, (args.sessions or [20])[0], args.soak)
             else:
                 print(
-                    f"{psutil.cpu_count()} CPUs; {args.seconds:.0f} s of audio per session",
+                    f"{psutil.cpu_count()} CPUs; {args.seconds:.0f} s of audio per session; "
+                    f"telemetry {args.telemetry}",
                     flush=True,
                 )
                 for n in args.sessions or [1, 100, 500]:
