@@ -48,6 +48,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
         # The services exported their last spans and metrics as they stopped.
         spans = list(otlp.spans)
         metrics = otlp.metric_names()
+        first_audio = otlp.metrics["vlpipe.turn.time_to_first_audio"][-1]
     turns = [s for s in spans if s.name == "vlpipe.turn"]
     assert len(turns) == 1, [s.name for s in spans]
     turn = turns[0]
@@ -70,6 +71,13 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
         assert span.parent_span_id == turn.span_id and span.kind == SPAN_KIND_PRODUCER
         assert span.attributes["messaging.system"] == "redis"
         assert span.attributes["session.id"] == "tr1"
+    # The session's own trace (start, end) is linked from the turn.
+    session = {s.name: s for s in spans if s.name.startswith("vlpipe.session.")}
+    assert set(session) == {"vlpipe.session.start", "vlpipe.session.end"}
+    start = session["vlpipe.session.start"]
+    assert session["vlpipe.session.end"].parent_span_id == start.span_id
+    assert (start.trace_id, start.span_id) in turn.links
+    assert sum(p.count for p in first_audio.histogram.data_points) == 1  # the one turn
     assert "vlpipe.turn.time_to_first_audio" in metrics
     assert "vlpipe.broker.frame_to_upstream" in metrics
     assert "vlpipe.sessions.owned" in metrics

@@ -38,7 +38,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from vlpipe.services.broker.conversation import Conversation
-from vlpipe.services.broker.turns import TurnTracer
+from vlpipe.services.broker.turns import SessionTrace, TurnTracer
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import (
@@ -123,7 +123,12 @@ class BrokerSession:
         self.respond_after_calls = False
         self.end_now: str | None = None
         self.closing = False
-        self.turns = TurnTracer(self.sid, owned.start.traceparent)
+        self.trace = SessionTrace(self.sid, cp.get("trace") or None, owned.start.traceparent)
+        if self.seq == 0:
+            self.trace.mark("vlpipe.session.start")
+        elif owned.taken_over:
+            self.trace.mark("vlpipe.session.takeover", **{"vlpipe.replica": service.ctx.replica})
+        self.turns = TurnTracer(self.sid, self.trace.traceparent)
         self.frame_traceparent: str | None = None
         # Where each recent frame sits in the upstream's audio (ms since this connection's
         # first append), its number and its arrival: a turn starts at its first frame.
@@ -163,6 +168,7 @@ class BrokerSession:
                 writer.cancel()
             else:
                 if not self.ended and reason != "cancelled":
+                    self.trace.mark("vlpipe.session.end", **{"vlpipe.reason": reason})
                     self._event("vlpipe.session.ended", {"reason": reason})
                     self.ended = True
                 # Leave the last events and the checkpoint behind, even when cancelled:
@@ -225,6 +231,8 @@ class BrokerSession:
                 self._status("error", f"upstream closed the socket ({code} {why}); reconnecting",
                              {"code": code, "reason": why})  # fmt: skip
             delay = 0.0 if why == "rollover" else _jittered(0.2 * 2**failures, cap=10.0)
+            self.trace.mark("vlpipe.upstream.reconnect", **{"vlpipe.close.code": code,
+                                                             "vlpipe.close.reason": why})  # fmt: skip
             self._event(
                 "vlpipe.upstream.reconnecting",
                 {
@@ -695,7 +703,7 @@ class BrokerSession:
             "seq": self.seq,  # every event numbered so far is in `events` or written
             "frames_id": self.frames_id, "ctl_id": self.ctl_id,
             "input_final": int(self.input_final), "ended": int(self.ended),
-            "turn": self.turn_marker,
+            "turn": self.turn_marker, "trace": self.trace.traceparent or "",
         }  # fmt: skip
         conversation = self.conversation_dirty
         if conversation:

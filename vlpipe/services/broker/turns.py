@@ -43,6 +43,30 @@ INTERRUPTED = _meter.create_counter(
 )
 
 
+class SessionTrace:
+    """The session-level trace: short spans for its start, reconnects, takeovers and end,
+    all children of the first (`vlpipe.session.start`), whose context the checkpoint keeps
+    so a replica that takes the session over adds to the same trace. Turns link to it."""
+
+    def __init__(self, sid: str, traceparent: str | None, producer: str | None) -> None:
+        self.sid = sid
+        self.traceparent = traceparent
+        self.producer_links = telemetry.link_from(producer)
+
+    def mark(self, name: str, **attributes: Any) -> None:
+        attributes = {
+            "session.id": self.sid,
+            **{k: v for k, v in attributes.items() if v is not None},
+        }
+        context = telemetry.extract(self.traceparent)
+        if context is None:  # the first mark opens the session's trace
+            span = _tracer.start_span(name, links=self.producer_links, attributes=attributes)
+            self.traceparent = telemetry.current_traceparent(trace.set_span_in_context(span))
+        else:
+            span = _tracer.start_span(name, context=context, attributes=attributes)
+        span.end()
+
+
 class TurnTracer:
     def __init__(self, sid: str, session_traceparent: str | None) -> None:
         self.sid = sid
