@@ -54,6 +54,11 @@ class EventFeed:
         self.redis, self.keys, self.sid = redis, keys, sid
         self.seq = 0
         self.clock = 1_700_000_000_000.0
+        self.sent: list[tuple[str, float]] = []
+
+    def received_at(self, kind: str) -> float:
+        """The `received` time given to the first event of this type."""
+        return next(at for k, at in self.sent if k == kind)
 
     async def send(self, event: dict[str, Any], gap_ms: float = 50) -> None:
         event = dict(event)
@@ -61,6 +66,7 @@ class EventFeed:
         if event["type"] == "response.audio.delta":
             audio = base64.b64decode(event.pop("delta"))
         self.clock += gap_ms
+        self.sent.append((event["type"], self.clock))
         body = {"v": 1, "session": self.sid, "seq": self.seq, "received": self.clock,
                 "type": event["type"], "event": event}  # fmt: skip
         if audio is not None:

@@ -85,6 +85,9 @@ async def test_a_recorded_turn_becomes_transcripts_audio_and_playback(
     assert sum(len(c.audio) for c in audio) == sent  # pcm16 24 kHz both sides: unchanged
     assert [c.offset_ms for c in audio] == sorted(c.offset_ms for c in audio)
     assert chunks[-1].kind == "end" and chunks[-1].offset_ms == pytest.approx(sent / 48)
+    # The first chunk says when the user stopped speaking (the event's arrival at the broker).
+    stopped = feed.received_at("input_audio_buffer.speech_stopped")
+    assert audio[0].speech_end == stopped and all(c.speech_end is None for c in audio[1:])
     playback = await redis.hgetall(keys.playback("r1"))
     assert float(playback[b"delivered_ms"]) == pytest.approx(sent / 48, abs=0.1)
     assert playback[b"response_id"].decode() == audio[0].response_id

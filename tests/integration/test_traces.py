@@ -8,6 +8,7 @@ import wave
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import websockets
 
 from tests.integration.pipeline import running_pipeline
 from tests.otlp_receiver import otlp_receiver
@@ -30,8 +31,10 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
                "OTEL_METRIC_EXPORT_INTERVAL": "500"}  # fmt: skip
         async with (
             running_engine(model="local", output_pace=0) as engine,
-            running_pipeline(redis_url, keys.prefix, engine.endpoint, **env),
+            running_pipeline(redis_url, keys.prefix, engine.endpoint, **env) as pipeline,
+            websockets.connect(pipeline.url("/v1/subscribe?session=tr1")) as client,
         ):
+            await client.recv()  # subscribed: a consumer will hear the answer
             await redis.xadd(
                 keys.sessions, {"type": "start", "session": "tr1", "config": json.dumps(config)}
             )
@@ -49,6 +52,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
         spans = list(otlp.spans)
         metrics = otlp.metric_names()
         first_audio = otlp.metrics["vlpipe.turn.time_to_first_audio"][-1]
+        to_client = otlp.metrics["vlpipe.turn.first_audio_to_client"][-1]
     turns = [s for s in spans if s.name == "vlpipe.turn"]
     assert len(turns) == 1, [s.name for s in spans]
     turn = turns[0]
@@ -78,6 +82,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
     assert session["vlpipe.session.end"].parent_span_id == start.span_id
     assert (start.trace_id, start.span_id) in turn.links
     assert sum(p.count for p in first_audio.histogram.data_points) == 1  # the one turn
+    assert sum(p.count for p in to_client.histogram.data_points) == 1  # its one listener
     assert "vlpipe.turn.time_to_first_audio" in metrics
     assert "vlpipe.broker.frame_to_upstream" in metrics
     assert "vlpipe.sessions.owned" in metrics

@@ -397,6 +397,11 @@ class AudioOut(Message):
     item_id: str | None = None
     offset_ms: float = Field(default=0.0, description="Offset of this chunk in the response.")
     seq: int = Field(ge=0, description="Per-session output number.")
+    speech_end: float | None = Field(
+        default=None,
+        description="On a response's first chunk: when the user's speech ended (ms since "
+        "epoch, as the broker saw it), so a consumer can measure the silence it heard.",
+    )
     traceparent: Traceparent = None
 
 

@@ -22,6 +22,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+#: Histogram buckets for a turn's latencies (what a caller hears as silence), in ms.
+TURN_BUCKETS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000)
 _configured = False
 
 

@@ -23,20 +23,19 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vlpipe.shared import telemetry
 
-TURN_BUCKETS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000)
 _tracer = telemetry.tracer("broker")
 _meter = telemetry.meter("broker")
 TIME_TO_FIRST_AUDIO = _meter.create_histogram(
     "vlpipe.turn.time_to_first_audio",
     unit="ms",
     description="From the end of the user's speech to the first audio of the answer",
-    explicit_bucket_boundaries_advisory=TURN_BUCKETS_MS,
+    explicit_bucket_boundaries_advisory=telemetry.TURN_BUCKETS_MS,
 )
 TRANSCRIPTION_DELAY = _meter.create_histogram(
     "vlpipe.turn.transcription_delay",
     unit="ms",
     description="From the end of the user's speech to the user's transcript",
-    explicit_bucket_boundaries_advisory=TURN_BUCKETS_MS,
+    explicit_bucket_boundaries_advisory=telemetry.TURN_BUCKETS_MS,
 )
 INTERRUPTED = _meter.create_counter(
     "vlpipe.turn.interrupted", description="Turns whose answer the user interrupted"

@@ -28,6 +28,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -159,6 +160,13 @@ class Gateway:
         meter = telemetry.meter("gateway")
         self.clients_gauge = meter.create_up_down_counter("vlpipe.gateway.clients")
         self.dropped = meter.create_counter("vlpipe.gateway.dropped_audio")
+        self.first_audio = meter.create_histogram(
+            "vlpipe.turn.first_audio_to_client",
+            unit="ms",
+            description="End to end: from the end of the user's speech to the answer's first "
+            "audio handed to a gateway client",
+            explicit_bucket_boundaries_advisory=telemetry.TURN_BUCKETS_MS,
+        )
 
     async def run(self) -> None:
         self.server = await serve(
@@ -501,6 +509,9 @@ class Gateway:
                 return []
             return [json.dumps({"type": "audio.end", "response_id": chunk.response_id,
                                 "offset_ms": chunk.offset_ms})]  # fmt: skip
+        if chunk.speech_end is not None:
+            # The user stopped speaking; now this client's first audio of the answer.
+            self.first_audio.record(max(0.0, time.time() * 1000 - chunk.speech_end))
         audio = chunk.audio
         if chunk.format is not client.audio_format:
             if client.converter is None or client.converter_response != chunk.response_id:

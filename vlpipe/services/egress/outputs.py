@@ -212,8 +212,10 @@ class SessionOutputs:
             self.state.playback = playback = Playback(response_id, item_id, 0.0)
             out.reset_played = True
             self._converter = None
+        speech_end = None
         if response_id not in self.state.first_audio_seen:
             self.state.first_audio_seen = [*self.state.first_audio_seen[-15:], response_id]
+            speech_end = self.state.speech_stopped_at
             if self.state.speech_stopped_at is not None:
                 self._status(out, event, "latency", "time to first audio",
                              {"response_id": response_id,
@@ -222,7 +224,7 @@ class SessionOutputs:
         playback.item_id = item_id
         audio = self._convert(event.audio, response_id)
         if audio:
-            self._emit_audio(out, event, "audio", audio)
+            self._emit_audio(out, event, "audio", audio, speech_end=speech_end)
 
     def _convert(self, data: bytes, response_id: str) -> bytes:
         source = AudioFormat(self.state.output_format)
@@ -233,7 +235,14 @@ class SessionOutputs:
             self._converter_response = response_id
         return self._converter.process(decode_to_pcm16(data, source))
 
-    def _emit_audio(self, out: Outputs, event: Event, kind: str, audio: bytes = b"") -> None:
+    def _emit_audio(
+        self,
+        out: Outputs,
+        event: Event,
+        kind: str,
+        audio: bytes = b"",
+        speech_end: float | None = None,
+    ) -> None:
         playback = self.state.playback
         out.audio.append(
             AudioOut(
@@ -244,6 +253,7 @@ class SessionOutputs:
                 response_id=playback.response_id,
                 item_id=playback.item_id,
                 offset_ms=round(playback.delivered_ms, 3),
+                speech_end=speech_end,
                 seq=self.state.audio_seq,
                 traceparent=event.traceparent,
             )
