@@ -16,7 +16,7 @@ from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
 
-SPAN_KIND_INTERNAL, SPAN_KIND_PRODUCER = 1, 4
+SPAN_KIND_INTERNAL, SPAN_KIND_PRODUCER, SPAN_KIND_CONSUMER = 1, 4, 5
 
 
 async def test_a_turn_is_one_trace_from_the_broker_to_egress(
@@ -56,7 +56,8 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
     turns = [s for s in spans if s.name == "vlpipe.turn"]
     assert len(turns) == 1, [s.name for s in spans]
     turn = turns[0]
-    assert turn.service == "vlpipe-broker" and turn.kind == SPAN_KIND_INTERNAL
+    assert turn.service == "vlpipe-broker" and turn.kind == SPAN_KIND_CONSUMER
+    assert turn.attributes["messaging.destination.name"] == keys.frames("tr1")
     assert turn.attributes["session.id"] == "tr1"
     trace = [s for s in spans if s.trace_id == turn.trace_id]
     response = next(s for s in trace if s.name == "vlpipe.response")

@@ -128,7 +128,7 @@ class BrokerSession:
             self.trace.mark("vlpipe.session.start")
         elif owned.taken_over:
             self.trace.mark("vlpipe.session.takeover", **{"vlpipe.replica": service.ctx.replica})
-        self.turns = TurnTracer(self.sid, self.trace.traceparent)
+        self.turns = TurnTracer(self.sid, self.trace.traceparent, service.keys.frames(self.sid))
         self.frame_traceparent: str | None = None
         # Where each recent frame sits in the upstream's audio (ms since this connection's
         # first append), its number and its arrival: a turn starts at its first frame.

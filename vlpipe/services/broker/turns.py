@@ -67,8 +67,9 @@ class SessionTrace:
 
 
 class TurnTracer:
-    def __init__(self, sid: str, session_traceparent: str | None) -> None:
+    def __init__(self, sid: str, session_traceparent: str | None, frames_key: str = "") -> None:
         self.sid = sid
+        self.frames_key = frames_key
         self.session_links = telemetry.link_from(session_traceparent)
         self.turn: Span | None = None
         self.response: Span | None = None
@@ -93,11 +94,15 @@ class TurnTracer:
             self.previous, self.previous_response = self.turn, self.response
             self.response = None
         links = [*telemetry.link_from(frame_traceparent), *self.session_links]
-        attributes: dict[str, Any] = {"session.id": self.sid, "vlpipe.turn.start": reason}
+        # The broker processes the utterance it consumed from the frames stream.
+        attributes: dict[str, Any] = {
+            **telemetry.messaging_attributes("process", self.frames_key),
+            "session.id": self.sid, "vlpipe.turn.start": reason,
+        }  # fmt: skip
         if first_frame is not None:
             attributes["vlpipe.turn.first_frame"] = first_frame
         self.turn = _tracer.start_span(
-            "vlpipe.turn", kind=SpanKind.INTERNAL, links=links, attributes=attributes,
+            "vlpipe.turn", kind=SpanKind.CONSUMER, links=links, attributes=attributes,
             start_time=start_ns,
         )  # fmt: skip
         self.traceparent = telemetry.current_traceparent(trace.set_span_in_context(self.turn))
