@@ -123,6 +123,7 @@ class BrokerSession:
         self.respond_after_calls = False
         self.end_now: str | None = None
         self.closing = False
+        self._rollover_requested = False
         self.trace = SessionTrace(self.sid, cp.get("trace") or None, owned.start.traceparent)
         if self.seq == 0:
             self.trace.mark("vlpipe.session.start")
@@ -282,8 +283,6 @@ class BrokerSession:
             await asyncio.gather(receiver, sender, return_exceptions=True)
             self.ws = None
 
-    _rollover_requested = False
-
     # ---------------------------------------------------------------- to the upstream
 
     async def _send(self, event: dict[str, Any]) -> None:
@@ -413,9 +412,8 @@ class BrokerSession:
             await self._send({"type": "response.cancel"})
             await self._interrupt("cancelled by control")
         elif isinstance(msg, CommitInput):
+            # Manual turns: the producer asks for the response itself (`response.create`).
             await self._send({"type": "input_audio_buffer.commit"})
-            if self.config.turn_detection is None:
-                pass  # manual turns: the producer asks for the response itself
         elif isinstance(msg, ClearInput):
             await self._send({"type": "input_audio_buffer.clear"})
         elif isinstance(msg, ToolResult):

@@ -289,8 +289,7 @@ class SessionOutputs:
         self.state.cleared = [*self.state.cleared[-15:], response_id]
         if self.state.playback.response_id != response_id:
             return  # none of its audio went out: nothing to clear
-        if response_id in self.state.ended_audio:
-            pass  # delivered whole, but the consumer may still be playing it: clear anyway
+        # Even a response delivered whole may still be playing at the consumer: clear it.
         self._converter = None
         self._emit_audio(out, event, "clear")
         self._status(out, event, "interrupted", f"response {why}",
