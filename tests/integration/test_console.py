@@ -22,9 +22,13 @@ def find_chromium() -> str:
     """Debian's chromium; installed with apt-get on a fresh Debian machine (as root)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=False,
-                       capture_output=True, timeout=900)  # fmt: skip
-        found = shutil.which("chromium")
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        # A fresh machine may have no package lists yet: read them only when needed.
+        for step in (install, ["apt-get", "update", "-q"], install):
+            subprocess.run(step, check=False, capture_output=True, timeout=900)
+            found = shutil.which("chromium")
+            if found:
+                break
     assert found, "the console test needs Debian's chromium: apt-get install chromium"
     return found
 
