@@ -38,6 +38,9 @@ class Item:
     audio_ms: float = 0.0
     """Assistant audio the upstream produced for this item."""
     truncated: bool = False
+    heard_share: float | None = None
+    """After a truncation: the share of the item's audio the user heard. Its transcript is
+    cut to that share of its words, also when the transcript arrives after the truncation."""
     pending_text: bool = False
     """An audio item whose transcript has not arrived yet (not replayed until it does)."""
 
@@ -160,7 +163,7 @@ class Conversation:
         elif not done or not item.text:
             text, pending = _message_text(raw.get("content") or [])
             if text:
-                item.text = text
+                item.text = _heard_words(text, item.heard_share)
             item.pending_text = pending and not item.text
 
     def _set_text(self, item_id: Any, text: str) -> None:
@@ -168,8 +171,7 @@ class Conversation:
         if item is None:
             return
         item.pending_text = False
-        if not item.truncated:  # a truncation already cut it to what was heard
-            item.text = text.strip()
+        item.text = _heard_words(text.strip(), item.heard_share)
 
     def _on_call(self, event: dict[str, Any]) -> None:
         item_id = str(event.get("item_id") or "")
@@ -199,12 +201,9 @@ class Conversation:
         if item is None:
             return
         end = float(event.get("audio_end_ms") or 0)
-        if item.audio_ms > 0 and item.text:
-            # The words are not timed: keep the share of them that fits in what was heard,
-            # rounded down, so nothing unheard is remembered.
-            words = item.text.split()
-            kept = int(len(words) * min(1.0, end / item.audio_ms))
-            item.text = " ".join(words[:kept])
+        share = min(1.0, end / item.audio_ms) if item.audio_ms > 0 else 0.0
+        item.text = _heard_words(item.text, share)
+        item.heard_share = share * (1.0 if item.heard_share is None else item.heard_share)
         item.audio_ms = min(item.audio_ms, end)
         item.truncated = True
         item.pending_text = False
@@ -300,6 +299,18 @@ class Conversation:
             conv.items[item.id] = item
         conv.answered_calls = set(data.get("answered_calls", []))
         return conv
+
+
+def _heard_words(text: str, share: float | None) -> str:
+    """The first `share` of the words of `text`, rounded down (all of it when None).
+
+    The words are not timed, so the share of them that fits in what was heard is the best
+    estimate; rounding down keeps anything unheard out of the conversation.
+    """
+    if share is None:
+        return text
+    words = text.split()
+    return " ".join(words[: int(len(words) * share)])
 
 
 def _message_text(content: list[Any]) -> tuple[str, bool]:
