@@ -14,7 +14,8 @@
 
 It also keeps the playback position (`playback`) the broker reads on barge-in. Its state
 is plain data (`dump` / `load`) so a replica that takes the session over continues the
-numbering; only the resampler's few milliseconds of filter state start afresh.
+numbering; only the resampler starts afresh, losing the few milliseconds of audio it held
+(converted formats only).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class State:
     ended_audio: list[str] = field(default_factory=list)  # responses whose `end` went out
     speech_stopped_at: float | None = None
     first_audio_seen: list[str] = field(default_factory=list)
+    finished_items: list[str] = field(default_factory=list)  # recent items with a final
+
+
+_RECENT = 16  # how many recent responses and items the bounded lists above remember
+
+
+def _remember(recent: list[str], key: str) -> list[str]:
+    """`recent` with `key` added, keeping the newest `_RECENT`."""
+    return [*recent[-(_RECENT - 1) :], key]
 
 
 @dataclass
@@ -81,6 +91,7 @@ class SessionOutputs:
         self.state = State(output_format=output_format.value)
         self._converter: FormatConverter | None = None
         self._converter_response: str | None = None
+        self._odd_byte = b""  # half a PCM16 sample, held for the converter's next delta
 
     # ---------------------------------------------------------------- persistence
 
@@ -123,11 +134,20 @@ class SessionOutputs:
             self._final(
                 str(body.get("item_id")), "assistant", text, body.get("response_id"), event, out
             )
+        elif kind == "conversation.item.input_audio_transcription.failed":
+            item_id = str(body.get("item_id"))
+            self.state.partials.pop(item_id, None)
+            self.state.spans.pop(item_id, None)
+            self.state.finished_items = _remember(self.state.finished_items, item_id)
+            error = body.get("error") or {}
+            self._status(out, event, "error", "transcription failed",
+                         {"item_id": item_id, "code": error.get("code"),
+                          "message": error.get("message")})  # fmt: skip
         elif kind == "input_audio_buffer.speech_started":
-            self.state.spans[str(body.get("item_id"))] = [
-                float(body.get("audio_start_ms") or 0),
-                0.0,
-            ]
+            spans = self.state.spans
+            spans[str(body.get("item_id"))] = [float(body.get("audio_start_ms") or 0), 0.0]
+            while len(spans) > _RECENT:  # turns whose transcript never came (none asked for)
+                spans.pop(next(iter(spans)))
         elif kind == "input_audio_buffer.speech_stopped":
             span = self.state.spans.setdefault(str(body.get("item_id")), [0.0, 0.0])
             span[1] = float(body.get("audio_end_ms") or 0)
@@ -178,11 +198,14 @@ class SessionOutputs:
 
     def _partial(self, item_id: str, speaker: str, delta: str, response_id: Any,
                  event: Event, out: Outputs) -> None:  # fmt: skip
+        if item_id in self.state.finished_items:
+            return  # its final went out: a late delta must not reopen it
         partial = self.state.partials.setdefault(item_id, Partial(response_id=response_id))
         partial.text += delta
         due = event.received - partial.emitted_at >= self.partial_ms
         at_boundary = partial.text[-1:].isspace() or partial.text[-1:] in ".,;:!?"
-        if due and (at_boundary or partial.emitted_len == 0) and partial.text.strip():
+        grown = len(partial.text.strip()) > len(partial.text[: partial.emitted_len].strip())
+        if due and (at_boundary or partial.emitted_len == 0) and grown:
             out.transcripts.append(
                 self._piece(item_id, speaker, partial.text.strip(), False, response_id, event)
             )
@@ -192,6 +215,7 @@ class SessionOutputs:
     def _final(self, item_id: str, speaker: str, text: str, response_id: Any,
                event: Event, out: Outputs) -> None:  # fmt: skip
         self.state.partials.pop(item_id, None)
+        self.state.finished_items = _remember(self.state.finished_items, item_id)
         out.transcripts.append(
             self._piece(item_id, speaker, text.strip(), True, response_id, event)
         )
@@ -214,7 +238,7 @@ class SessionOutputs:
             self._converter = None
         speech_end = None
         if response_id not in self.state.first_audio_seen:
-            self.state.first_audio_seen = [*self.state.first_audio_seen[-15:], response_id]
+            self.state.first_audio_seen = _remember(self.state.first_audio_seen, response_id)
             speech_end = self.state.speech_stopped_at
             if self.state.speech_stopped_at is not None:
                 self._status(out, event, "latency", "time to first audio",
@@ -233,6 +257,12 @@ class SessionOutputs:
         if self._converter is None or self._converter_response != response_id:
             self._converter = FormatConverter(source.rate, self.audio_out)
             self._converter_response = response_id
+            self._odd_byte = b""
+        if source.bytes_per_sample == 2:
+            # A delta that ends mid-sample keeps its last byte for the next one.
+            data = self._odd_byte + data
+            cut = len(data) - len(data) % 2
+            data, self._odd_byte = data[:cut], data[cut:]
         return self._converter.process(decode_to_pcm16(data, source))
 
     def _emit_audio(
@@ -274,7 +304,7 @@ class SessionOutputs:
         if tail:
             self._emit_audio(out, event, "audio", tail)
         self._emit_audio(out, event, "end")
-        self.state.ended_audio = [*self.state.ended_audio[-15:], response_id]
+        self.state.ended_audio = _remember(self.state.ended_audio, response_id)
 
     def _response_done(self, response: dict[str, Any], event: Event, out: Outputs) -> None:
         response_id = response.get("id")
@@ -284,11 +314,18 @@ class SessionOutputs:
             self._finish_audio(out, event)
 
     def _clear(self, response_id: Any, item_id: Any, why: str, event: Event, out: Outputs) -> None:
-        if not isinstance(response_id, str) or response_id in self.state.cleared:
-            return
-        self.state.cleared = [*self.state.cleared[-15:], response_id]
-        if self.state.playback.response_id != response_id:
-            return  # none of its audio went out: nothing to clear
+        """Drop the rest of a response's audio, and clear what the consumer still holds."""
+        playback = self.state.playback
+        targets = {response_id} if isinstance(response_id, str) else set()
+        if playback.response_id is not None and item_id == playback.item_id:
+            # A barge-in names the response in progress, but the item it cuts may be an
+            # earlier response's that is still playing: that audio is what must stop.
+            targets.add(playback.response_id)
+        fresh = targets.difference(self.state.cleared)
+        for target in sorted(fresh):
+            self.state.cleared = _remember(self.state.cleared, target)
+        if playback.response_id not in fresh:
+            return  # none of its audio went out, or it was cleared already
         # Even a response delivered whole may still be playing at the consumer: clear it.
         self._converter = None
         self._emit_audio(out, event, "clear")
