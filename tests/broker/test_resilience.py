@@ -114,8 +114,16 @@ async def test_a_long_session_rolls_over_to_a_new_upstream_session(
     assert not [s for s in await statuses(redis, keys, "r1") if s.kind == "error"]
 
 
+@pytest.mark.parametrize(
+    "stop",
+    [
+        pytest.param(signal.SIGKILL, id="killed"),
+        # A drain (a rolling update): the replica hands its session over and exits cleanly.
+        pytest.param(signal.SIGTERM, id="terminated"),
+    ],
+)
 async def test_a_broker_replica_killed_mid_session_is_taken_over(
-    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path, stop: signal.Signals
 ) -> None:
     async with running_engine(model="echo", output_pace=0) as engine:
         brokers = [start_broker(redis_url, keys.prefix, engine.endpoint) for _ in range(2)]
@@ -134,8 +142,8 @@ async def test_a_broker_replica_killed_mid_session_is_taken_over(
             assert owner_name is not None
             pid = int(owner_name.decode().rsplit("-", 1)[1])
             victim = next(b for b in brokers if b.pid == pid)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
+            victim.send_signal(stop)
+            stopped = victim.wait(30)
             await frames.write(speech[half:] + silence(1200), pace=2.0)
             await frames.finish()
             evs = await wait_for_event(redis, keys, "k1", "vlpipe.session.ended", within=90)
@@ -150,6 +158,7 @@ async def test_a_broker_replica_killed_mid_session_is_taken_over(
                     proc.send_signal(signal.SIGTERM)
             survivors = [proc.wait(20) for proc in brokers if proc.returncode is None]
     assert survivors == [0]
+    assert stopped == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     assert_in_order(evs)  # the new owner continued the numbering: none lost, none twice
     takeover = [e for e in evs if e.type == "vlpipe.upstream.connected" and e.event["takeover"]]
     assert len(takeover) == 1
