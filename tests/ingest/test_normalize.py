@@ -170,14 +170,20 @@ def test_garbage_never_raises_anything_but_bad_audio(
 
 
 def encoded(container: str, codec: str, rate: int, seconds: float, hz: float) -> bytes:
-    """A real compressed stream made with PyAV's encoders (libopus, libmp3lame)."""
+    """A tone as a real compressed stream."""
+    return compressed(pcm16(tone(rate, seconds, hz=hz)), rate, container, codec)
+
+
+def compressed(pcm: bytes, rate: int, container: str, codec: str) -> bytes:
+    """Mono PCM16 at `rate` Hz as a real compressed stream made with PyAV's encoders
+    (libopus in Ogg or WebM, as a browser's MediaRecorder makes it; libmp3lame)."""
     import av
 
     buf = io.BytesIO()
     with av.open(buf, "w", format=container) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.layout = "mono"  # type: ignore[union-attr]
-        signal = (tone(rate, seconds, hz=hz) * 32767).astype("<i2").reshape(1, -1)
+        signal = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(signal, format="s16", layout="mono")
         frame.sample_rate = rate
         for packet in stream.encode(frame):  # type: ignore[union-attr]
@@ -218,3 +224,19 @@ def test_a_garbage_compressed_stream_is_refused_and_the_session_goes_on() -> Non
     frames = norm.flush()
     assert refused or frames == [], "garbage never becomes audio"
     assert len(norm.push(RawAudio(audio=pcm16(tone(24000, 0.04)), rate=24000))) == 2
+
+
+@pytest.mark.parametrize(
+    ("fmt", "container"), [(InputFormat.WEBM, "webm"), (InputFormat.OGG, "ogg")]
+)
+def test_a_compressed_streams_audio_is_out_when_its_last_chunk_arrives_not_at_its_end(
+    fmt: InputFormat, container: str
+) -> None:
+    # A caller that sent its last words and waits for the answer sends nothing more: those
+    # words must be framed now, not when the stream ends or another chunk arrives.
+    data = encoded(container, "libopus", 48000, 2.0, hz=700)
+    norm = Normalizer(AudioFormat.PCM16)
+    frames: list[bytes] = []
+    for i in range(0, len(data), 1000):
+        frames += norm.push(RawAudio(audio=data[i : i + 1000], format=fmt))
+    assert len(frames) * 0.020 >= 2.0 - 0.05, "all but the codec's and resampler's delay"

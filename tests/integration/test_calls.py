@@ -10,9 +10,11 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 import websockets
 
+from tests.ingest.test_normalize import compressed
 from tests.integration.pipeline import running_pipeline
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
@@ -118,20 +120,33 @@ async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
     assert float(playback[b"played_ms"]) <= float(playback[b"delivered_ms"]) + 1
 
 
-async def test_a_browser_call_sending_pcm16_gets_speech_and_transcripts_back(
-    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
-) -> None:
+def browser_upload(speech_wav: Path, source: str) -> tuple[str, list[bytes]]:
+    """The speech and two seconds of silence as a browser sends them on a call: raw PCM16
+    (an AudioWorklet, 20 ms messages), or WebM Opus from MediaRecorder (its container cut
+    into blobs wherever the timeslice falls, not at frame boundaries)."""
     pcm = speech_pcm(speech_wav) + b"\0\0" * 16000 * 2
+    if source == "pcm16":
+        return "input=pcm16&rate=16000", [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+    resampler = StreamingResampler(16000, 48000)
+    webm = compressed(resampler.process(pcm) + resampler.flush(), 48000, "webm", "libopus")
+    return "input=webm", [webm[i : i + 1000] for i in range(0, len(webm), 1000)]
+
+
+@pytest.mark.parametrize("source", ["pcm16", "webm"])
+async def test_a_browser_call_gets_speech_and_transcripts_back(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path, source: str
+) -> None:
+    query, upload = browser_upload(speech_wav, source)
     async with (
         running_engine(model="local", output_pace=0) as engine,
         running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
     ):
-        url = pipeline.url("/v1/call?session=web1&input=pcm16&rate=16000&format=pcm16_16000hz")
+        url = pipeline.url(f"/v1/call?session=web1&{query}&format=pcm16_16000hz")
         async with websockets.connect(url) as browser:
             hello = json.loads(await browser.recv())
             assert hello == {"type": "session", "session": "web1", "format": "pcm16_16000hz"}
-            for start in range(0, len(pcm), 640):
-                await browser.send(pcm[start : start + 640])
+            for message in upload:
+                await browser.send(message)
             audio: list[bytes] = []
             texts: list[dict[str, object]] = []
 

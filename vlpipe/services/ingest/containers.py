@@ -2,8 +2,11 @@
 
 A container demuxer wants to pull bytes; producers push chunks. `ContainerDecoder` joins
 the two: chunks go into a blocking buffer that PyAV reads from on the decoder's own thread,
-and decoded mono PCM16 comes back through a queue. `feed()` returns what has been decoded
-so far (decoding may lag a chunk behind); `close()` waits for the rest.
+and decoded mono PCM16 comes back through a queue. `feed()` waits until the demuxer has
+taken every byte given so far and asks for more, then returns all that those bytes
+decode to: what comes out does not depend on thread timing, and a stream whose producer
+pauses (a call waiting for its answer) is not left with its last words undecoded.
+`close()` returns the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class _ChunkPipe(io.RawIOBase):
     def __init__(self) -> None:
         self._data = bytearray()
         self._closed_for_writing = False
+        self._starved = False  # the reader waits for bytes nobody has written yet
+        self._reader_gone = False
         self._ready = threading.Condition()
 
     def readable(self) -> bool:
@@ -37,16 +42,29 @@ class _ChunkPipe(io.RawIOBase):
     def write_chunk(self, data: bytes) -> None:
         with self._ready:
             self._data += data
-            self._ready.notify()
+            self._starved = False
+            self._ready.notify_all()
 
     def finish(self) -> None:
         with self._ready:
             self._closed_for_writing = True
-            self._ready.notify()
+            self._ready.notify_all()
+
+    def reader_gone(self) -> None:
+        with self._ready:
+            self._reader_gone = True
+            self._ready.notify_all()
+
+    def wait_until_starved(self, timeout: float) -> None:
+        """Until the reader has taken every byte and waits for more, or has stopped."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._starved or self._reader_gone, timeout)
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         with self._ready:
             while not self._data and not self._closed_for_writing:
+                self._starved = True
+                self._ready.notify_all()
                 self._ready.wait()
             n = min(len(buffer), len(self._data))
             buffer[:n] = self._data[:n]
@@ -64,12 +82,14 @@ class ContainerDecoder:
         self._thread: threading.Thread | None = None
         self._done = False
 
-    def feed(self, data: bytes) -> list[Decoded]:
-        """Add a chunk; the PCM decoded so far. Raises ContainerError on a broken stream."""
+    def feed(self, data: bytes, timeout: float = 2.0) -> list[Decoded]:
+        """Add a chunk; all the PCM the stream's bytes so far decode to (waiting at most
+        `timeout` s for the decoder). Raises ContainerError on a broken stream."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._decode, daemon=True, name="container")
             self._thread.start()
         self._pipe.write_chunk(data)
+        self._pipe.wait_until_starved(timeout)
         return self._drain(block=False)
 
     def close(self, timeout: float = 10.0) -> list[Decoded]:
@@ -109,3 +129,4 @@ class ContainerDecoder:
             self._out.put(exc)
         finally:
             self._out.put(None)
+            self._pipe.reader_gone()
