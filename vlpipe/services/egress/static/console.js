@@ -40,11 +40,18 @@ function showTranscript(piece) {
     state.items.set(piece.item_id, li);
     $("transcript").append(li);
   }
-  li.className = `${piece.speaker}${piece.final ? "" : " partial"}`;
+  const interrupted = li.classList.contains("interrupted") ? " interrupted" : "";
+  li.className = `${piece.speaker}${piece.final ? "" : " partial"}${interrupted}`;
   li.dataset.final = piece.final ? "1" : "0";
   li.querySelector("b").textContent = piece.speaker;
   li.querySelector("span").textContent = piece.text;
   li.scrollIntoView({ block: "nearest" });
+}
+
+function markInterrupted(itemId) {
+  // The assistant was cut off: its words past this point were never heard.
+  const li = itemId && state.items.get(itemId);
+  if (li) li.classList.add("interrupted");
 }
 
 class Player {
@@ -136,6 +143,7 @@ async function start() {
         $("latency").textContent = `${Math.round(msg.detail.ms)} ms`;
         currentResponse = msg.detail.response_id;
       }
+      if (msg.kind === "interrupted") markInterrupted(msg.detail.item_id);
       addStatus(`${msg.service} ${msg.kind}: ${msg.message}`, msg.kind === "error");
       if (msg.kind === "state") setState(msg.message);
     }
