@@ -186,3 +186,21 @@ def test_keys_put_the_session_in_a_hash_tag() -> None:
     assert StreamKeys("p").sessions == "p:sessions"
     with pytest.raises(ValueError, match="invalid session id"):
         check_session_id("a b")
+
+
+@pytest.mark.parametrize(
+    ("reported", "position"),
+    [(b"1250.5", 1250.5), ("0", 0.0), (b"nan", None), ("inf", None), ("-40", None),
+     (b"soon", None), (None, None)],
+)  # fmt: skip
+def test_a_playback_position_is_a_finite_number_of_ms_or_nothing(
+    reported: Any, position: float | None
+) -> None:
+    # Consumers report what they played; a NaN taken at its word would break a barge-in cut.
+    assert c.playback_ms(reported) == position
+
+
+def test_values_from_an_edge_are_refused_with_the_field_named() -> None:
+    with pytest.raises(c.ContractError, match="invalid RawAudio: field 'rate'"):
+        c.validated(c.RawAudio, {"audio": b"", "rate": 100})
+    assert c.validated(c.AddText, {"text": "hello"}).text == "hello"

@@ -19,6 +19,7 @@ from these models (`vlpipe contracts --write`).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from enum import Enum, StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -495,6 +496,27 @@ def _describe(exc: ValidationError, what: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(message)"
         parts.append(f"field {loc!r}: {err['msg']}")
     return f"invalid {what}: " + "; ".join(parts)
+
+
+def validated(model: type[M], data: Mapping[str, Any]) -> M:
+    """`model` built from Python values (not stream fields), for edges such as the gateway.
+
+    Raises ContractError that names every offending field.
+    """
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ContractError(_describe(exc, model.__name__)) from None
+
+
+def playback_ms(value: Any) -> float | None:
+    """A position in ms from the playback hash (`vl:playback:{sid}`, written by egress from
+    what consumers report): None unless it is a finite number of at least 0."""
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        return None
+    return ms if math.isfinite(ms) and ms >= 0 else None
 
 
 def decode(model: type[M] | Any, raw: Mapping[Any, Any]) -> M:

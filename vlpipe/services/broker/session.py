@@ -57,6 +57,7 @@ from vlpipe.shared.contracts import (
     ToolResult,
     UpdateSession,
     encode,
+    playback_ms,
 )
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.streams import Entry
@@ -608,8 +609,8 @@ class BrokerSession:
             return
         playback = await self.svc.playback(self.sid)
         cut = self.conv.cut_for_barge_in(
-            played_ms=_float(playback.get("played_ms")),
-            delivered_ms=_float(playback.get("delivered_ms")),
+            played_ms=playback_ms(playback.get("played_ms")),
+            delivered_ms=playback_ms(playback.get("delivered_ms")),
             playback_item=playback.get("item_id"),
         )
         if cut is None:
@@ -776,13 +777,6 @@ def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
 
 def _entry_ms(entry_id: str) -> float:
     return float(entry_id.split("-", 1)[0])
-
-
-def _float(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _jittered(delay: float, cap: float) -> float:

@@ -47,6 +47,7 @@ from vlpipe.shared import telemetry
 from vlpipe.shared.audio import AudioFormat, FormatConverter, decode_to_pcm16
 from vlpipe.shared.config import is_loopback
 from vlpipe.shared.contracts import (
+    AddText,
     AudioOut,
     ContractError,
     RawAudio,
@@ -57,6 +58,8 @@ from vlpipe.shared.contracts import (
     TranscriptPiece,
     decode,
     encode,
+    playback_ms,
+    validated,
 )
 from vlpipe.shared.keys import check_session_id
 from vlpipe.shared.service import ServiceContext
@@ -255,6 +258,8 @@ class Gateway:
         self.clients_gauge.add(1)
 
     def _detach(self, client: Client) -> None:
+        if client.closed:
+            return
         client.closed = True
         followed = self.followed.get(client.sid)
         if followed is None:
@@ -290,14 +295,17 @@ class Gateway:
         sid = _session_id(query.get("session"))
         client = self._client(ws, sid, query)
         await self._attach(client, from_start=query.get("from") == "start")
-        await ws.send(json.dumps({"type": "subscribed", "session": sid,
-                                  "format": client.audio_format.value}))  # fmt: skip
 
         async def listen() -> None:
             async for message in ws:
                 await self._client_message(client, message, call=False)
 
-        await self._serve_client(client, listen())
+        try:
+            await ws.send(json.dumps({"type": "subscribed", "session": sid,
+                                      "format": client.audio_format.value}))  # fmt: skip
+            await self._serve_client(client, listen())
+        finally:
+            self._detach(client)
 
     async def _call(self, ws: ServerConnection, query: dict[str, str]) -> None:
         sid = _session_id(query.get("session") or f"call-{uuid.uuid4().hex[:12]}")
@@ -305,35 +313,39 @@ class Gateway:
         source = query.get("input", "pcm16").lower()
         if source not in ("pcm16", "webm", "ogg"):
             raise BadRequest(f"input {source!r}: expected pcm16, webm or ogg")
-        rate = int(query.get("rate", "16000")) if source == "pcm16" else None
+        config = _json_object(query.get("config"), "config")
+        if query.get("instructions"):
+            config["instructions"] = query["instructions"]
         try:
-            config = SessionConfig.model_validate(
-                {**json.loads(query.get("config", "{}")),
-                 **({"instructions": query["instructions"]} if query.get("instructions") else {})}
-            )  # fmt: skip
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"invalid config: {str(exc).splitlines()[0]}") from None
+            # Everything is checked before the session is announced: a bad rate must not
+            # open a session whose audio would then be refused chunk by chunk.
+            rate = query.get("rate", "16000") if source == "pcm16" else None
+            audio = validated(RawAudio, {"audio": b"", "format": source, "rate": rate})
+            start = SessionStart(session=sid, config=validated(SessionConfig, config),
+                                 audio_out=client.audio_format)  # fmt: skip
+        except ContractError as exc:
+            raise BadRequest(str(exc)) from None
         await self._attach(client, from_start=True)
-        start = SessionStart(session=sid, config=config, audio_out=client.audio_format)
         await self.redis.xadd(self.keys.sessions, encode(start))  # type: ignore[arg-type]
-        await ws.send(json.dumps({"type": "session", "session": sid,
-                                  "format": client.audio_format.value}))  # fmt: skip
         seq = 0
 
         async def listen() -> None:
             nonlocal seq
-            try:
-                async for message in ws:
-                    if isinstance(message, bytes):
-                        chunk = RawAudio(audio=message, format=source, rate=rate, seq=seq)
-                        seq += 1
-                        await self.redis.xadd(self.keys.audio(sid), encode(chunk))  # type: ignore[arg-type]
-                    elif await self._client_message(client, message, call=True):
-                        break
-            finally:
-                await self._end(sid, "caller hung up")
+            async for message in ws:
+                if isinstance(message, bytes):
+                    chunk = audio.model_copy(update={"audio": message, "seq": seq})
+                    seq += 1
+                    await self.redis.xadd(self.keys.audio(sid), encode(chunk))  # type: ignore[arg-type]
+                elif await self._client_message(client, message, call=True):
+                    break
 
-        await self._serve_client(client, listen())
+        try:  # from here on, however the socket goes, the session ends with it
+            await ws.send(json.dumps({"type": "session", "session": sid,
+                                      "format": client.audio_format.value}))  # fmt: skip
+            await self._serve_client(client, listen())
+        finally:
+            self._detach(client)
+            await self._end(sid, "caller hung up")
 
     async def _twilio(self, ws: ServerConnection, authorized: bool) -> None:
         client: Client | None = None
@@ -348,9 +360,9 @@ class Gateway:
                         sid, "error", "twilio: a message that is not Media Streams JSON"
                     )
                     continue
-                if event == "start":
-                    start = message.get("start") or {}
-                    params = start.get("customParameters") or {}
+                if event == "start" and client is None:
+                    start = _object(message.get("start"))
+                    params = _object(start.get("customParameters"))
                     if not authorized and not any(
                         hmac.compare_digest(str(params.get("token", "")), t) for t in self.tokens
                     ):
@@ -360,14 +372,17 @@ class Gateway:
                         params.get("session")
                         or f"tw-{start.get('callSid') or uuid.uuid4().hex[:12]}"
                     )
+                    instructions = params.get("instructions")
+                    try:
+                        config = validated(
+                            SessionConfig, {"instructions": instructions} if instructions else {}
+                        )
+                    except ContractError as exc:
+                        await ws.close(1008, str(exc)[:120])
+                        return
                     client = Client(ws, sid, AudioFormat.G711_ULAW, self.settings.client_buffer,
                                     self.settings.slow_client,
                                     twilio_stream=str(message.get("streamSid") or start.get("streamSid")))  # fmt: skip
-                    config = SessionConfig.model_validate(
-                        {"instructions": params["instructions"]}
-                        if params.get("instructions")
-                        else {}
-                    )
                     await self._attach(client, from_start=True)
                     session = SessionStart(
                         session=sid, config=config, audio_out=AudioFormat.G711_ULAW
@@ -377,7 +392,7 @@ class Gateway:
                     self._tasks.add(pump)
                     pump.add_done_callback(self._tasks.discard)
                 elif event == "media" and client is not None:
-                    media = message.get("media") or {}
+                    media = _object(message.get("media"))
                     if media.get("track", "inbound") != "inbound":
                         continue
                     try:
@@ -385,14 +400,19 @@ class Gateway:
                     except (binascii.Error, ValueError):
                         await self._status_for(sid, "error", "twilio: media payload is not base64")
                         continue
-                    chunk = RawAudio(audio=audio, format="g711_ulaw", rate=8000,
-                                     seq=_int(message.get("sequenceNumber")))  # fmt: skip
+                    try:
+                        chunk = validated(RawAudio, {"audio": audio, "format": "g711_ulaw",
+                                                     "rate": 8000,
+                                                     "seq": _int(message.get("sequenceNumber"))})  # fmt: skip
+                    except ContractError as exc:
+                        await self._status_for(sid, "error", f"twilio: {exc}")
+                        continue
                     await self.redis.xadd(self.keys.audio(sid), encode(chunk))  # type: ignore[arg-type]
                 elif event == "mark" and client is not None:
-                    name = str((message.get("mark") or {}).get("name") or "")
+                    name = str(_object(message.get("mark")).get("name") or "")
                     response_id, _, played = name.rpartition("|")
                     if response_id:
-                        await self._played(sid, response_id, _float(played))
+                        await self._played(sid, response_id, playback_ms(played))
                 elif event == "stop":
                     break
         finally:
@@ -423,13 +443,18 @@ class Gateway:
             )
             return False
         if kind == "played":
-            await self._played(client.sid, str(data.get("response_id", "")), _float(data.get("ms")))
+            await self._played(
+                client.sid, str(data.get("response_id", "")), playback_ms(data.get("ms"))
+            )
         elif kind == "end" and call:
             return True
-        elif kind == "text" and isinstance(data.get("text"), str):
-            await self.redis.xadd(
-                self.keys.ctl(client.sid), {"type": "text", "text": data["text"][:32768]}
-            )
+        elif kind == "text":
+            try:
+                text = validated(AddText, {"text": data.get("text")})
+            except ContractError as exc:
+                client.offer(json.dumps({"type": "error", "message": str(exc)}))
+                return False
+            await self.redis.xadd(self.keys.ctl(client.sid), encode(text))  # type: ignore[arg-type]
         else:
             client.offer(json.dumps({"type": "error", "message": f"unknown message type {kind!r}"}))
         return False
@@ -549,11 +574,22 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def _float(value: Any) -> float | None:
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object from a client's message, or an empty one for anything else."""
+    return value if isinstance(value, dict) else {}
+
+
+def _json_object(text: str | None, name: str) -> dict[str, Any]:
+    """A query parameter holding a JSON object; BadRequest naming it otherwise."""
+    if not text:
+        return {}
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"invalid {name}: not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"invalid {name}: expected a JSON object")
+    return value
 
 
 async def _last_id(redis: Any, key: str) -> str:
