@@ -432,8 +432,8 @@ async def test_an_oversize_message_closes_the_call_with_1009_and_the_session_sti
     h = hostile
     url = h.pipeline.url("/v1/call?session=g-big&input=pcm16&rate=16000")
     async with websockets.connect(url) as call:
-        # Only after the `session` reply: a call closed before it never gets its end
-        # (a gateway bug of its own, left out of this file to keep the suite green).
+        # After the `session` reply, so that the session is surely announced and its
+        # audio stream can be checked (a call closed earlier is proved to end above).
         assert json.loads(await call.recv())["type"] == "session"
         with pytest.raises(ConnectionClosed) as closed:
             await call.send(b"\0" * (2 * MAX_AUDIO_BYTES))
