@@ -433,7 +433,7 @@ async def test_an_oversize_message_closes_the_call_with_1009_and_the_session_sti
     url = h.pipeline.url("/v1/call?session=g-big&input=pcm16&rate=16000")
     async with websockets.connect(url) as call:
         # After the `session` reply, so that the session is surely announced and its
-        # audio stream can be checked (a call closed earlier is proved to end above).
+        # audio stream can be checked (earlier hang-ups: the test after this one).
         assert json.loads(await call.recv())["type"] == "session"
         with pytest.raises(ConnectionClosed) as closed:
             await call.send(b"\0" * (2 * MAX_AUDIO_BYTES))
