@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import redis.asyncio as aioredis
 
@@ -150,3 +151,51 @@ async def test_sessions_stream_is_trimmed_only_behind_every_groups_oldest_unfini
     left = [e[0].decode() for e in await redis.xrange(keys.sessions)]
     assert ids[120] in left, "the start entry of a live session is never trimmed"
     assert left[-1] == ids[-1] and len(left) < 300
+
+
+async def test_a_second_start_of_a_live_session_is_refused_and_never_runs_it_twice(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
+    try:
+        await asyncio.sleep(1.0)  # both replicas are reading the sessions stream
+        # A start from two hours ago (a group created later replays it), then a session
+        # started twice (a producer retrying, two callers picking one id), and an end for
+        # a session nobody started.
+        stale = await redis.xadd(
+            keys.sessions,
+            {"type": "start", "session": "old"},
+            id=f"{int((time.time() - 7200) * 1000)}-0",
+        )
+        first = await publish(redis, keys.sessions, SessionStart(session="dup"))
+        second = await publish(redis, keys.sessions, SessionStart(session="dup"))
+        third = await publish(redis, keys.sessions, SessionStart(session="dup"))
+        stray_end = await publish(redis, keys.sessions, SessionEnd(session="nobody"))
+
+        async def refused() -> dict[str, str]:
+            dead = await redis.xrange(keys.dead)
+            return {f[b"id"].decode(): f[b"reason"].decode() for _, f in dead}
+
+        async def all_refused() -> bool:
+            return len(await refused()) >= 4
+
+        await wait_until(all_refused)
+        # Longer than a claim: an unrefreshed duplicate would have been "taken over" by now.
+        await asyncio.sleep(3 * int(CLAIM_IDLE_MS) / 1000)
+        reasons = await refused()
+        for entry_id in (second, third):
+            assert f"session 'dup' was already started (entry {first})" in reasons[entry_id]
+        assert "end of session 'nobody', which was never started" in reasons[stray_end]
+        assert "stale" in reasons[stale.decode()]
+        claims = await _claims(redis, keys)
+        assert [c[1] for c in claims] == ["dup"], claims  # one owner, once
+        pending = await redis.xpending_range(keys.sessions, "worker", "-", "+", 10)
+        assert [p["message_id"].decode() for p in pending] == [first]
+        assert not await redis.exists(keys.session_state("nobody"))
+        assert not await redis.exists(keys.session_state("old"))
+    finally:
+        for p in (a, b):
+            p.send_signal(signal.SIGTERM)
+        for p in (a, b):
+            p.wait(20)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,13 @@ import redis.asyncio as aioredis
 from opentelemetry import metrics
 from opentelemetry.metrics import Observation
 
-from vlpipe.shared.contracts import SessionAnnouncement, SessionEnd, SessionStart, decode
+from vlpipe.shared.contracts import (
+    ContractError,
+    SessionAnnouncement,
+    SessionEnd,
+    SessionStart,
+    decode,
+)
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.streams import (
     REDIS_DOWN,
@@ -64,6 +71,14 @@ return lost
 
 
 TRIM_EVERY_BEATS = 30
+STALE_START_S = 3600
+"""A start entry this old for a session with no state is stale (a consumer group created
+later replaying history, or callers long gone): it is refused, not started."""
+
+
+def _entry_age_s(entry_id: str) -> float:
+    """Seconds since a stream entry was added (its id's millisecond part)."""
+    return max(0.0, time.time() - int(entry_id.split("-", 1)[0]) / 1000)
 
 
 async def trim_sessions(redis: aioredis.Redis, key: str) -> str | None:
@@ -136,6 +151,7 @@ class SessionOwnership:
         claim_idle_ms: int = 15_000,
         max_failures: int = 5,
         block_ms: int = 1000,
+        stale_start_s: float = STALE_START_S,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -146,6 +162,7 @@ class SessionOwnership:
         self.heartbeat_ms = heartbeat_ms
         self.claim_idle_ms = claim_idle_ms
         self.max_failures = max_failures
+        self.stale_start_s = stale_start_s
         self.owned: dict[str, OwnedSession] = {}
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")
@@ -256,22 +273,41 @@ class SessionOwnership:
 
     async def _on_entry(self, entry: Entry) -> Disposition:
         msg: SessionStart | SessionEnd = decode(SessionAnnouncement, entry.fields)
+        state_key = self.keys.session_state(msg.session)
         if isinstance(msg, SessionEnd):
-            await self.redis.hset(
-                self.keys.session_state(msg.session),
-                mapping={"ended": "1", "end_reason": msg.reason},
-            )
+            # Its start was handled first (same stream), so a live session has state: an
+            # end without any names a session that never started, or expired long ago.
+            if not await self.redis.exists(state_key):
+                raise ContractError(f"end of session {msg.session!r}, which was never started")
+            await self.redis.hset(state_key, mapping={"ended": "1", "end_reason": msg.reason})
             owned = self.owned.get(msg.session)
             if owned is not None:
                 owned.ended.set()
             return Disposition.ACK
         assert isinstance(msg, SessionStart)
-        if msg.session in self.owned:
+        mine = self.owned.get(msg.session)
+        if mine is not None and mine.entry_id == entry.id:
             return Disposition.KEEP  # our own pending entry, re-read after a reconnect
-        state = await self.redis.hgetall(self.keys.session_state(msg.session))
+        state = await self.redis.hgetall(state_key)
         if state.get(self._field("done").encode()) == b"1":
             return Disposition.ACK  # finished earlier; only the ack was lost
+        age_s = _entry_age_s(entry.id)
+        if not state and age_s > self.stale_start_s:
+            raise ContractError(
+                f"start of session {msg.session!r} is {age_s:.0f} s old and the session has "
+                f"no state: stale (over {self.stale_start_s:.0f} s), not started"
+            )
+        # One start entry per session: the first one handled claims it (atomically, so two
+        # replicas given two starts cannot both run it); a taken-over entry is that one.
+        if not await self.redis.hsetnx(state_key, self._field("entry"), entry.id):
+            started_by: Any = await self.redis.hget(state_key, self._field("entry"))
+            if started_by is not None and started_by.decode() != entry.id:
+                raise ContractError(
+                    f"session {msg.session!r} was already started (entry "
+                    f"{started_by.decode()}); a second start is refused"
+                )
         checkpoint = await self.load_checkpoint(msg.session)
+        checkpoint.pop("entry", None)
         previous = checkpoint.pop("owner", None)
         taken_over = previous is not None
         if taken_over:
