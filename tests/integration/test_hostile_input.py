@@ -37,7 +37,7 @@ from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.contracts import MAX_AUDIO_BYTES, Status, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer
-from vlpipe.shared.streams import connect
+from vlpipe.shared.streams import DEAD_FIELD_BYTES, connect
 
 # Every test runs in the module's event loop: the pipeline and its Redis client live there.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -254,6 +254,7 @@ async def test_bad_audio_chunks_get_a_reason_on_dead_and_on_the_sessions_status_
     bad: dict[str, list[str]] = {}
     for fields, expected in cases:
         bad[await add(h, h.keys.audio(sid), fields)] = expected
+    huge = list(bad)[5]
     # A good chunk after them: 100 ms of silence, which must still become frames.
     await h.redis.xadd(h.keys.audio(sid), {"audio": b"\0\0" * 1600, "format": "pcm16",
                                            "rate": "16000"})  # fmt: skip
@@ -266,6 +267,10 @@ async def test_bad_audio_chunks_get_a_reason_on_dead_and_on_the_sessions_status_
         assert fields[b"service"] == b"ingest"
         reasons[entry_id] = text(fields, "reason")
         assert all(part in reasons[entry_id] for part in expected), (expected, reasons[entry_id])
+    # The dead letter keeps enough of a huge payload to look at, and its size, not a copy.
+    [huge_letter] = letters[huge]
+    assert huge_letter[b"orig.audio"] == b"\0" * DEAD_FIELD_BYTES
+    assert int(huge_letter[b"orig.audio.bytes"]) == 5 * MAX_AUDIO_BYTES
 
     async def reported() -> bool:
         errors = [s for s in await statuses(h, sid) if s.kind == "error"]

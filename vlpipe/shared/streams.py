@@ -165,6 +165,11 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
+DEAD_FIELD_BYTES = 64 * 1024
+"""The most of one original field a dead letter copies; a longer value is cut to this and
+its whole size recorded as `orig.<name>.bytes`."""
+
+
 class DeadLetters:
     """Writes unhandled entries to `vl:dead` with their reason. Never raises on bad input."""
 
@@ -194,7 +199,10 @@ class DeadLetters:
         )
         fields: dict[Any, Any] = dict(head)
         for name, value in entry.fields.items():
-            fields[b"orig." + name] = value
+            # Enough to see what was wrong, not a second copy of a huge payload.
+            fields[b"orig." + name] = value[:DEAD_FIELD_BYTES]
+            if len(value) > DEAD_FIELD_BYTES:
+                fields[b"orig." + name + b".bytes"] = len(value)
         await self.redis.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
         _DEAD_LETTERS.add(
             1,
