@@ -154,6 +154,32 @@ async def closed_by_server(url: str, *sends: str | bytes) -> ConnectionClosed:
     return closed.value
 
 
+async def refused_with_reasons(
+    h: Hostile, sid: str, stream: str, bad: dict[str, list[str]], service: str
+) -> dict[str, list[Fields]]:
+    """Every entry in `bad` (and no other) was dead-lettered by `service` with a reason
+    holding its expected parts, and the same reason reached the session's status stream.
+    Returns the dead letters by entry id."""
+    letters = await refused_entries(h, stream, bad, by={service}, within=30)
+    assert set(letters) == set(bad), "only the bad entries are refused"
+    reasons: dict[str, str] = {}
+    for entry_id, expected in bad.items():
+        [fields] = letters[entry_id]
+        assert fields[b"service"] == service.encode()
+        reasons[entry_id] = text(fields, "reason")
+        assert all(part in reasons[entry_id] for part in expected), (expected, reasons[entry_id])
+
+    async def reported() -> bool:
+        return len([s for s in await statuses(h, sid) if s.kind == "error"]) >= len(bad)
+
+    await wait_until(reported)
+    errors = [s for s in await statuses(h, sid) if s.kind == "error"]
+    # The producer, who may not read vl:dead, sees the same reason for each entry it sent.
+    assert {s.detail["id"]: s.message for s in errors} == reasons
+    assert {(s.service, s.detail["stream"]) for s in errors} == {(service, stream)}
+    return letters
+
+
 async def refused_entries(
     h: Hostile, stream: str, bad: dict[str, list[str]], by: set[str], within: float = 15
 ) -> dict[str, list[Fields]]:
@@ -259,28 +285,11 @@ async def test_bad_audio_chunks_get_a_reason_on_dead_and_on_the_sessions_status_
     await h.redis.xadd(h.keys.audio(sid), {"audio": b"\0\0" * 1600, "format": "pcm16",
                                            "rate": "16000"})  # fmt: skip
 
-    letters = await refused_entries(h, h.keys.audio(sid), bad, by={"ingest"})
-    assert set(letters) == set(bad), "only the bad chunks are refused"
-    reasons: dict[str, str] = {}
-    for entry_id, expected in bad.items():
-        [fields] = letters[entry_id]
-        assert fields[b"service"] == b"ingest"
-        reasons[entry_id] = text(fields, "reason")
-        assert all(part in reasons[entry_id] for part in expected), (expected, reasons[entry_id])
+    letters = await refused_with_reasons(h, sid, h.keys.audio(sid), bad, "ingest")
     # The dead letter keeps enough of a huge payload to look at, and its size, not a copy.
     [huge_letter] = letters[huge]
     assert huge_letter[b"orig.audio"] == b"\0" * DEAD_FIELD_BYTES
     assert int(huge_letter[b"orig.audio.bytes"]) == 5 * MAX_AUDIO_BYTES
-
-    async def reported() -> bool:
-        errors = [s for s in await statuses(h, sid) if s.kind == "error"]
-        return len(errors) >= len(bad)
-
-    await wait_until(reported)
-    errors = [s for s in await statuses(h, sid) if s.kind == "error"]
-    # The producer, who may not read vl:dead, sees the same reason for each entry it sent.
-    assert {s.detail["id"]: s.message for s in errors} == reasons
-    assert {(s.service, s.detail["stream"]) for s in errors} == {("ingest", h.keys.audio(sid))}
 
     async def framed() -> bool:
         written = await h.redis.hget(h.keys.session_state(sid), "ingest.next_seq")
@@ -323,14 +332,7 @@ async def test_bad_control_messages_get_a_reason_on_dead_and_on_the_sessions_sta
     # A good control message after them: the session must still answer it.
     await h.redis.xadd(h.keys.ctl(sid), {"type": "text", "text": "Are you still there."})
 
-    letters = await refused_entries(h, h.keys.ctl(sid), bad, by={"broker"}, within=30)
-    assert set(letters) == set(bad), "only the bad control messages are refused"
-    reasons: dict[str, str] = {}
-    for entry_id, expected in bad.items():
-        [fields] = letters[entry_id]
-        assert fields[b"service"] == b"broker"
-        reasons[entry_id] = text(fields, "reason")
-        assert all(part in reasons[entry_id] for part in expected), (expected, reasons[entry_id])
+    await refused_with_reasons(h, sid, h.keys.ctl(sid), bad, "broker")
 
     async def answered() -> bool:
         return any(p.speaker == "assistant" for p in await finals(h, sid))
@@ -338,9 +340,6 @@ async def test_bad_control_messages_get_a_reason_on_dead_and_on_the_sessions_sta
     await wait_until(answered, within=30)
     said = [p.text for p in await finals(h, sid) if p.speaker == "assistant"]
     assert [words(s) for s in said] == [words("You said: Are you still there.")]
-    errors = [s for s in await statuses(h, sid) if s.kind == "error"]
-    assert {s.detail["id"]: s.message for s in errors} == reasons
-    assert {(s.service, s.detail["stream"]) for s in errors} == {("broker", h.keys.ctl(sid))}
     await h.redis.xadd(h.keys.sessions, {"type": "end", "session": sid})
     await wait_until_done(h, sid)
     assert_all_alive(h)
