@@ -586,7 +586,9 @@ def _json_object(text: str | None, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"invalid {name}: not valid JSON ({exc.msg} at position {exc.pos})") from None
+        raise BadRequest(
+            f"invalid {name}: not valid JSON ({exc.msg} at position {exc.pos})"
+        ) from None
     if not isinstance(value, dict):
         raise BadRequest(f"invalid {name}: expected a JSON object")
     return value
