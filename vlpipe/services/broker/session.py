@@ -313,6 +313,7 @@ class BrokerSession:
                 await ws.close(1000, "rollover")
                 return
             self._check_tool_deadlines()
+            self.turns.close_finished()
             self.work.clear()
             await self.work.wait()  # new work, or the service's tick (deadlines, drain)
 
@@ -522,15 +523,17 @@ class BrokerSession:
                     audio = b""
             self.conv.observe(event, len(audio) if audio else 0)
             if kind == "input_audio_buffer.speech_started" or (
-                kind == "response.created" and self.turns.turn is None
+                kind == "response.created" and not self.turns.in_progress
             ):
-                self._start_turn(kind.rpartition(".")[2], event.get("audio_start_ms"))
-            self.turns.observe(kind, event)
+                self._start_turn(kind.rpartition(".")[2], event)
+            audio_ms = self.conv.output_format.ms_for_bytes(len(audio)) if audio else 0.0
+            self.turns.observe(kind, event, audio_ms=audio_ms)
             self._event(kind, event, audio, received)
             await self._react(kind, event)
 
-    def _start_turn(self, reason: str, audio_start_ms: Any) -> None:
+    def _start_turn(self, reason: str, event: dict[str, Any]) -> None:
         """A new turn's trace, starting when its first frame arrived (for speech)."""
+        audio_start_ms = event.get("audio_start_ms")
         first: tuple[float, int, float] | None = None
         if isinstance(audio_start_ms, int | float):
             for at_ms, seq, arrived_ms in reversed(self.timeline):
@@ -541,6 +544,7 @@ class BrokerSession:
             reason, self.frame_traceparent,
             start_ns=int(first[2] * 1e6) if first else None,
             first_frame=first[1] if first else None,
+            item_id=str(event["item_id"]) if event.get("item_id") else None,
         )  # fmt: skip
         if first is not None and self.turns.traceparent:
             # Ingest reads this to put its span of the utterance's first frame in the trace.
@@ -566,7 +570,8 @@ class BrokerSession:
                 self.expect_response = True
         elif kind == "input_audio_buffer.speech_started":
             await self._barge_in()
-            self.turns.close_previous()
+            # The barge-in check has run: earlier finished turns can no longer be cut.
+            self.turns.close_finished(all_earlier=True)
         elif kind == "response.function_call_arguments.done":
             self._tool_call(event)
         elif kind == "response.done":
@@ -580,7 +585,8 @@ class BrokerSession:
         finally:
             if not (self.calls or self.respond_after_calls or self.response_calls
                     or self.respond_when_idle or self.expect_response):  # fmt: skip
-                self.turns.end()  # the turn's last response is done
+                # The turn's last response is done.
+                self.turns.turn_done(str((event.get("response") or {}).get("id") or ""))
 
     async def _after_response(self) -> None:
         if self.response_calls:
@@ -616,7 +622,7 @@ class BrokerSession:
         if cut is None:
             return
         self.svc.barge_ins.add(1)
-        self.turns.interrupt()
+        self.turns.interrupt(cut.item_id)
         self._event(
             "vlpipe.barge_in",
             {"response_id": self.conv.response_id or playback.get("response_id"),
@@ -652,7 +658,7 @@ class BrokerSession:
                 event=body,
                 audio=audio,
                 received=received if received is not None else time.time() * 1000,
-                traceparent=self.turns.traceparent if self.turns.turn is not None else None,
+                traceparent=self.turns.traceparent_for(kind, body),
             )
         )
         self.seq += 1
