@@ -31,6 +31,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -272,13 +273,10 @@ class Gateway:
                         self.keys.status(client.sid)):  # fmt: skip
                 self.reader.remove(key)
 
-    async def _serve_client(self, client: Client, inbound: Any = None) -> None:
-        pump = asyncio.create_task(client.pump())
-        tasks = {pump}
-        if inbound is not None:
-            tasks.add(asyncio.create_task(inbound))
-        else:
-            tasks.add(asyncio.create_task(client.ws.wait_closed()))
+    async def _serve_client(self, client: Client, inbound: Coroutine[Any, Any, None]) -> None:
+        """Pump the client's queue until it or `inbound` (its messages) ends; the caller,
+        which attached the client, detaches it."""
+        tasks = {asyncio.create_task(client.pump()), asyncio.create_task(inbound)}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -286,7 +284,6 @@ class Gateway:
                 if exc is not None and not isinstance(exc, ConnectionClosed):
                     raise exc
         finally:
-            self._detach(client)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
