@@ -131,6 +131,11 @@ class TurnTracer:
         item_id: str | None = None,
     ) -> None:
         """A new turn becomes the current one; earlier ones stay open until they finish."""
+        earlier = self.current
+        if earlier is not None and earlier.done_ns is None and not earlier.responses:
+            # Speech that got no answer (or none the session still waits for), or a turn
+            # followed without telemetry: it gets no more responses, so it is finished.
+            self._finish(earlier, time.monotonic())
         links = [*telemetry.link_from(frame_traceparent), *self.session_links]
         attributes: dict[str, Any] = {"session.id": self.sid, "vlpipe.turn.start": reason}
         if first_frame is not None:
@@ -259,8 +264,8 @@ class TurnTracer:
         every done turn but the current one: the next turn's barge-in check has run)."""
         now = now if now is not None else time.monotonic()
         for turn in list(self.open):
-            if turn.done_ns is None or turn.linger_until is None:
-                continue
+            if turn.linger_until is None:
+                continue  # not finished: a response is still in flight
             if now >= turn.linger_until or (all_earlier and turn is not self.current):
                 self._end(turn)
 
