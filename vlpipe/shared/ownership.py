@@ -50,6 +50,7 @@ from vlpipe.shared.streams import (
     Entry,
     GroupConsumer,
     _sleep_or_stop,
+    entry_ms,
 )
 
 log = logging.getLogger("vlpipe.ownership")
@@ -74,11 +75,6 @@ TRIM_EVERY_BEATS = 30
 STALE_START_S = 3600
 """A start entry this old for a session with no state is stale (a consumer group created
 later replaying history, or callers long gone): it is refused, not started."""
-
-
-def _entry_age_s(entry_id: str) -> float:
-    """Seconds since a stream entry was added (its id's millisecond part)."""
-    return max(0.0, time.time() - int(entry_id.split("-", 1)[0]) / 1000)
 
 
 async def trim_sessions(redis: aioredis.Redis, key: str) -> str | None:
@@ -291,7 +287,7 @@ class SessionOwnership:
         state = await self.redis.hgetall(state_key)
         if state.get(self._field("done").encode()) == b"1":
             return Disposition.ACK  # finished earlier; only the ack was lost
-        age_s = _entry_age_s(entry.id)
+        age_s = max(0.0, time.time() - entry_ms(entry.id) / 1000)
         if not state and age_s > self.stale_start_s:
             raise ContractError(
                 f"start of session {msg.session!r} is {age_s:.0f} s old and the session has "

@@ -89,6 +89,11 @@ class Entry:
     fields: dict[bytes, bytes]
 
 
+def entry_ms(entry_id: str) -> float:
+    """When an entry was added: the millisecond part of its id (ms since the epoch)."""
+    return float(entry_id.split("-", 1)[0])
+
+
 class Disposition(Enum):
     """What a group handler wants done with an entry it handled without error."""
 

@@ -60,7 +60,7 @@ from vlpipe.shared.contracts import (
     playback_ms,
 )
 from vlpipe.shared.ownership import OwnedSession
-from vlpipe.shared.streams import Entry
+from vlpipe.shared.streams import Entry, entry_ms
 
 if TYPE_CHECKING:
     from vlpipe.services.broker.service import BrokerService
@@ -333,9 +333,10 @@ class BrokerSession:
                 break
             chunk.append(frame.audio)
             size += len(frame.audio)
-            self.timeline.append((self.upstream_ms, frame.seq, _entry_ms(entry_id)))
+            arrived_ms = entry_ms(entry_id)
+            self.timeline.append((self.upstream_ms, frame.seq, arrived_ms))
             self.upstream_ms += frame.format.ms_for_bytes(len(frame.audio))
-            latency = max(0.0, now_ms - _entry_ms(entry_id))
+            latency = max(0.0, now_ms - arrived_ms)
             self.svc.frame_latency.record(latency)
             self.svc.recent_latency_ms.append(latency)
         if chunk:
@@ -779,10 +780,6 @@ def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
     if sent is not None:  # e.g. 1011 keepalive ping timeout: the upstream went silent
         return sent.code, sent.reason or "closed"
     return 1006, "connection lost"
-
-
-def _entry_ms(entry_id: str) -> float:
-    return float(entry_id.split("-", 1)[0])
 
 
 def _jittered(delay: float, cap: float) -> float:
