@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanKind
 
+from vlpipe.services.ingest.containers import DEMUXERS
 from vlpipe.services.ingest.normalize import BadAudio, Normalizer
 from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
@@ -133,7 +134,12 @@ class IngestService:
 
     async def _normalize(self, state: SessionIngest, entry: Entry, chunk: RawAudio) -> list[Frame]:
         try:
-            pcm_frames = state.normalizer.push(chunk)
+            if chunk.format.value in DEMUXERS:
+                # Each compressed chunk waits for its decoding: off the event loop, so a
+                # large one does not hold up every other session's audio.
+                pcm_frames = await asyncio.to_thread(state.normalizer.push, chunk)
+            else:
+                pcm_frames = state.normalizer.push(chunk)
         except BadAudio as exc:
             await self._refuse(state.owned.sid, entry, str(exc))
             return []
@@ -257,7 +263,8 @@ class IngestService:
             frames += await self._normalize(state, entry, chunk)
         frames += [
             Frame(session=sid, seq=state.next_seq + i, format=state.normalizer.target, audio=audio)
-            for i, audio in enumerate(state.normalizer.flush(pad=True))
+            # Off the loop: a compressed stream's decoder may take a moment to finish.
+            for i, audio in enumerate(await asyncio.to_thread(state.normalizer.flush, True))
         ]
         state.next_seq += len(frames)
         frames.append(
