@@ -136,7 +136,7 @@ async def test_sigterm_hands_sessions_over_to_another_replica_at_once(
 async def test_sessions_stream_is_trimmed_only_behind_every_groups_oldest_unfinished_entry(
     redis: aioredis.Redis, keys: StreamKeys
 ) -> None:
-    from vlpipe.shared.ownership import trim_sessions
+    from vlpipe.shared.retention import trim_sessions
 
     ids = [await publish(redis, keys.sessions, SessionStart(session=f"s{i}")) for i in range(300)]
     await redis.xgroup_create(keys.sessions, "ingest", id="0")

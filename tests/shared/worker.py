@@ -54,7 +54,7 @@ async def own(ctx: ServiceContext) -> None:
         )
         while not owned.ended.is_set():
             pos += 1
-            await ownership.checkpoint(owned.sid, {"pos": pos})
+            await ownership.checkpoint(owned, {"pos": pos})
             await asyncio.sleep(0.02)
 
     ownership = SessionOwnership(

@@ -13,8 +13,10 @@ Three loops share the session's state:
   broker acts on (errors, barge-in, tool calls, the end of a response).
 * `_write_loop` writes the queued events, tool calls and status messages together with
   the session's checkpoint (next event number, last frame and control entry sent, the
-  config, the conversation) in one MULTI, so a replica that takes the session over
-  continues with the next event number and no event written twice.
+  config, the conversation) and the trims of its input streams as one fenced write
+  (`SessionOwnership.commit`), so a replica that takes the session over continues with
+  the next event number and no event written twice, and a stalled replica that lost the
+  session writes nothing. A failed write is retried unchanged until it is applied.
 
 A dropped socket is reopened with backoff and jitter; the new upstream session gets the
 config and the conversation so far (`Conversation.replay`). So is an upstream session that
@@ -59,6 +61,7 @@ from vlpipe.shared.contracts import (
     encode,
     playback_ms,
 )
+from vlpipe.shared.fencing import SessionLost, SessionWrite
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.streams import Entry, entry_ms
 
@@ -107,9 +110,10 @@ class BrokerSession:
         self.work = asyncio.Event()
         # Output queued for the writer.
         self.outbox: list[Event] = []
-        self.side: list[tuple[str, Message, int]] = []  # (key, message, maxlen)
+        self.side: list[tuple[str, Message, int | None]] = []  # (key, message, maxlen)
         self.checkpoint_dirty = False
         self.conversation_dirty = False
+        self.in_flight: tuple[SessionWrite, int] | None = None  # a write, its event count
         self.output_ready = asyncio.Event()
         self.events_ready = asyncio.Event()  # events (not just a checkpoint) to write
         # Upstream state.
@@ -454,7 +458,8 @@ class BrokerSession:
             item_id=event.get("item_id"), deadline=deadline * 1000,
             traceparent=telemetry.current_traceparent(),
         )  # fmt: skip
-        self.side.append((self.svc.keys.tool_calls, call, self.svc.retention.tool_calls))
+        # Trimmed behind its consumer groups by housekeeping, never on write.
+        self.side.append((self.svc.keys.tool_calls, call, None))
         self.svc.tool_calls.add(1)
 
     async def _tool_result(self, entry: Entry, msg: ToolResult) -> None:
@@ -691,6 +696,8 @@ class BrokerSession:
                 return
             try:
                 await self._flush()
+            except SessionLost:
+                return
             except Exception as exc:
                 log.warning("writing events failed; retrying",
                             extra={"session": self.sid, "error": repr(exc)[:300]})  # fmt: skip
@@ -698,10 +705,22 @@ class BrokerSession:
                 self.output_ready.set()
 
     async def _flush(self) -> None:
-        if not (self.outbox or self.side or self.checkpoint_dirty or self.conversation_dirty):
-            return
+        """Write what is queued: first a write whose earlier try failed, unchanged (a
+        retry of one that was applied is recognised), then what was queued since."""
         if self.owned.lost.is_set():
             return
+        if self.in_flight is None:
+            if not (self.outbox or self.side or self.checkpoint_dirty or self.conversation_dirty):
+                return
+            self.in_flight = self._next_write()
+        write, events = self.in_flight
+        await self.svc.ownership.commit(self.owned, write)
+        self.in_flight = None
+        if events:
+            self.svc.events_out.add(events)
+
+    def _next_write(self) -> tuple[SessionWrite, int]:
+        """Everything queued, the checkpoint and the trims, as one fenced write."""
         events, self.outbox = self.outbox, []
         side, self.side = self.side, []
         keys = self.svc.keys
@@ -711,29 +730,20 @@ class BrokerSession:
             "input_final": int(self.input_final), "ended": int(self.ended),
             "turn": self.turn_marker, "trace": self.trace.traceparent or "",
         }  # fmt: skip
-        conversation = self.conversation_dirty
-        if conversation:
+        if self.conversation_dirty:
             values["conversation"] = self.conv.dump()
             values["config"] = self.config.model_dump_json()
-        try:
-            async with self.svc.redis.pipeline(transaction=True) as pipe:
-                for event in events:
-                    pipe.xadd(keys.events(self.sid), encode(event))  # type: ignore[arg-type]
-                for key, msg, maxlen in side:
-                    pipe.xadd(key, encode(msg), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-                self.svc.ownership.checkpoint_into(pipe, self.sid, values)
-                pipe.xtrim(keys.frames(self.sid), minid=self.frames_id, approximate=False)
-                pipe.xtrim(keys.ctl(self.sid), minid=self.ctl_id, approximate=False)
-                await pipe.execute()
-        except BaseException:
-            self.outbox[:0] = events
-            self.side[:0] = side
-            raise
+        write = self.svc.ownership.write(self.owned)
+        for event in events:
+            write.xadd(keys.events(self.sid), encode(event))
+        for key, msg, maxlen in side:
+            write.xadd(key, encode(msg), maxlen=maxlen)
+        write.checkpoint(values)
+        write.trim_before(keys.frames(self.sid), self.frames_id, approximate=False)
+        write.trim_before(keys.ctl(self.sid), self.ctl_id, approximate=False)
         self.checkpoint_dirty = False
-        if conversation:
-            self.conversation_dirty = False
-        if events:
-            self.svc.events_out.add(len(events))
+        self.conversation_dirty = False
+        return write, len(events)
 
     # ---------------------------------------------------------------- from the reader
 
