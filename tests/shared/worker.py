@@ -1,11 +1,12 @@
 """A real process around the stream runtime, for tests that kill or SIGTERM it.
 
     python -m tests.shared.worker consume REDIS_URL PREFIX STREAM GROUP NAME DELAY_S
-    python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS
+    python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS [STEP_S]
 
 `consume` handles entries idempotently by (session, seq): the effect (INCR of the
 `effects` counter) happens only when (session, seq) is new. `own` runs the ownership
-helper; each owned session counts up `pos` from its checkpoint, checkpointing each step.
+helper; each owned session counts up `pos` from its checkpoint, checkpointing each step
+(every STEP_S, 0.02 s unless given).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ async def consume(ctx: ServiceContext, stream: str, group: str, delay_s: float) 
     await consumer.run(ctx.stop)
 
 
-async def own(ctx: ServiceContext) -> None:
+async def own(ctx: ServiceContext, step_s: float) -> None:
     keys: StreamKeys = ctx.keys
 
     async def run_session(owned: OwnedSession) -> None:
@@ -55,7 +56,7 @@ async def own(ctx: ServiceContext) -> None:
         while not owned.ended.is_set():
             pos += 1
             await ownership.checkpoint(owned, {"pos": pos})
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(step_s)
 
     ownership = SessionOwnership(
         ctx.redis,
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
         return asyncio.run(
             run_service("worker", settings, lambda ctx: consume(ctx, stream, group, float(delay)))
         )
-    name, heartbeat, idle = rest
+    name, heartbeat, idle, *step = rest
     settings = ServiceSettings(
         redis_url=url,
         stream_prefix=prefix,
@@ -93,7 +94,8 @@ def main(argv: list[str]) -> int:
         claim_idle_ms=int(idle),
         http_host="127.0.0.1",
     )
-    return asyncio.run(run_service("worker", settings, own))
+    step_s = float(step[0]) if step else 0.02
+    return asyncio.run(run_service("worker", settings, lambda ctx: own(ctx, step_s)))
 
 
 if __name__ == "__main__":

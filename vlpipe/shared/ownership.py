@@ -526,9 +526,11 @@ class SessionOwnership:
                     if beats % HOUSEKEEPING_EVERY_BEATS == 0:
                         await self.housekeeping()
             except Exception as exc:
-                if not _redis_down(exc):
-                    raise
-                log.warning("heartbeat failed", extra={"error": str(exc)})
+                # Never let the heartbeat die: without it every session is taken over.
+                if _redis_down(exc):
+                    log.warning("heartbeat failed", extra={"error": str(exc)})
+                else:
+                    log.exception("heartbeat or housekeeping failed")
 
     async def housekeeping(self) -> None:
         """Trim the shared streams behind their slowest group (reporting what a budget

@@ -116,7 +116,8 @@ class Overflow:
     group: str
     first_kept: str
     unread_trimmed: int | None
-    """How many undelivered entries went (None when Redis cannot tell: before 7.0)."""
+    """How many entries the group had not read (delivered and acked) went; None when
+    Redis cannot tell (before 7.0)."""
 
 
 async def trim_behind_groups(
@@ -148,7 +149,11 @@ async def trim_behind_groups(
             continue
         lost = None
         if first_position is not None and g.entries_read is not None:
-            lost = max(0, first_position - g.entries_read)
+            # Never delivered, plus delivered but not yet acked (in a reader's hands).
+            held: Any = await redis.xpending_range(
+                key, g.name, min="-", max=f"({_text(first)}", count=cap
+            )
+            lost = max(0, first_position - g.entries_read) + len(held)
         out.append(Overflow(key, g.name, _text(first), lost))
         _OVERFLOW.add(lost if lost is not None else 1, {"stream": _kind(key), "group": g.name})
         log.warning(
