@@ -98,6 +98,9 @@ return lost
 
 
 HOUSEKEEPING_EVERY_BEATS = 5
+HAND_OVER_RESERVE_S = 1.5
+"""Of the drain budget, what is kept for finishing the claims batch in hand and making the
+session entries claimable once the session tasks had their time."""
 STALE_START_S = 3600
 """A start entry this old for a session with no state is stale (a consumer group created
 later replaying history, or callers long gone): it is refused, not started."""
@@ -203,8 +206,12 @@ class SessionOwnership:
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def run(self, stop: asyncio.Event, *, grace_s: float = 10.0) -> None:
-        """Take sessions until `stop` is set; then hand the owned ones over and return."""
+    async def run(self, stop: asyncio.Event, *, drain_budget_s: float = 10.0) -> None:
+        """Take sessions until `stop` is set; then hand the owned ones over and return,
+        within `drain_budget_s` (the process's drain budget): past it the process cancels
+        this, the entries would never be made claimable, and callers would wait a whole
+        claim time. So the session tasks get the budget less `HAND_OVER_RESERVE_S`."""
+        grace_s = max(0.5, drain_budget_s - HAND_OVER_RESERVE_S)
         self._stop = stop
         beat = asyncio.create_task(self._heartbeat_loop(stop), name=f"{self.service}-heartbeat")
         try:
@@ -215,7 +222,11 @@ class SessionOwnership:
             await asyncio.gather(beat, return_exceptions=True)
 
     async def hand_over_all(self, grace_s: float) -> None:
-        """Cancel every session task and make its entry claimable by another replica now."""
+        """Cancel every session task and make its entry claimable by another replica now.
+
+        The tasks get `grace_s` to leave their checkpoint; the entries are made claimable
+        after that whether or not they finished (a task still stuck, say closing a silent
+        upstream, can write nothing once another replica claims the session)."""
         sessions = list(self.owned.values())
         tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
         for task in tasks:

@@ -59,7 +59,7 @@ async def run_sessions(
     reading = asyncio.create_task(reader.run(ctx.stop))
     watching = asyncio.create_task(_watch_group(ctx, ownership.service))
     try:
-        await ownership.run(ctx.stop, grace_s=settings.shutdown_grace_s)
+        await ownership.run(ctx.stop, drain_budget_s=settings.shutdown_grace_s)
     finally:
         watching.cancel()
         reader.wake()

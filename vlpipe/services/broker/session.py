@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vlpipe.broker")
 
 CHECKPOINT_EVERY_S = 0.5
+CLOSE_WAIT_S = 1.0
+"""At the end, the most the upstream's close handshake or the writer's last write may take
+(a stopping replica has a drain budget to keep)."""
 
 
 class BrokerSession:
@@ -104,8 +107,10 @@ class BrokerSession:
             svc.reader.remove(svc.keys.ctl(self.sid))
             svc.reader.remove(svc.keys.frames(self.sid))
             if self.ws is not None:
+                # A silent upstream would hold the close handshake for its whole timeout.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.ws.close(1001, "broker stopping"))
+                    await asyncio.wait_for(asyncio.shield(self.ws.close(1001, "broker stopping")),
+                                           CLOSE_WAIT_S)  # fmt: skip
             self.closing = True
             self.output_ready.set()
             self.events_ready.set()
@@ -117,7 +122,7 @@ class BrokerSession:
                 # Leave the last events and the checkpoint behind, even when cancelled:
                 # the writer stops after the write in progress, then one last write.
                 with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(writer, timeout=5)
+                    await asyncio.wait_for(writer, timeout=CLOSE_WAIT_S)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._flush())
         log.info("session finished", extra={"session": self.sid, "reason": reason})
