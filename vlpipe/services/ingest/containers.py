@@ -132,12 +132,15 @@ class ContainerDecoder:
     # ------------------------------------------------------------------ new owner
 
     def header(self) -> dict[str, Any]:
-        """What a new owner needs that is learned once per stream (its codec header)."""
-        return {"format": self.format, **self._reader.header()}
+        """What a new owner needs that is learned once per stream (its codec header); empty
+        until it is known, and for MP3, which has none."""
+        return self._reader.header()
 
     def carry(self) -> dict[str, Any]:
-        """What is in flight between two chunks (less than a packet, plus framing state)."""
+        """What is in flight between two chunks: the container's format, the reader's state
+        (less than a packet), the pre-skip left and the pre-roll."""
         return {
+            "format": self.format,
             "reader": self._reader.carry(),
             "skip": self._skip,
             "preroll": [b64(p) for p in self._preroll()],
@@ -147,14 +150,12 @@ class ContainerDecoder:
     def resume(cls, header: dict[str, Any], carry: dict[str, Any]) -> ContainerDecoder:
         """A decoder continuing another's stream at the next chunk (ValueError if the state
         is not one `header()` and `carry()` wrote)."""
-        fmt = header.get("format")
+        fmt = carry.get("format")
         if fmt not in DEMUXERS:
             raise ValueError(f"no reader for {fmt!r}")
-        reader_header = {k: v for k, v in header.items() if k != "format"}
-        reader = DEMUXERS[fmt].resume(reader_header, carry.get("reader") or {})
-        decoder = cls(fmt, reader)
-        decoder._skip = int(carry.get("skip", 0))
-        for packet in carry.get("preroll", []):
+        decoder = cls(fmt, DEMUXERS[fmt].resume(header, carry["reader"]))
+        decoder._skip = int(carry["skip"])
+        for packet in carry["preroll"]:
             decoder._warm_up(unb64(packet))
         return decoder
 
@@ -162,6 +163,7 @@ class ContainerDecoder:
 
     def _decode(self, packets: list[Packet], problems: list[str]) -> list[Decoded]:
         out: list[Decoded] = []
+        failed: list[str] = []
         for kind, data in packets:
             if kind == "head":
                 self._recent.clear()
@@ -177,7 +179,12 @@ class ContainerDecoder:
             try:
                 out += self._samples(self._codec.decode(av.Packet(data)))
             except av.FFmpegError as exc:
-                problems.append(f"undecodable packet ({len(data)} bytes): {exc}")
+                failed.append(f"{len(data)} bytes: {exc}")
+        # MP3's parser hands over junk before a sync word (a stream joined mid-way, tags) as
+        # frames: that is only a problem when nothing in the chunk decodes. An Opus packet
+        # comes out of the container whole, so one that does not decode is corrupt.
+        if failed and (self.format != "mp3" or not out):
+            problems.append(f"{len(failed)} undecodable packet(s), e.g. {failed[0]}")
         return out
 
     def _preroll(self) -> list[bytes]:

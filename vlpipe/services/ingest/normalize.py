@@ -144,7 +144,7 @@ class Normalizer:
         stream = {
             "v": SNAPSHOT_VERSION,
             "wav": list(self._wav) if self._wav else None,
-            "container": self._container.header() if self._container else None,
+            "container": (self._container.header() or None) if self._container else None,
         }
         carry = {
             "v": SNAPSHOT_VERSION,
@@ -185,8 +185,10 @@ class Normalizer:
             rate, channels, width = (int(x) for x in stream["wav"])
             self._wav = (rate, channels, width)
             self._wav_partial = unb64(carry["wav_partial"])
-        if stream.get("container"):
-            self._container = ContainerDecoder.resume(stream["container"], carry["container"] or {})
+        if carry.get("container"):
+            self._container = ContainerDecoder.resume(
+                stream.get("container") or {}, carry["container"]
+            )
         self._pending = bytearray(unb64(carry["pending"]))
         if carry.get("resampler"):
             self._resampler, replayed = ResumableResampler.resume(

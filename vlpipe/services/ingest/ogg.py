@@ -91,7 +91,7 @@ class OggOpusReader:
     def _start_page(self, problems: list[str]) -> bool:
         """Read the next page header and its lacing values, if all of them are in."""
         buf = self._buf
-        if len(buf) < len(CAPTURE):
+        if len(buf) <= len(CAPTURE):  # the capture pattern and the version byte
             return False
         if buf[:4] != CAPTURE or buf[4] != 0:
             at = buf.find(CAPTURE, 1)
