@@ -46,8 +46,11 @@ class OggOpusReader:
         self._buf += data
         packets: list[Packet] = []
         problems: list[str] = []
-        while self._lacing is not None or self._start_page(problems):
-            if not self._read_segments(packets, problems):
+        while True:
+            if self._lacing is None:
+                if not self._start_page(problems):
+                    break
+            elif not self._read_segments(packets, problems):
                 break
         return packets, problems
 
@@ -89,7 +92,8 @@ class OggOpusReader:
     # ------------------------------------------------------------------ internals
 
     def _start_page(self, problems: list[str]) -> bool:
-        """Read the next page header and its lacing values, if all of them are in."""
+        """Read the next page header and its lacing values, or skip bytes that are not a
+        page; False when more bytes are needed."""
         buf = self._buf
         if len(buf) <= len(CAPTURE):  # the capture pattern and the version byte
             return False

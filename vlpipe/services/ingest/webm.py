@@ -27,7 +27,23 @@ CLUSTER = 0x1F43B675
 TRACKS = 0x1654AE6B
 TRACK_ENTRY, TRACK_NUMBER, TRACK_TYPE, CODEC_ID, CODEC_PRIVATE = 0xAE, 0xD7, 0x83, 0x86, 0x63A2
 SIMPLE_BLOCK, BLOCK_GROUP, BLOCK = 0xA3, 0xA0, 0xA1
-CLUSTER_CHILDREN = {0xE7, 0x5854, 0xA7, 0xAB, SIMPLE_BLOCK, BLOCK_GROUP, 0xAF, 0xEC, 0xBF}
+VOID, CRC32 = 0xEC, 0xBF
+CLUSTER_CHILDREN = {0xE7, 0x5854, 0xA7, 0xAB, SIMPLE_BLOCK, BLOCK_GROUP, 0xAF, VOID, CRC32}
+SEEK_HEAD, INFO, CUES, ATTACHMENTS, CHAPTERS, TAGS = (
+    0x114D9B74, 0x1549A966, 0x1C53BB6B, 0x1941A469, 0x1043A770, 0x1254C367,
+)  # fmt: skip
+SEGMENT_CHILDREN = {
+    SEEK_HEAD,
+    INFO,
+    TRACKS,
+    CLUSTER,
+    CUES,
+    ATTACHMENTS,
+    CHAPTERS,
+    TAGS,
+    VOID,
+    CRC32,
+}
 AUDIO_TRACK = 2
 UNKNOWN = -1  # end of an element whose size is unknown (live streams)
 MAX_ELEMENT = 1 << 20  # elements read whole (header, tracks, blocks) are at most this big
@@ -126,6 +142,7 @@ class WebmOpusReader:
     _stack: list[list[int]] = field(default_factory=list)  # [id, end] of open elements
     _skip: int = 0  # bytes of a skipped element still to come
     _started: bool = False
+    _lost: bool = False  # after bytes that were not WebM: looking for the next cluster
 
     def feed(self, data: bytes) -> tuple[list[Packet], list[str]]:
         """Packets completed by `data`, and the problems met (in plain words)."""
@@ -156,6 +173,7 @@ class WebmOpusReader:
             "stack": self._stack,
             "skip": self._skip,
             "started": self._started,
+            "lost": self._lost,
         }
 
     @classmethod
@@ -171,6 +189,7 @@ class WebmOpusReader:
             reader._stack = [[int(ident), int(end)] for ident, end in carry["stack"]]
             reader._skip = int(carry["skip"])
             reader._started = bool(carry["started"])
+            reader._lost = bool(carry["lost"])
         return reader
 
     # ------------------------------------------------------------------ internals
@@ -188,6 +207,13 @@ class WebmOpusReader:
             self._consume(n)
             self._skip -= n
             return not self._skip
+        if self._lost:
+            at = self._buf.find(_CLUSTER_ID)
+            if at < 0:
+                self._consume(max(0, len(self._buf) - (len(_CLUSTER_ID) - 1)))
+                return False
+            self._consume(at)
+            self._lost = False
         while self._stack and self._stack[-1][1] != UNKNOWN and self._pos >= self._stack[-1][1]:
             self._stack.pop()
         ident_len = _vint(self._buf, 0, marker=True)
@@ -201,14 +227,16 @@ class WebmOpusReader:
             return False
         size, n = size_len
         header = id_len + n
+        if not self._started and ident != EBML:
+            self._started = True
+            raise _Garbage("not a WebM stream: it does not start with an EBML header")
+        self._started = True
+        if not self._fits(ident):
+            # The end of a cluster (or segment) of unknown size, or of one cut short by a
+            # lost chunk; then the element is judged again one level up.
+            self._stack.pop()
+            return True
         parent = self._stack[-1] if self._stack else None
-        # An element of unknown size ends where something that cannot be its child begins.
-        if parent and parent[1] == UNKNOWN:
-            if (parent[0] == CLUSTER and ident not in CLUSTER_CHILDREN) or (
-                parent[0] == SEGMENT and ident in (EBML, SEGMENT)
-            ):
-                self._stack.pop()
-                return True
         if (
             parent
             and parent[1] != UNKNOWN
@@ -216,10 +244,6 @@ class WebmOpusReader:
             and self._pos + header + size > parent[1]
         ):
             raise _Garbage("element larger than its parent")
-        if not self._started and ident != EBML:
-            self._started = True
-            raise _Garbage("not a WebM stream: it does not start with an EBML header")
-        self._started = True
         if ident in (SEGMENT, CLUSTER):
             self._consume(header)
             self._stack.append([ident, UNKNOWN if size == UNKNOWN else self._pos + size])
@@ -237,6 +261,19 @@ class WebmOpusReader:
         self._consume(header)
         self._skip = size
         return True
+
+    def _fits(self, ident: int) -> bool:
+        """Whether `ident` may begin here; raises _Garbage if it may begin nowhere open."""
+        parent = self._stack[-1][0] if self._stack else None
+        if parent == CLUSTER and ident in CLUSTER_CHILDREN:
+            return True
+        if parent == SEGMENT and ident in SEGMENT_CHILDREN:
+            return True
+        if parent is None and ident in (EBML, SEGMENT):
+            return True
+        if parent is not None and ident in SEGMENT_CHILDREN | {EBML, SEGMENT}:
+            return False
+        raise _Garbage(f"element {ident:#x} where it cannot be")
 
     def _element(self, ident: int, body: bytes, packets: list[Packet], problems: list[str]) -> None:
         if ident == EBML:
@@ -283,11 +320,10 @@ class WebmOpusReader:
 
     def _resync(self, why: str, problems: list[str]) -> None:
         """Skip to the next cluster: the first place a reader can start again."""
-        at = self._buf.find(_CLUSTER_ID, 1)
-        skipped = at if at > 0 else max(1, len(self._buf) - (len(_CLUSTER_ID) - 1))
-        self._consume(skipped)
+        problems.append(f"{why} (at byte {self._pos}); skipping to the next cluster")
+        self._consume(1)
         self._skip = 0
+        self._lost = True
         self._stack = [entry for entry in self._stack if entry[0] == SEGMENT] or [
             [SEGMENT, UNKNOWN]
         ]
-        problems.append(f"{why}: {skipped} bytes of WebM skipped")
