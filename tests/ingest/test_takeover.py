@@ -19,10 +19,13 @@ those of one normalizer that saw every chunk:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import threading
 import wave
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pytest
@@ -292,6 +295,8 @@ def test_a_snapshot_taken_before_any_audio_resumes_a_new_normalizer() -> None:
         {"stream": '{"v": 99}', "carry": '{"v": 99}'},
         {"stream": '{"v": 1, "wav": [16000, 1, 2]}', "carry": '{"v": 1, "pending": 5}'},
         {"stream": '{"v": 1, "container": {"format": "ogg"}}', "carry": '{"v": 1}'},
+        {"stream": "[]", "carry": "5"},
+        {"stream": '{"v": 1, "wav": [16000, 0, 2]}', "carry": '{"v": 1, "wav_partial": ""}'},
     ],
 )
 def test_an_unreadable_snapshot_is_logged_and_the_session_goes_on(
@@ -317,3 +322,53 @@ def test_compressed_streams_start_no_thread_whether_they_end_or_are_abandoned(ki
             if finish:
                 norm.flush()
     assert threading.active_count() == before
+
+
+def _leaves(value: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _leaves(v, (*path, k))] or [path]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _leaves(v, (*path, i))] or [path]
+    return [path]
+
+
+def _replace(value: Any, path: tuple[Any, ...], new: object) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(copy[path[0]], path[1:], new)
+    return copy
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=5,
+)
+
+
+@pytest.mark.parametrize("kind", ["wav", *COMPRESSED])
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(["stream", "carry"]), pick=st.floats(0, 1, exclude_max=True),
+       new=JSON_VALUES)  # fmt: skip
+def test_a_damaged_snapshot_never_breaks_the_new_owner(
+    kind: str, field: str, pick: float, new: object
+) -> None:
+    # Any value of the snapshot replaced by any other: the new owner starts (afresh if it
+    # must), and what it pushes only ever fails as BadAudio.
+    fmt = InputFormat.WAV if kind == "wav" else COMPRESSED[kind]
+    data = wav_stream(16000, 2) if kind == "wav" else stream(kind)
+    chunks = [RawAudio(audio=c, format=fmt) for c in cut(data, [1001])]
+    norm = Normalizer(TARGET)
+    for chunk in chunks[:5]:
+        norm.push(chunk)
+    snapshot = norm.snapshot()
+    tree = json.loads(snapshot[field])
+    paths = _leaves(tree)
+    snapshot[field] = json.dumps(_replace(tree, paths[int(pick * len(paths))], new))
+    resumed = Normalizer.resume(TARGET, 20, snapshot)
+    for chunk in chunks[5:12]:
+        with contextlib.suppress(BadAudio):
+            frames = resumed.push(chunk)
+            assert all(len(f) == 960 for f in frames)
+    assert all(len(f) == 960 for f in resumed.flush())

@@ -154,7 +154,7 @@ class ContainerDecoder:
         if fmt not in DEMUXERS:
             raise ValueError(f"no reader for {fmt!r}")
         decoder = cls(fmt, DEMUXERS[fmt].resume(header, carry["reader"]))
-        decoder._skip = int(carry["skip"])
+        decoder._skip = max(0, int(carry["skip"]))
         for packet in carry["preroll"]:
             decoder._warm_up(unb64(packet))
         return decoder

@@ -20,6 +20,9 @@ from av.audio.codeccontext import AudioCodecContext
 from vlpipe.services.ingest.framing import Packet, b64, unb64
 
 ID3_HEADER = 10
+MAX_CARRY = 8192
+"""More than any MPEG audio frame (2881 bytes at most): bytes the parser dropped are not
+carried on."""
 
 
 def _parser() -> AudioCodecContext:
@@ -46,7 +49,7 @@ class Mp3Reader:
         fresh = bytes(self._unparsed[self._given :])
         frames = [bytes(p) for p in self._parser.parse(fresh)] if fresh else []
         out = sum(len(f) for f in frames)
-        del self._unparsed[:out]
+        del self._unparsed[: max(out, len(self._unparsed) - MAX_CARRY)]
         self._given = len(self._unparsed)
         return [Packet("audio", f) for f in frames], []
 
@@ -91,7 +94,7 @@ class Mp3Reader:
         reader = cls()
         if carry:
             reader._head = bytearray(unb64(carry["head"]))
-            reader._skip = int(carry["skip"])
+            reader._skip = max(0, int(carry["skip"]))
             reader._started = bool(carry["started"])
             reader._unparsed = bytearray(unb64(carry["buf"]))  # parsed again with the next chunk
         return reader

@@ -173,7 +173,7 @@ class Normalizer:
                 json.loads(checkpoint.get("stream", "{}")),
                 json.loads(checkpoint.get("carry", "{}")),
             )
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             log.warning("audio snapshot unreadable; starting afresh", extra={"error": str(exc)})
             return cls(target, frame_ms)
         return normalizer
@@ -183,6 +183,8 @@ class Normalizer:
             raise ValueError(f"snapshot version {stream.get('v')}/{carry.get('v')}")
         if stream.get("wav"):
             rate, channels, width = (int(x) for x in stream["wav"])
+            if not (8000 <= rate <= 48000 and channels in (1, 2) and width == 2):
+                raise ValueError(f"WAV format out of range: {stream['wav']}")
             self._wav = (rate, channels, width)
             self._wav_partial = unb64(carry["wav_partial"])
         if carry.get("container"):
@@ -190,6 +192,8 @@ class Normalizer:
                 stream.get("container") or {}, carry["container"]
             )
         self._pending = bytearray(unb64(carry["pending"]))
+        if len(self._pending) % 2:
+            raise ValueError("partial frame of an odd number of bytes")
         if carry.get("resampler"):
             self._resampler, replayed = ResumableResampler.resume(
                 self.target.rate, carry["resampler"]

@@ -72,6 +72,8 @@ class ResumableResampler:
     def resume(cls, out_rate: int, state: dict[str, Any]) -> tuple[ResumableResampler, bytes]:
         """The resampler another owner's `state()` describes, and the output its replay
         gives beyond what that owner returned. ValueError if the state is not valid."""
+        if not 8000 <= int(state["rate"]) <= 48000:
+            raise ValueError(f"resampler input rate {state['rate']} out of range")
         resampler = cls(int(state["rate"]), out_rate, str(state["kind"]))
         at, returned, pcm = int(state["at"]), int(state["out"]), unb64(state["pcm"])
         first_out = at * out_rate // resampler.in_rate

@@ -190,6 +190,8 @@ class WebmOpusReader:
             reader._skip = int(carry["skip"])
             reader._started = bool(carry["started"])
             reader._lost = bool(carry["lost"])
+            if reader._pos < 0 or reader._skip < 0 or any(e < UNKNOWN for _, e in reader._stack):
+                raise ValueError("WebM reader state with negative offsets")
         return reader
 
     # ------------------------------------------------------------------ internals
