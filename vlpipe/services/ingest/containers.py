@@ -36,14 +36,15 @@ DEMUXERS: dict[str, type[Reader]] = {"ogg": OggOpusReader, "webm": WebmOpusReade
 Decoded = tuple[int, np.ndarray]
 """(sample rate in Hz, mono samples as float32 on the PCM16 scale)."""
 
-PREROLL_PACKETS = {"ogg": 8, "webm": 8, "mp3": 5}
-PREROLL_BYTES = 2048
-"""A new owner's decoder is warmed with the old one's last packets, at most this many and
-these many bytes. Measured on tones (the worst case for Opus's energy prediction): 8 Opus
-packets of 20 ms leave it within 1% of the old decoder's output after 25 ms (4 packets, the
-80 ms RFC 7845 asks for, within 15% after 100 ms; none, 200 ms off), and 5 MP3 frames at
-128 kbit/s within 3 LSB (3 frames: 20 ms of silence). The bytes cap keeps the checkpoint
-small at high bitrates, at the cost of a shorter warm-up there."""
+PREROLL_MS = {"ogg": 160, "webm": 160, "mp3": 130}
+PREROLL_BYTES = 3072
+"""A new owner's decoder is warmed with the old one's last packets: at least this much
+audio, in at most these many bytes. Measured on tones (the worst case for Opus's energy
+prediction), 160 ms of Opus leaves the new decoder within 1% of the old one's output after
+25 ms (80 ms, what RFC 7845 asks for seeking: within 15% after 100 ms; none: 200 ms off),
+and on Chrome's MediaRecorder WebM (stereo, 60 ms packets of ~1 kB) within 4 LSB; 130 ms of
+MP3 (5 frames at 44.1 kHz) within 3 LSB (3 frames leave 20 ms of silence). The bytes cap
+bounds the checkpoint at high bitrates, at the cost of a shorter warm-up there."""
 OPUS_HEAD_SIZE = 19
 PRE_SKIP = slice(10, 12)  # OpusHead: samples at 48 kHz to drop at the stream's start
 
@@ -105,7 +106,7 @@ class ContainerDecoder:
         self._reader: Reader = reader or DEMUXERS[fmt]()
         self._codec: AudioCodecContext | None = _mp3_decoder() if fmt == "mp3" else None
         self._skip = 0  # samples still to drop at the stream's start (Opus pre-skip)
-        self._recent: deque[bytes] = deque(maxlen=PREROLL_PACKETS[fmt])  # the pre-roll
+        self._recent: deque[tuple[bytes, float]] = deque()  # (packet, ms): the pre-roll
         if isinstance(self._reader, OggOpusReader | WebmOpusReader) and self._reader.head:
             self._codec, _ = _opus_decoder(self._reader.head)
 
@@ -175,9 +176,8 @@ class ContainerDecoder:
                 continue
             if self._codec is None:
                 continue  # the reader reported audio before its header
-            self._recent.append(data)
             try:
-                out += self._samples(self._codec.decode(av.Packet(data)))
+                out += self._samples(self._decoded(data))
             except av.FFmpegError as exc:
                 failed.append(f"{len(data)} bytes: {exc}")
         # MP3's parser hands over junk before a sync word (a stream joined mid-way, tags) as
@@ -187,11 +187,21 @@ class ContainerDecoder:
             problems.append(f"{len(failed)} undecodable packet(s), e.g. {failed[0]}")
         return out
 
+    def _decoded(self, packet: bytes) -> list[av.AudioFrame]:
+        """Decode a packet, remembering it (and its length in ms) for the pre-roll."""
+        assert self._codec is not None
+        frames = self._codec.decode(av.Packet(packet))
+        ms = sum(1000 * f.samples / f.sample_rate for f in frames)
+        self._recent.append((packet, ms))
+        while sum(m for _, m in self._recent) - self._recent[0][1] >= PREROLL_MS[self.format]:
+            self._recent.popleft()
+        return frames
+
     def _preroll(self) -> list[bytes]:
         """The newest packets within PREROLL_BYTES, oldest first."""
         kept: list[bytes] = []
         size = 0
-        for packet in reversed(self._recent):
+        for packet, _ in reversed(self._recent):
             size += len(packet)
             if size > PREROLL_BYTES:
                 break
@@ -200,10 +210,9 @@ class ContainerDecoder:
 
     def _warm_up(self, packet: bytes) -> None:
         """Decode a packet the old owner decoded already, for the decoder's state only."""
-        self._recent.append(packet)
         if self._codec is not None:
             with contextlib.suppress(av.FFmpegError):
-                self._codec.decode(av.Packet(packet))
+                self._decoded(packet)
 
     def _samples(self, frames: list[av.AudioFrame]) -> list[Decoded]:
         out: list[Decoded] = []
