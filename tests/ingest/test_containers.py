@@ -304,5 +304,6 @@ def test_a_damaged_stream_is_refused_in_part_never_crashes_and_survives_a_takeov
         except BadAudio as exc:
             assert str(exc).startswith(f"{fmt.value} stream: ")
     frames += norm.flush()
+    # (Not how much audio: an Opus decoder turns almost any bytes into up to 120 ms of it,
+    # and a damaged lacing byte can make one block into many packets.)
     assert all(len(f) == 960 for f in frames)
-    assert len(frames) * 0.020 <= 2.0 + 0.2, "damage never makes more audio than there was"
