@@ -660,30 +660,50 @@ class Window:
     machine_percent: float  # all cores, 100 = every core busy
     null_appends: int
     null_bytes: int
+    redis_calls: dict[str, tuple[int, int]]  # pipeline: command -> (calls, server usec)
+
+
+async def commandstats(redis: Any) -> dict[str, tuple[int, int]]:
+    """`INFO commandstats`: per command, calls and the server's time in it (usec)."""
+    info = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+        for name, stat in info.items()
+    }
 
 
 async def sleep_until(wall: float) -> None:
     await asyncio.sleep(max(0.0, wall - time.time()))
 
 
-async def measure_window(pids: dict[str, int], null_port: int, start: float,
-                         seconds: float) -> Window:  # fmt: skip
+async def measure_window(pids: dict[str, int], null_port: int, start: float, seconds: float,
+                         redis: Any = None) -> Window:  # fmt: skip
+    """CPU, memory and the null server's input over [start, start + seconds] (wall clock);
+    with `redis`, also the commands the pipeline sent it."""
     procs = {name: psutil.Process(pid) for name, pid in pids.items()}
     await sleep_until(start)
     began = time.monotonic()
     psutil.cpu_percent(interval=None)  # starts the machine-wide count
     cpu0 = {name: cpu_seconds(p) for name, p in procs.items()}
     null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    calls0 = await commandstats(redis) if redis is not None else {}
     await sleep_until(start + seconds)
     cpu1 = {name: cpu_seconds(p) for name, p in procs.items()}
     machine = psutil.cpu_percent(interval=None)
     null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    calls1 = await commandstats(redis) if redis is not None else {}
     wall = time.monotonic() - began
+    calls = {
+        name: (c - calls0.get(name, (0, 0))[0], u - calls0.get(name, (0, 0))[1])
+        for name, (c, u) in calls1.items()
+        if name != "info"  # this function's own
+    }
     return Window(
         wall_s=wall, cpu_s={name: cpu1[name] - cpu0[name] for name in procs},
         rss={name: p.memory_info().rss for name, p in procs.items()}, machine_percent=machine,
         null_appends=null1.get("appends", 0) - null0.get("appends", 0),
         null_bytes=null1.get("append_bytes", 0) - null0.get("append_bytes", 0),
+        redis_calls={name: got for name, got in calls.items() if got[0] > 0},
     )  # fmt: skip
 
 
@@ -821,7 +841,8 @@ class Bench:
             started += [consumer, producer]
             await consumer.message("ready", within=t0 - time.time())
             window = await measure_window({**pids, "null server": self.null.pid},
-                                          self.null_port, t0 + self.warmup, self.seconds)  # fmt: skip
+                                          self.null_port, t0 + self.warmup, self.seconds,
+                                          redis)  # fmt: skip
             produced = await producer.message("result", within=until - time.time() + 60)
             consumed = await consumer.message("result", within=until - time.time() + 60)
         finally:
@@ -932,6 +953,19 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
                 f"| {ms_pair(t.uplink_ms)} | {ms_pair(t.downlink_ms)} | {ms_pair(t.ticker_late_ms)} "
                 f"| {r.input_share:.1%} | {r.window.null_appends / r.window.wall_s:.0f} |"
             )
+    out += [
+        "",
+        "Redis commands per input frame (N × 50 frames/s) in the pipeline, and redis-server's "
+        "own time in each (µs per frame):",
+        "",
+    ]
+    for pipe, _ in results:
+        frames = pipe.n * pipe.window.wall_s / TICK_S
+        ranked = sorted(pipe.window.redis_calls.items(), key=lambda kv: -kv[1][0])
+        total = sum(c for c, _ in pipe.window.redis_calls.values())
+        cells = ", ".join(f"{name} {c / frames:.2f} ({u / frames:.1f} µs)"
+                          for name, (c, u) in ranked)  # fmt: skip
+        out.append(f"- N={pipe.n}: {total / frames:.2f} commands per frame: {cells}")
     return "\n".join(out)
 
 
