@@ -585,6 +585,7 @@ class Children:
             proc = await asyncio.create_subprocess_exec(
                 *args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else out, stderr=out,
+                limit=64 * 2**20,  # a role's result is one JSON line: every tick and answer
             )  # fmt: skip
         child = Child(name, proc, log)
         self.running.append(child)
@@ -992,6 +993,7 @@ async def quiet_machine(busy_above: float, patience: float) -> float:
 async def run(args: argparse.Namespace) -> None:
     sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
     print(machine_line(args), flush=True)
+    results: list[tuple[ModeResult, ModeResult]] = []
     with tempfile.TemporaryDirectory(prefix="vlpipe-pvd-") as tmp:
         children = Children(Path(tmp))
         try:
@@ -1002,7 +1004,6 @@ async def run(args: argparse.Namespace) -> None:
             await null.message("ready", within=30)
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp))  # fmt: skip
-            results: list[tuple[ModeResult, ModeResult]] = []
             for n in sessions:
                 modes = []
                 for mode in (bench.direct, bench.pipeline):
@@ -1015,14 +1016,14 @@ async def run(args: argparse.Namespace) -> None:
                     modes.append(result)
                 direct, pipe = modes
                 results.append((pipe, direct))
-            print()
-            print(machine_line(args))
-            print()
-            print(report(results), flush=True)
         except StartFailed as exc:
             raise SystemExit(f"benchmark stopped: {exc}") from None
         finally:
             await children.stop_all()
+            if results:  # also what was measured before a failure or Ctrl-C
+                done = len(results) == len(sessions)
+                print(f"\n{machine_line(args)}" + ("" if done else "; stopped early") + "\n")
+                print(report(results), flush=True)
 
 
 def main() -> None:
