@@ -800,14 +800,18 @@ class Bench:
         prefix = f"pvd{n}"
         keys = StreamKeys(prefix)
         sids = [f"s{i}" for i in range(n)]
-        server = RedisServer(self.tmp / f"redis-{n}")
+        # The class runs AOF with `always` (every acknowledged write survives a crash, which
+        # the fault tests need); production runs `everysec` unless told otherwise.
+        server = RedisServer(
+            self.tmp / f"redis-{n}", extra_args=("--appendfsync", self.appendfsync)
+        )
         server.start()
         started: list[Child] = []
         redis = connect(server.url)
         try:
-            # The class runs AOF with `always` (every acknowledged write survives a crash,
-            # which the fault tests need); production runs `everysec` unless told otherwise.
-            await redis.config_set("appendfsync", self.appendfsync)
+            fsync = (await redis.config_get("appendfsync")).get("appendfsync")
+            if fsync != self.appendfsync:
+                raise StartFailed(f"redis-server runs appendfsync {fsync}, not {self.appendfsync}")
             ports = {name: free_port() for name in SERVICES}
             for name in SERVICES:
                 started.append(await self.children.start(
