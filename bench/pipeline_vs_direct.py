@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
+        [--busy-above 25] [--busy-wait 120]
+
+The measured baseline and how to read it: docs/performance.md.
 
 Both modes run in one invocation, for each session count N in turn, against the same
 upstream:
@@ -44,8 +47,9 @@ tick:
   audio of its answer reaching the app (direct) or the consumer (pipeline). The added
   latency is the pipeline's percentile minus the direct mode's: both modes are measured
   end to end with the same clock and the same null server, so the null server's own
-  reaction and the SDK's client-side cost cancel out, and the uplink (producer to ingest
-  to broker) counts, which a stamp taken by the server alone would miss. The server's
+  reaction cancels out, and the uplink (producer to ingest to broker) counts, which a
+  stamp taken by the server alone would miss (turns cannot be paired across the modes, so
+  it is a difference of percentiles, not a percentile of differences). The server's
   stamp in the audio still splits each turn into uplink (tick to the server starting the
   answer) and downlink (server to app or consumer), printed per mode. A tick is stamped
   when it starts, before any session's chunk is sent; its lateness against the 20 ms
@@ -59,6 +63,11 @@ tick:
 * **Memory.** Resident memory of each process at the end of the window minus its idle
   figure (services: ready, before any session; direct: after imports, before
   connecting), divided by N.
+* **Redis commands** per input frame over the window (`INFO commandstats`), with
+  redis-server's own time in each: where the round trips go.
+
+The machine is shared: before each mode the benchmark waits (up to `--busy-wait` s) for
+the machine's CPU use to drop to `--busy-above` %, and prints it before and during.
 
 Every child process is stopped on exit, on Ctrl-C and on SIGTERM; one that does not start
 (or exits early) stops the run with its log's tail. The children are this same file run
