@@ -373,3 +373,32 @@ def test_a_response_request_never_reaches_the_upstream_while_one_is_in_progress(
         if not up.outbox and up.active is None and not core.queued:
             break
     assert not core.queued
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(5, 60), st.integers(1, 19)), min_size=1, max_size=12))
+def test_vad_turns_ending_mid_frame_leave_nothing_behind_to_replay(
+    turns: list[tuple[int, int]],
+) -> None:
+    """The VAD ends items anywhere, not on frame edges: once each turn is transcribed, no
+    frame before the last commit is kept (a kept frame would pin the checkpoint's frame
+    position, and a new owner would replay every remembered turn after it)."""
+    core = make_core(VAD)
+    up = Upstream(core)
+    up.open()
+    sent = 0
+    for n, (frames, into_last_ms) in enumerate(turns):
+        start_ms = sent * 20
+        core.audio([frame(s) for s in range(sent, sent + frames)], 0.0)
+        sent += frames
+        up.take()
+        end_ms = (sent - 1) * 20 + into_last_ms  # within the last frame
+        up.outbox.append({"type": "input_audio_buffer.speech_started",
+                          "audio_start_ms": start_ms, "item_id": f"u{n}"})  # fmt: skip
+        up.outbox.append({"type": "input_audio_buffer.speech_stopped",
+                          "audio_end_ms": end_ms, "item_id": f"u{n}"})  # fmt: skip
+        up.transcribe(up.commit())
+        while up.deliver():
+            pass
+        assert not core.retained, [f.seq for f in core.retained]
+        assert core.frames_id == f"{1000 + sent - 1}-0"

@@ -360,12 +360,12 @@ class SessionCore:
             self._moved_frames_id()
 
     def _let_go_span(self, start_ms: float, end_ms: float) -> None:
-        """The upstream has what lies within this span in a transcribed item. An earlier
-        item may still wait for its transcript: its audio stays."""
+        """The upstream has this span in a transcribed item: the frames that start in it
+        need no replay (a frame across the end is the item's: the VAD ends an item in
+        silence, so the next one loses nothing of it). An earlier item may still wait for
+        its transcript: its audio stays."""
         kept = deque(
-            sent
-            for sent in self.retained
-            if not (sent.at_ms >= start_ms - 0.5 and sent.end_ms <= end_ms + 0.5)
+            sent for sent in self.retained if not (start_ms - 0.5 <= sent.at_ms < end_ms - 0.5)
         )
         if len(kept) != len(self.retained):
             self.retained = kept
