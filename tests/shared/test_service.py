@@ -15,7 +15,7 @@ import pytest
 from tests.shared.procs import ROOT
 from vlpipe.shared import logs
 from vlpipe.shared.config import ServiceSettings, redact_url
-from vlpipe.shared.redis_server import free_port
+from vlpipe.shared.redis_server import RedisServer, free_port
 from vlpipe.shared.service import ServiceContext, serve_health
 from vlpipe.shared.streams import DeadLetters, connect
 
@@ -112,6 +112,52 @@ async def test_health_readiness_and_metrics_endpoints(redis_url: str) -> None:
         assert status == 200 and "# TYPE" in body
         assert (await asyncio.to_thread(get, "/nope"))[0] == 404
     finally:
+        server.close()
+        await server.wait_closed()
+        await redis.aclose()
+
+
+async def test_healthz_fails_when_a_work_loop_is_wedged_but_not_while_redis_is_down(
+    fresh_redis_server: RedisServer,
+) -> None:
+    redis = connect(fresh_redis_server.url, timeout_s=1)
+    settings = ServiceSettings(watchdog_s=0.3, redis_timeout_s=1, block_ms=200)
+    ctx = ServiceContext(
+        name="t", settings=settings, redis=redis, keys=settings.keys, replica="r",
+        dead=DeadLetters(redis, settings.keys, "t"), stop=asyncio.Event(),
+    )  # fmt: skip
+    loop = ctx.watchdog.loop("session reader")
+    port = free_port()
+    server = await serve_health(ctx, "127.0.0.1", port)
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    release = asyncio.Event()
+
+    async def wedged_turn() -> None:  # a handler that never returns
+        with loop.turn():
+            await release.wait()
+
+    turn = asyncio.create_task(wedged_turn())
+    try:
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200  # busy, not for long yet
+        await asyncio.sleep(0.5)
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 503 and "session reader stuck" in body
+        fresh_redis_server.kill()  # now the turn may be waiting for Redis: not a wedge
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 503
+        release.set()
+        await turn
+        fresh_redis_server.start()
+        assert (await asyncio.to_thread(get, "/healthz"))[0] == 200  # the loop turns again
+    finally:
+        release.set()
         server.close()
         await server.wait_closed()
         await redis.aclose()
