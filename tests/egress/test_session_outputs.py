@@ -5,13 +5,16 @@ audio deltas already decoded to bytes) and feeds them to `observe`; nothing here
 socket. What is proved is what consumers and a replica taking a session over rely on:
 partials that only grow and a final that replaces them, audio offsets without gaps, output
 that does not depend on how the upstream chunked its deltas, not one more sample of a
-cleared response, and a dump that a replica continues from without renumbering.
+cleared response, and a snapshot that a replica continues from without renumbering, even
+when each write carried only the snapshot fields that changed.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import itertools
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.egress.helpers import recorded_turn
-from vlpipe.services.egress.outputs import Outputs, SessionOutputs
+from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
 from vlpipe.shared.audio import AudioFormat, decode_to_pcm16
 from vlpipe.shared.contracts import AudioOut, Event
 
@@ -420,7 +423,22 @@ def test_the_session_ending_mid_response_flushes_the_resampler_and_ends_the_resp
     assert [s.message for s in out.status if s.kind == "state"] == ["ended"]
 
 
-# ---------------------------------------------------------------- dump / load (takeover)
+# ---------------------------------------------------------------- snapshot / load (takeover)
+
+
+def written(checkpoint: dict[str, str], outputs: SessionOutputs) -> dict[str, str]:
+    """What the egress service does with each batch: the snapshot fields whose text changed
+    are written over the checkpoint Redis has (returns them)."""
+    changed = {k: v for k, v in outputs.snapshot().items() if checkpoint.get(k) != v}
+    checkpoint.update(changed)
+    return changed
+
+
+def afresh(outputs: SessionOutputs) -> dict[str, str]:
+    """The snapshot of an object that has never made one (nothing reused from earlier)."""
+    fresh = outputs_for(outputs.audio_out)
+    fresh.state = copy.deepcopy(outputs.state)
+    return fresh.snapshot()
 
 
 def test_a_replica_loaded_at_any_point_of_the_recorded_turn_continues_as_the_original() -> None:
@@ -428,14 +446,118 @@ def test_a_replica_loaded_at_any_point_of_the_recorded_turn_continues_as_the_ori
     events = [*broker.recorded(recorded_turn()), broker.ended()]
     for cut in range(len(events) + 1):
         original = outputs_for(AudioFormat.PCM16)
-        feed(original, events[:cut])
+        checkpoint: dict[str, str] = {}
+        for event in events[:cut]:  # one write per event, each with what changed
+            feed(original, [event])
+            written(checkpoint, original)
         replica = outputs_for(AudioFormat.PCM16)
-        replica.load(original.dump())
-        assert replica.dump() == original.dump()
+        replica.load(checkpoint)
+        assert replica.snapshot() == original.snapshot() == afresh(original)
 
         # Same transcript pieces, audio chunks (seq, offsets, bytes, markers) and statuses.
         assert feed(replica, events[cut:]) == feed(original, events[cut:]), f"dump after {cut}"
-        assert replica.dump() == original.dump()
+        assert replica.snapshot() == original.snapshot()
+
+
+def _event(broker: Broker, kind: str, n: int, size: int) -> Event:
+    """One event of a small vocabulary, naming one of three responses/items (`n`)."""
+    response, item, user = f"resp_{n}", f"item_{n}", f"u{n}"
+    if kind == "audio":
+        return broker.audio(TONE[: size * 2 + n % 2], response, item)  # odd sizes too
+    if kind == "done":
+        return broker.done(response, "cancelled" if size % 3 == 0 else "completed")
+    if kind == "barge_in":
+        return broker.barge_in(response, item)
+    bodies = {
+        "said": {"type": "response.audio_transcript.delta", "response_id": response,
+                 "item_id": item, "delta": "word " if size % 2 else "wo"},
+        "said_final": {"type": "response.audio_transcript.done", "response_id": response,
+                       "item_id": item, "transcript": "word word"},
+        "heard": {"type": USER_DELTA, "item_id": user, "delta": "Ever " if size % 2 else "tri"},
+        "heard_final": {"type": USER_FINAL, "item_id": user, "transcript": "Ever tried."},
+        "not_heard": {"type": "conversation.item.input_audio_transcription.failed",
+                      "item_id": user, "error": {"code": "x"}},
+        "started": {"type": "input_audio_buffer.speech_started", "item_id": user,
+                    "audio_start_ms": size},
+        "stopped": {"type": "input_audio_buffer.speech_stopped", "item_id": user,
+                    "audio_end_ms": size + 500},
+    }  # fmt: skip
+    return broker.event(bodies[kind], gap_ms=size % 300)
+
+
+KINDS = ["audio", "audio", "audio", "done", "barge_in", "said", "said_final", "heard",
+         "heard_final", "not_heard", "started", "stopped"]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    script=st.lists(
+        st.tuples(st.sampled_from(KINDS), st.integers(0, 2), st.integers(0, 400)),
+        min_size=1, max_size=40,
+    ),
+    batches=st.lists(st.integers(1, 4), min_size=1, max_size=40),
+    cut=st.integers(0, 40),
+)  # fmt: skip
+def test_a_replica_loaded_from_the_changed_fields_written_so_far_continues_as_the_original(
+    script: list[tuple[str, int, int]], batches: list[int], cut: int
+) -> None:
+    broker = Broker()
+    events = [_event(broker, kind, n, size) for kind, n, size in script]
+    cut = min(cut, len(events))
+    original = outputs_for(AudioFormat.PCM16, partial_ms=100)
+    checkpoint: dict[str, str] = {}
+    start = 0
+    for size in itertools.cycle(batches):  # the service writes once per batch of events
+        if start >= cut:
+            break
+        feed(original, events[start : min(start + size, cut)])
+        written(checkpoint, original)
+        start += size
+        # Nothing stale: each snapshot is what a snapshot made afresh would be.
+        assert original.snapshot() == afresh(original)
+    replica = outputs_for(AudioFormat.PCM16, partial_ms=100)
+    replica.load(checkpoint)
+
+    assert feed(replica, events[cut:]) == feed(original, events[cut:])
+    assert replica.snapshot() == original.snapshot()
+
+
+def test_an_audio_chunk_changes_only_the_numbers_and_the_playback_position() -> None:
+    broker = Broker()
+    outputs = outputs_for(AudioFormat.PCM16)
+    deltas = every(tone(0.5), 100)
+    checkpoint: dict[str, str] = {}
+    feed(outputs, [broker.audio(deltas[0])])
+    assert set(written(checkpoint, outputs)) == set(STATE_FIELDS)  # the first write: all
+    for delta in deltas[1:]:
+        feed(outputs, [broker.audio(delta)])
+        assert set(written(checkpoint, outputs)) == {"seqs", "playback"}
+
+
+def test_a_checkpoint_of_the_whole_state_as_one_field_is_continued() -> None:
+    # What egress wrote before the split fields: a session taken over across an upgrade.
+    broker = Broker()
+    events = [broker.audio(d) for d in every(tone(1.0), 100)]
+    original = outputs_for(AudioFormat.PCM16)
+    feed(original, [*events[:4], broker.barge_in(), broker.audio(events[4].audio or b"",
+                                                                   "resp_2", "item_2")])  # fmt: skip
+    state = original.state
+    legacy = {"state": json.dumps({
+        "output_format": state.output_format, "transcript_seq": state.transcript_seq,
+        "audio_seq": state.audio_seq, "partials": {}, "spans": {},
+        "playback": {"response_id": state.playback.response_id,
+                     "item_id": state.playback.item_id,
+                     "delivered_ms": state.playback.delivered_ms},
+        "cleared": list(state.cleared), "ended_audio": list(state.ended_audio),
+        "speech_stopped_at": None, "first_audio_seen": list(state.first_audio_seen),
+        "finished_items": list(state.finished_items),
+    })}  # fmt: skip
+    replica = outputs_for(AudioFormat.PCM16)
+    replica.load(legacy)
+
+    assert replica.snapshot() == original.snapshot()
+    rest = [broker.audio(d, "resp_2", "item_2") for d in every(tone(0.3), 100)]
+    assert feed(replica, rest) == feed(original, rest)
 
 
 @pytest.mark.parametrize("audio_out", [AudioFormat.G711_ULAW, AudioFormat.PCM16_16K], ids=str)
@@ -447,7 +569,7 @@ def test_a_replica_taking_over_a_converted_response_keeps_its_numbering_and_offs
     original = outputs_for(audio_out)
     before = feed(original, events[:4]).audio
     replica = outputs_for(audio_out)
-    replica.load(original.dump())
+    replica.load(original.snapshot())
     went_on = feed(original, events[4:]).audio
     took_over = feed(replica, events[4:]).audio
 
@@ -470,7 +592,7 @@ def test_a_replica_loaded_after_a_barge_in_keeps_the_cleared_response_silent() -
     original = outputs_for(AudioFormat.PCM16)
     before = feed(original, [*(broker.audio(d) for d in deltas[:4]), broker.barge_in()])
     replica = outputs_for(AudioFormat.PCM16)
-    replica.load(original.dump())
+    replica.load(original.snapshot())
     late = [*(broker.audio(d) for d in deltas[4:]), broker.done(status="cancelled")]
     after = feed(replica, [*late, *(broker.audio(d, "resp_2", "item_2") for d in deltas[:2])])
 
@@ -522,7 +644,7 @@ def test_turns_without_transcripts_do_not_grow_the_state() -> None:
                           "audio_end_ms": n * 1000 + 500}),
         ])  # fmt: skip
     assert len(outputs.state.spans) <= 16
-    assert len(outputs.dump()) < 2000
+    assert sum(len(v) for v in outputs.snapshot().values()) < 2000
 
 
 def test_a_failed_transcription_drops_its_partial_and_is_reported() -> None:

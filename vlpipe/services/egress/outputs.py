@@ -13,15 +13,16 @@
   results, and per-turn latency.
 
 It also keeps the playback position (`playback`) the broker reads on barge-in. Its state
-is plain data (`dump` / `load`) so a replica that takes the session over continues the
-numbering; only the resampler starts afresh, losing the few milliseconds of audio it held
-(converted formats only).
+is plain data, checkpointed as a few fields (`snapshot` / `load`, see `STATE_FIELDS`) so
+that a replica that takes the session over continues the numbering; only the resampler
+starts afresh, losing the few milliseconds of audio it held (converted formats only).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlpipe.shared.audio import AudioFormat, FormatConverter, decode_to_pcm16
@@ -56,19 +57,29 @@ class State:
     partials: dict[str, Partial] = field(default_factory=dict)
     spans: dict[str, list[float]] = field(default_factory=dict)  # user item -> [start, end]
     playback: Playback = field(default_factory=Playback)
-    cleared: list[str] = field(default_factory=list)  # recent cleared responses
-    ended_audio: list[str] = field(default_factory=list)  # responses whose `end` went out
+    # Recent responses and items, newest last. Tuples: replaced, never changed in place,
+    # so the snapshot can tell in one comparison that none of them moved.
+    cleared: tuple[str, ...] = ()  # responses cleared
+    ended_audio: tuple[str, ...] = ()  # responses whose `end` went out
     speech_stopped_at: float | None = None
-    first_audio_seen: list[str] = field(default_factory=list)
-    finished_items: list[str] = field(default_factory=list)  # recent items with a final
+    first_audio_seen: tuple[str, ...] = ()
+    finished_items: tuple[str, ...] = ()  # items with a final
 
 
-_RECENT = 16  # how many recent responses and items the bounded lists above remember
+_RECENT = 16  # how many recent responses and items the tuples above remember
 
 
-def _remember(recent: list[str], key: str) -> list[str]:
+def _remember(recent: tuple[str, ...], key: str) -> tuple[str, ...]:
     """`recent` with `key` added, keeping the newest `_RECENT`."""
-    return [*recent[-(_RECENT - 1) :], key]
+    return (*recent[-(_RECENT - 1) :], key)
+
+
+STATE_FIELDS = ("seqs", "playback", "turn", "partials", "spans", "recent")
+"""The checkpoint fields of `SessionOutputs.snapshot()`, each the JSON of one part of the
+state. An audio chunk changes `seqs` and `playback` only; the others change a few times a
+turn, so a write carries only the fields whose text changed."""
+
+_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass
@@ -92,17 +103,58 @@ class SessionOutputs:
         self._converter: FormatConverter | None = None
         self._converter_response: str | None = None
         self._odd_byte = b""  # half a PCM16 sample, held for the converter's next delta
+        self._recent_of: tuple[tuple[tuple[str, ...], ...], str] = ((), "")
 
     # ---------------------------------------------------------------- persistence
 
-    def dump(self) -> str:
-        return json.dumps(asdict(self.state), separators=(",", ":"))
+    def snapshot(self) -> dict[str, str]:
+        """The state as checkpoint fields (`STATE_FIELDS`), from which `load` continues.
 
-    def load(self, text: str) -> None:
-        raw = json.loads(text)
-        raw["partials"] = {k: Partial(**v) for k, v in raw.get("partials", {}).items()}
-        raw["playback"] = Playback(**raw.get("playback", {}))
-        self.state = State(**raw)
+        Made on every write, so the parts that rarely change are not encoded again while
+        they have not (the recent tuples are compared, not encoded)."""
+        state = self.state
+        recent = (state.cleared, state.ended_audio, state.first_audio_seen, state.finished_items)
+        if recent != self._recent_of[0]:
+            self._recent_of = (recent, _json(recent))
+        playback = state.playback
+        return {
+            "seqs": f"[{state.transcript_seq},{state.audio_seq}]",
+            "playback": _json((playback.response_id, playback.item_id, playback.delivered_ms)),
+            "turn": _json((state.output_format, state.speech_stopped_at)),
+            "partials": _json({
+                item: (p.text, p.emitted_at, p.emitted_len, p.response_id)
+                for item, p in state.partials.items()
+            }) if state.partials else "{}",
+            "spans": _json(state.spans) if state.spans else "{}",
+            "recent": self._recent_of[1],
+        }  # fmt: skip
+
+    def load(self, checkpoint: Mapping[str, str]) -> None:
+        """Continue from a `snapshot()` (the checkpoint's other fields are ignored); from
+        a checkpoint of an egress before the split fields (`state`, the whole state as one
+        JSON object), during a rolling upgrade."""
+        if "seqs" not in checkpoint:
+            if checkpoint.get("state"):
+                raw = json.loads(checkpoint["state"])
+                raw["partials"] = {k: Partial(**v) for k, v in raw.get("partials", {}).items()}
+                raw["playback"] = Playback(**raw.get("playback", {}))
+                for name in ("cleared", "ended_audio", "first_audio_seen", "finished_items"):
+                    raw[name] = tuple(raw.get(name, ()))
+                self.state = State(**raw)
+            return
+        transcript_seq, audio_seq = json.loads(checkpoint["seqs"])
+        output_format, speech_stopped_at = json.loads(checkpoint["turn"])
+        cleared, ended_audio, first_audio_seen, finished_items = (
+            tuple(ids) for ids in json.loads(checkpoint["recent"])
+        )
+        self.state = State(
+            output_format=output_format, transcript_seq=transcript_seq, audio_seq=audio_seq,
+            partials={item: Partial(*p) for item, p in json.loads(checkpoint["partials"]).items()},
+            spans=json.loads(checkpoint["spans"]),
+            playback=Playback(*json.loads(checkpoint["playback"])),
+            cleared=cleared, ended_audio=ended_audio, speech_stopped_at=speech_stopped_at,
+            first_audio_seen=first_audio_seen, finished_items=finished_items,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- events
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanKind
 
-from vlpipe.services.egress.outputs import Outputs, SessionOutputs
+from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Event, decode, encode
@@ -36,6 +36,8 @@ class SessionEgress:
     owned: OwnedSession
     outputs: SessionOutputs
     next_event: int
+    checkpointed: dict[str, str | int | float]
+    """The checkpoint fields as last written: a write carries only those that changed."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -73,9 +75,11 @@ class EgressService:
         outputs = SessionOutputs(
             owned.sid, owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
         )
-        if checkpoint.get("state"):
-            outputs.load(checkpoint["state"])
-        state = SessionEgress(owned, outputs, int(checkpoint.get("next_event", "0")))
+        outputs.load(checkpoint)
+        state = SessionEgress(
+            owned, outputs, int(checkpoint.get("next_event", "0")),
+            checkpointed={k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint},
+        )  # fmt: skip
         self.sessions[owned.sid] = state
         key = self.keys.events(owned.sid)
         self.reader.add(key, checkpoint.get("events_id", "0-0"), self._on_events)
@@ -135,16 +139,18 @@ class EgressService:
                     "delivered_ms": round(playback.delivered_ms, 1),
                 },
             )  # fmt: skip
-        write.checkpoint(
-            {"events_id": events_id, "next_event": state.next_event,
-             "state": state.outputs.dump(), "ended": int(out.ended)},
-        )  # fmt: skip
+        values: dict[str, str | int | float] = {
+            "events_id": events_id, "next_event": state.next_event, "ended": int(out.ended),
+            **state.outputs.snapshot(),
+        }  # fmt: skip
+        write.checkpoint({k: v for k, v in values.items() if state.checkpointed.get(k) != v})
         write.trim_before(keys.events(sid), events_id, approximate=False)
         if out.ended:
             # The session is over: its keys stay readable for `session_ttl_s`, then go.
             for key in keys.session_streams(sid):
                 write.expire(key, keep.session_ttl_s)
         await self.ownership.commit(state.owned, write)
+        state.checkpointed = values
         self._trace(sid, out)
         if out.audio:
             self.chunks_out.add(len(out.audio))
