@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlpipe.shared.fencing import Fence, Fenced, Regressed, SessionWrite, Writer
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.streams import connect
 
 
 async def _claim(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> Fence:
@@ -126,3 +128,24 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(
     both = await asyncio.gather(writer.apply(_frames_write(keys, "s", 1, 1), fence),
                                 writer.apply(_frames_write(keys, "t", 0, 1), other))  # fmt: skip
     assert both == [[2], [1]]
+
+
+async def test_a_write_whose_reply_timed_out_leaves_no_connection_out_of_step(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    impatient = connect(redis_url, timeout_s=0.2)
+    writer = Writer(impatient)
+    fence = await _claim(impatient, keys, "s")
+    await writer.apply(_frames_write(keys, "s", 0, 1), fence)  # the script is loaded
+    admin = connect(redis_url)
+    await admin.execute_command("CLIENT", "PAUSE", 500, "WRITE")  # scripts wait to run
+    with pytest.raises(RedisTimeoutError):
+        await writer.apply(_frames_write(keys, "s", 1, 2), fence)
+    await asyncio.sleep(0.5)  # the pause is over; the timed-out write's reply was not read
+    # Each later write gets its own reply, not one left behind: the retry of the timed-out
+    # write (applied now, or recognised as applied then) and the next one read their XLEN.
+    assert await writer.apply(_frames_write(keys, "s", 1, 2), fence) in ([3], None)
+    assert await writer.apply(_frames_write(keys, "s", 3, 1), fence) == [4]
+    assert await admin.xlen(keys.frames("s")) == 4
+    await admin.aclose()
+    await impatient.aclose()

@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 # KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
 # ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
@@ -159,9 +160,9 @@ class SessionWrite:
 
 class Writer:
     """Applies `SessionWrite`s for one process, in batches: while one round trip is in
-    flight, the writes of every other session queue up and go together in the next (one
-    pipeline of script calls), so hundreds of sessions cost a round trip per loop turn,
-    not one each. Each write is still checked and applied on its own."""
+    flight, the writes of every other session queue up and go together in the next (the
+    script calls pipelined on one connection), so hundreds of sessions cost a round trip
+    per loop turn, not one each. Each write is still checked and applied on its own."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -229,22 +230,30 @@ class Writer:
         """One round trip for the batch (two the first time after Redis lost its scripts)."""
         self.round_trips += 1
         self.writes += len(batch)
+        commands = [("EVALSHA", self._sha, *args) for args, _ in batch]
         for attempt in range(2):
-            if len(batch) == 1:
-                try:
-                    return [await self.redis.evalsha(self._sha, *batch[0][0])]
-                except NoScriptError:
-                    if attempt:
-                        raise
-                    await self.redis.script_load(_APPLY)
-                    continue
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args, _ in batch:
-                    pipe.evalsha(self._sha, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await self._send(commands)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
                 return replies
             # A restarted Redis has no scripts: load it and send the batch again (no write
             # of it was applied: each failed alike before running).
             await self.redis.script_load(_APPLY)
         raise AssertionError("unreachable")
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The commands on one pooled connection, packed by hiredis; their replies in
+        order, an error reply as its exception. redis-py's pipeline packs each argument in
+        Python, and a write has about twenty: that cost more than the rest of the write."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # this command's reply; the others follow it
+                    replies.append(exc)
+            return replies
+        finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
+            await pool.release(connection)
