@@ -99,6 +99,7 @@ class BrokerService:
         while True:
             await asyncio.sleep(0.25)
             for session in list(self.sessions.values()):
+                session.due = True
                 session.work.set()
 
     async def run_session(self, owned: OwnedSession) -> None:

@@ -76,6 +76,8 @@ class BrokerSession:
         self.queued_frames_id = self.core.frames_id
         self.reading_frames = False
         self.work = asyncio.Event()
+        self.due = True
+        """Time-driven checks are due at the sender's next turn (see `_send_loop`)."""
         self.last_input_at = time.monotonic()
         self.idle_ended = False
         self.batches = 0
@@ -237,33 +239,40 @@ class BrokerSession:
         self._changed()
 
     async def _send_loop(self, ws: ClientConnection) -> None:
-        """Frames and control messages upstream; returns when the session is done."""
+        """Frames and control messages upstream; returns when the session is done.
+
+        A wake for frames only sends them: what waits on time passing (the drain after the
+        input ended, a rollover, tool deadlines, idleness) is looked at when the service's
+        tick, a control message or an upstream event woke the loop (`due`)."""
         core = self.core
         await self._pump()  # what upstream_opened queued: config, conversation, replay
         while True:
+            self.work.clear()  # work queued from here on wakes the wait below at once
             while self.controls:
                 entry, msg = self.controls.popleft()
                 core.control(entry, msg, time.monotonic())
                 await self._pump()
             if self.frames:
                 await self._send_frames()
-                continue
             if not self.reading_frames and not core.input_final and not core.ended:
                 self._read_frames()
             if core.end_reason:
                 raise SessionEnded(core.end_reason)
-            now = time.monotonic()
-            if core.finished(now):
-                return
-            if core.rollover_due(now):
-                self._rollover_requested = True
-                await ws.close(1000, "rollover")
-                return
-            core.tick(now)
-            self._check_idle(now)
-            await self._pump()
-            self.work.clear()
-            await self.work.wait()  # new work, or the service's tick (deadlines, drain)
+            if self.due:
+                self.due = False
+                now = time.monotonic()
+                if core.finished(now):
+                    return
+                if core.rollover_due(now):
+                    self._rollover_requested = True
+                    await ws.close(1000, "rollover")
+                    return
+                core.tick(now)
+                self._check_idle(now)
+                if core.upstream or core.refusals or core.playback_needed is not None:
+                    await self._pump()
+                self._changed()
+            await self.work.wait()
 
     async def _send_frames(self) -> None:
         batch = list(self.frames)
@@ -275,6 +284,8 @@ class BrokerSession:
         if self.batches % LATENCY_SAMPLE_EVERY == 0:
             self.svc.frame_latency.record(latency)
         appends = self.core.audio(batch, time.monotonic())
+        if self.core.input_final:
+            self.due = True  # the drain may be over already
         sent = sum(1 for _, frame in batch if not frame.final)
         if sent:
             totals = self.svc.totals
@@ -338,6 +349,7 @@ class BrokerSession:
                 self.svc.tool_calls.add(1)
             core.server_event(event, audio, received, time.monotonic())
             await self._pump()
+            self.due = True
             self.work.set()
 
     # ---------------------------------------------------------------- to Redis
@@ -430,6 +442,7 @@ class BrokerSession:
     def queue_control(self, entry: Entry, msg: Message) -> None:
         self.controls.append((entry, msg))
         self.last_input_at = time.monotonic()
+        self.due = True
         self.work.set()
 
     async def _sleep_unless_ended(self, delay: float) -> None:
