@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
+from opentelemetry.metrics import Observation
 from opentelemetry.trace import SpanKind
 
 from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
@@ -56,13 +58,21 @@ class EgressService:
         )  # fmt: skip
         self.tracer = telemetry.tracer("egress")
         meter = telemetry.meter("egress")
-        self.chunks_out = meter.create_counter(
-            "vlpipe.egress.audio_chunks", description="Audio chunks written"
-        )
-        self.pieces_out = meter.create_counter(
-            "vlpipe.egress.transcripts", description="Transcript pieces written"
-        )
-        self.events_in = meter.create_counter("vlpipe.egress.events", description="Events read")
+        # Counted per batch and observed when metrics are collected (cheaper than an
+        # instrument's add() for each of a session's events).
+        self.totals: Counter[str] = Counter()
+        meter.create_observable_counter(
+            "vlpipe.egress.audio_chunks", description="Audio chunks written",
+            callbacks=[lambda _: [Observation(self.totals["audio_chunks"])]],
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "vlpipe.egress.transcripts", description="Transcript pieces written",
+            callbacks=[lambda _: [Observation(self.totals["transcripts"])]],
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "vlpipe.egress.events", description="Events read",
+            callbacks=[lambda _: [Observation(self.totals["events"])]],
+        )  # fmt: skip
 
     async def run(self) -> None:
         await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
@@ -107,7 +117,7 @@ class EgressService:
             state.outputs.observe(event, out)
             if out.ended:
                 break
-        self.events_in.add(len(entries))
+        self.totals["events"] += len(entries)
         await self._write(state, out, entries[-1].id)
         if out.ended:
             log.info("session output finished", extra={"session": sid})
@@ -152,10 +162,8 @@ class EgressService:
         await self.ownership.commit(state.owned, write)
         state.checkpointed = values
         self._trace(sid, out)
-        if out.audio:
-            self.chunks_out.add(len(out.audio))
-        if out.transcripts:
-            self.pieces_out.add(len(out.transcripts))
+        self.totals["audio_chunks"] += len(out.audio)
+        self.totals["transcripts"] += len(out.transcripts)
 
     def _trace(self, sid: str, out: Outputs) -> None:
         """Spans in the turn's trace (the event's traceparent): first audio, finals."""
