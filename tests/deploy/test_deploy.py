@@ -216,11 +216,11 @@ def defined_metrics() -> set[str]:
     names = set()
     for source in (ROOT / "vlpipe").rglob("*.py"):
         for kind, name in re.findall(
-            r'create_(counter|histogram|observable_gauge|up_down_counter)\(\s*"([a-z_.]+)"',
+            r'create_(counter|histogram|observable_gauge|observable_counter|up_down_counter)\(\s*"([a-z_.]+)"',
             source.read_text(),
         ):
             base = name.replace(".", "_")
-            names.add(base + ("_total" if kind == "counter" else ""))
+            names.add(base + ("_total" if kind.endswith("counter") else ""))
             names.add(base)
     return names
 
