@@ -442,6 +442,10 @@ class SessionStreamReader:
     def __contains__(self, key: str) -> bool:
         return key in self._followed
 
+    def __len__(self) -> int:
+        """How many streams it follows."""
+        return len(self._followed)
+
     def wake(self) -> None:
         """Interrupt the blocking read (after adding a stream, or to notice a stop)."""
         wake: Any = self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
