@@ -8,6 +8,8 @@ Secrets are `SecretStr`: they never appear in `repr`, logs or `vlpipe config`.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -24,6 +26,17 @@ class ServiceSettings(BaseSettings):
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL: redis:// or rediss://, optionally with ACL user:password.",
+    )
+    redis_ca_file: str | None = Field(
+        default=None,
+        description="With rediss://: the CA certificate(s) that sign the server's certificate "
+        "(PEM); unset, the system's CAs.",
+    )
+    redis_cert_file: str | None = Field(
+        default=None, description="With rediss://: this client's certificate (PEM), if asked."
+    )
+    redis_key_file: str | None = Field(
+        default=None, description="With rediss://: the private key of the client certificate."
     )
     stream_prefix: str = Field(default="vl", description="Prefix of every Redis key.")
     replica_name: str = Field(
@@ -53,6 +66,10 @@ class ServiceSettings(BaseSettings):
     def keys(self) -> StreamKeys:
         return StreamKeys(self.stream_prefix)
 
+    @property
+    def redis_tls(self) -> RedisTLS:
+        return RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""
         out: dict[str, Any] = {}
@@ -63,6 +80,36 @@ class ServiceSettings(BaseSettings):
             else:
                 out[name] = value
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTLS:
+    """The files of a TLS connection to Redis (`rediss://`): all optional."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def client_options(self, url: str) -> dict[str, Any]:
+        """redis-py's connection options for `url`; ValueError for files that cannot apply."""
+        given = {name: value for name, value in (
+            ("ssl_ca_certs", self.ca_file), ("ssl_certfile", self.cert_file),
+            ("ssl_keyfile", self.key_file)) if value}  # fmt: skip
+        if not url.startswith("rediss://"):
+            if given:
+                raise ValueError(
+                    "VLPIPE_REDIS_CA_FILE, VLPIPE_REDIS_CERT_FILE or VLPIPE_REDIS_KEY_FILE is "
+                    "set, but the Redis URL is not rediss:// (TLS)"
+                )
+            return {}
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError(
+                "a client certificate needs both VLPIPE_REDIS_CERT_FILE and VLPIPE_REDIS_KEY_FILE"
+            )
+        for name, path in given.items():
+            if not Path(path).is_file():
+                raise ValueError(f"{name.replace('ssl_', 'Redis TLS ')} {path!r}: no such file")
+        return given
 
 
 def redact_url(url: str) -> str:

@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -36,10 +38,33 @@ def find_redis_server() -> str | None:
     return None
 
 
-class RedisServer:
-    """A redis-server child process on a loopback port, with AOF on."""
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """TLS for a private redis-server: its certificate and key, the CA of its clients'
+    certificates, and whether clients must present one."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    client_cert_file: Path | None = None
+    """A client certificate (and `client_key_file`) for this module's own PING."""
+    client_key_file: Path | None = None
+    auth_clients: bool = True
+
+
+class RedisServer:
+    """A redis-server child process on a loopback port, with AOF on; optionally TLS only
+    (`tls`) and ACL users from a file (`acl_file`)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        tls: ServerTLS | None = None,
+        acl_file: Path | None = None,
+    ) -> None:
         binary = find_redis_server()
         if binary is None:
             raise RuntimeError(
@@ -51,18 +76,31 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
+        self.acl_file = acl_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file),
+                "--tls-auth-clients", "yes" if self.tls.auth_clients else "no",
+            ]  # fmt: skip
+        if self.acl_file is not None:
+            listen += ["--aclfile", str(self.acl_file)]
         args = [
             self.binary,
             "--bind", self.host,
-            "--port", str(self.port),
+            *listen,
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
             "--appendfsync", "always",
@@ -84,11 +122,23 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as raw:
+                s = (
+                    raw
+                    if self.tls is None
+                    else self._tls_context().wrap_socket(raw, server_hostname=self.host)
+                )
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        assert self.tls is not None
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        if self.tls.client_cert_file and self.tls.client_key_file:
+            context.load_cert_chain(self.tls.client_cert_file, self.tls.client_key_file)
+        return context
 
     def kill(self) -> None:
         """SIGKILL: the server dies as in a crash; AOF keeps what was acknowledged."""

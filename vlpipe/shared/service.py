@@ -104,7 +104,9 @@ async def run_service(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    redis = connect(settings.redis_url.get_secret_value(), name=f"vlpipe-{name}")
+    redis = connect(
+        settings.redis_url.get_secret_value(), name=f"vlpipe-{name}", tls=settings.redis_tls
+    )
     keys = settings.keys
     ctx = ServiceContext(
         name=name,

@@ -34,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from vlpipe.shared.config import RedisTLS
 from vlpipe.shared.contracts import ContractError, DeadLetter, encode
 from vlpipe.shared.keys import StreamKeys
 
@@ -43,8 +44,12 @@ log = logging.getLogger("vlpipe.streams")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def connect(url: str, *, name: str = "vlpipe", max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password).
+def connect(
+    url: str, *, name: str = "vlpipe", max_connections: int = 64, tls: RedisTLS | None = None
+) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password); a
+    `rediss://` URL verifies the server with `tls.ca_file` (else the system's CAs) and
+    presents `tls.cert_file` when given.
 
     Responses stay bytes: audio travels as raw field values. The pool blocks when all
     `max_connections` are busy (hundreds of sessions writing at once wait their turn for
@@ -52,6 +57,7 @@ def connect(url: str, *, name: str = "vlpipe", max_connections: int = 64) -> aio
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        **(tls or RedisTLS()).client_options(url),
         max_connections=max_connections,
         timeout=30,
         decode_responses=False,
