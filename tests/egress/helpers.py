@@ -163,24 +163,27 @@ class GatewayProc:
         await wait_until(listening, within=30)
 
     async def metric(self, name: str, **labels: str) -> float:
-        """The value of a Prometheus metric of the process, summed over the samples with
-        these labels (0 when there is none)."""
-
-        def fetch() -> str:
-            url = f"http://127.0.0.1:{self.http_port}/metrics"
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                text: str = reply.read().decode()
-                return text
-
-        total = 0.0
-        for sample, raw_labels, value in re.findall(
-            r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", await asyncio.to_thread(fetch), re.M
-        ):
-            found = dict(re.findall(r'([a-z_]+)="([^"]*)"', raw_labels))
-            if sample == name and all(found.get(k) == v for k, v in labels.items()):
-                total += float(value)
-        return total
+        return await prometheus_value(self.http_port, name, **labels)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(20) == 0
+
+
+async def prometheus_value(port: int, name: str, **labels: str) -> float:
+    """A Prometheus metric of the process serving /metrics on `port`, summed over the
+    samples with these labels (0 when there is none)."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text: str = reply.read().decode()
+            return text
+
+    total = 0.0
+    for sample, raw_labels, value in re.findall(
+        r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", await asyncio.to_thread(fetch), re.M
+    ):
+        found = dict(re.findall(r'([a-z_]+)="([^"]*)"', raw_labels))
+        if sample == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total

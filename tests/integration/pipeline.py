@@ -16,7 +16,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from tests.broker.helpers import start_broker
-from tests.egress.helpers import start_egress
+from tests.egress.helpers import prometheus_value, start_egress
 from tests.ingest.test_service import start_ingest
 from tests.waiting import wait_until
 from vlpipe.services.egress.access import Scope, mint_token
@@ -32,6 +32,8 @@ SIGNING_KEY = "pipeline-signing-key-0123456789abcdef"
 class Pipeline:
     gateway_port: int
     procs: list[subprocess.Popen[bytes]]
+    egress_http_port: int
+    """Egress's health and metrics port."""
 
     def url(self, path: str) -> str:
         return f"ws://127.0.0.1:{self.gateway_port}{path}"
@@ -40,6 +42,10 @@ class Pipeline:
         """A client socket to `path`, its token in the Authorization header."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return websockets.connect(self.url(path), additional_headers=headers, **options)
+
+    async def egress_metric(self, name: str, **labels: str) -> float:
+        """A Prometheus metric of egress (and its gateway), summed over these labels."""
+        return await prometheus_value(self.egress_http_port, name, **labels)
 
     @staticmethod
     def token(session: str, scope: Scope = Scope.CALL, ttl_s: float = 300) -> str:
@@ -63,7 +69,7 @@ async def running_pipeline(
 ) -> AsyncIterator[Pipeline]:
     """`logs`: a folder for each service's stderr (`ingest.log`, ...); else discarded.
     `service_urls`: a Redis URL per service (its own ACL user), else `redis_url` for all."""
-    port = free_port()
+    port, egress_http_port = free_port(), free_port()
     files = _log_files(logs)
     sink = {name: f if f is not None else subprocess.DEVNULL for name, f in files.items()}
     urls = {name: (service_urls or {}).get(name, redis_url) for name in sink}
@@ -79,6 +85,7 @@ async def running_pipeline(
                 "VLPIPE_GATEWAY_TOKENS": TOKEN,
                 "VLPIPE_GATEWAY_SIGNING_KEY": SIGNING_KEY,
                 "VLPIPE_CLAIM_IDLE_MS": "15000",
+                "VLPIPE_HTTP_PORT": str(egress_http_port),
                 **env,
             },
             stderr=sink["egress"],
@@ -95,7 +102,7 @@ async def running_pipeline(
 
     try:
         await wait_until(listening, within=30)
-        yield Pipeline(port, procs)
+        yield Pipeline(port, procs, egress_http_port)
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -256,9 +256,18 @@ class Gateway:
         except LimitExceeded as exc:
             self._count_refusal(exc.kind, exc.reason, endpoint)
             await ws.close(exc.code, _reason(exc.reason))
-        except ConnectionClosed as exc:
-            if exc.sent is not None and exc.sent.code == 1009:  # over max_message_bytes
-                self._count_refusal("message_size", exc.sent.reason, endpoint)
+        except Slow as exc:  # its queue filled with replies to its own messages
+            await ws.close(1013, str(exc))
+        except ConnectionClosed:
+            self._count_oversize(ws, endpoint)
+        else:
+            self._count_oversize(ws, endpoint)
+
+    def _count_oversize(self, ws: ServerConnection, endpoint: str) -> None:
+        """websockets itself closes a socket whose message is over max_message_bytes."""
+        sent = ws.protocol.close_sent
+        if sent is not None and sent.code == 1009:
+            self._count_refusal("message_size", sent.reason, endpoint)
 
     async def _serve_client(self, client: Client, inbound: Coroutine[Any, Any, None]) -> None:
         """Catch the client up and pump its queue until it or `inbound` (its messages)
