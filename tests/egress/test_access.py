@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 import time
 from http import HTTPStatus
 
@@ -11,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.shared.procs import ROOT
 from vlpipe.services.egress.access import (
     OPEN,
     AccessPolicy,
@@ -192,3 +196,26 @@ def test_every_minted_token_opens_exactly_its_session_and_scope(
             refused(lambda n=needed: grant.check(session, n))  # type: ignore[misc]
     if other != session:
         refused(lambda: grant.check(other, Scope.LISTEN))
+
+
+def test_vlpipe_token_prints_a_token_the_gateway_accepts() -> None:
+    def run(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLPIPE_GATEWAY")}
+        if key is not None:
+            env["VLPIPE_GATEWAY_SIGNING_KEY"] = key
+        return subprocess.run([sys.executable, "-m", "vlpipe", "token", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    done = run("--session", "s1", "--scope", "listen", "--ttl", "60")
+    assert done.returncode == 0, done.stderr
+    assert policy().grant(done.stdout.strip()) == Grant(Scope.LISTEN, "s1")
+    admin = run("--scope", "admin")
+    assert policy().grant(admin.stdout.strip()) == Grant(Scope.ADMIN, None)
+    for args, key, words in [
+        (("--session", "s1"), None, "set VLPIPE_GATEWAY_SIGNING_KEY"),
+        (("--scope", "call"), KEY, "needs --session"),
+        (("--session", "bad id!"), KEY, "invalid session id"),
+        (("--session", "s1"), "short", "at least 32"),
+    ]:
+        refused = run(*args, key=key)
+        assert refused.returncode == 2 and words in refused.stderr, (args, refused.stderr)

@@ -29,7 +29,8 @@ class EgressSettings(ServiceSettings):
     gateway_host: str = Field(
         default="127.0.0.1",
         validation_alias=AliasChoices("VLPIPE_GATEWAY_HOST", "gateway_host"),
-        description="Gateway listen address. Without tokens only loopback is allowed.",
+        description="Gateway listen address. Without tokens or a signing key only loopback is "
+        "allowed.",
     )
     gateway_port: int = Field(
         default=8080, ge=0, le=65535,
