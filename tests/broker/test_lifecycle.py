@@ -121,8 +121,11 @@ async def test_input_that_ends_mid_utterance_still_gets_its_answer(
         await frames.finish()
         evs = await wait_for_event(redis, keys, "e1", "vlpipe.session.ended", within=60)
     kinds = types(evs)
-    assert "input_audio_buffer.speech_stopped" not in kinds
-    assert kinds.index("input_audio_buffer.committed") < kinds.index("response.done")
+    # The broker gives the VAD the silence it needs to end the turn itself: no client
+    # commit racing the VAD's own, so no response request runs into an active one.
+    assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index(
+        "input_audio_buffer.committed") < kinds.index("response.done")  # fmt: skip
+    assert "error" not in kinds
     said = transcripts(evs)
     assert len(said) == 1 and said[0].startswith("You said: Ever tried")
     assert evs[-1].event["reason"] == "input_ended"

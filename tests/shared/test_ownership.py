@@ -136,7 +136,7 @@ async def test_sigterm_hands_sessions_over_to_another_replica_at_once(
 async def test_sessions_stream_is_trimmed_only_behind_every_groups_oldest_unfinished_entry(
     redis: aioredis.Redis, keys: StreamKeys
 ) -> None:
-    from vlpipe.shared.ownership import trim_sessions
+    from vlpipe.shared.retention import trim_sessions
 
     ids = [await publish(redis, keys.sessions, SessionStart(session=f"s{i}")) for i in range(300)]
     await redis.xgroup_create(keys.sessions, "ingest", id="0")
@@ -199,3 +199,34 @@ async def test_a_second_start_of_a_live_session_is_refused_and_never_runs_it_twi
             p.send_signal(signal.SIGTERM)
         for p in (a, b):
             p.wait(20)
+
+
+async def test_a_stopping_replica_hands_over_within_its_drain_budget_even_when_a_session_is_slow_to_stop(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+) -> None:
+    # Drain budget 2 s; a session task takes 5 s to stop (say, closing a silent upstream);
+    # the claim time is a minute, so only the hand-over can move the session quickly.
+    a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, "60000", "0.05", "5")
+    b = None
+    try:
+        await asyncio.sleep(1.0)
+        await publish(redis, keys.sessions, SessionStart(session="slow"))
+
+        async def claimed() -> bool:
+            return len(await _claims(redis, keys)) >= 1
+
+        await wait_until(claimed)
+        b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, "60000", "0.05")
+        await asyncio.sleep(1.0)
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(30) == 0
+
+        async def moved() -> bool:
+            return [c[0] for c in await _claims(redis, keys)] == ["A", "B"]
+
+        await wait_until(moved, within=20)  # long before the claim time
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)

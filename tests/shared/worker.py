@@ -1,11 +1,14 @@
 """A real process around the stream runtime, for tests that kill or SIGTERM it.
 
     python -m tests.shared.worker consume REDIS_URL PREFIX STREAM GROUP NAME DELAY_S
-    python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS
+    python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS [STEP_S
+        [SLOW_STOP_S]]
 
 `consume` handles entries idempotently by (session, seq): the effect (INCR of the
 `effects` counter) happens only when (session, seq) is new. `own` runs the ownership
-helper; each owned session counts up `pos` from its checkpoint, checkpointing each step.
+helper; each owned session counts up `pos` from its checkpoint, checkpointing each step
+(every STEP_S, 0.02 s unless given); cancelled, a session task takes SLOW_STOP_S to end
+(a session stuck closing its upstream).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ async def consume(ctx: ServiceContext, stream: str, group: str, delay_s: float) 
     await consumer.run(ctx.stop)
 
 
-async def own(ctx: ServiceContext) -> None:
+async def own(ctx: ServiceContext, step_s: float, slow_stop_s: float) -> None:
     keys: StreamKeys = ctx.keys
 
     async def run_session(owned: OwnedSession) -> None:
@@ -52,10 +55,15 @@ async def own(ctx: ServiceContext) -> None:
         await ctx.redis.rpush(
             f"{keys.prefix}:claims", f"{ctx.replica}:{owned.sid}:{pos}:{int(owned.taken_over)}"
         )
-        while not owned.ended.is_set():
-            pos += 1
-            await ownership.checkpoint(owned.sid, {"pos": pos})
-            await asyncio.sleep(0.02)
+        try:
+            while not owned.ended.is_set():
+                pos += 1
+                await ownership.checkpoint(owned, {"pos": pos})
+                await asyncio.sleep(step_s)
+        except asyncio.CancelledError:
+            if slow_stop_s:
+                await asyncio.shield(asyncio.sleep(slow_stop_s))
+            raise
 
     ownership = SessionOwnership(
         ctx.redis,
@@ -67,7 +75,7 @@ async def own(ctx: ServiceContext) -> None:
         heartbeat_ms=ctx.settings.heartbeat_ms,
         claim_idle_ms=ctx.settings.claim_idle_ms,
     )
-    await ownership.run(ctx.stop, grace_s=2)
+    await ownership.run(ctx.stop, drain_budget_s=ctx.settings.shutdown_grace_s)
 
 
 def main(argv: list[str]) -> int:
@@ -84,7 +92,7 @@ def main(argv: list[str]) -> int:
         return asyncio.run(
             run_service("worker", settings, lambda ctx: consume(ctx, stream, group, float(delay)))
         )
-    name, heartbeat, idle = rest
+    name, heartbeat, idle, *more = rest
     settings = ServiceSettings(
         redis_url=url,
         stream_prefix=prefix,
@@ -92,8 +100,11 @@ def main(argv: list[str]) -> int:
         heartbeat_ms=int(heartbeat),
         claim_idle_ms=int(idle),
         http_host="127.0.0.1",
+        shutdown_grace_s=2,
     )
-    return asyncio.run(run_service("worker", settings, own))
+    step_s = float(more[0]) if more else 0.02
+    slow_stop_s = float(more[1]) if len(more) > 1 else 0.0
+    return asyncio.run(run_service("worker", settings, lambda ctx: own(ctx, step_s, slow_stop_s)))
 
 
 if __name__ == "__main__":

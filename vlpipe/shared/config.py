@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.retention import Retention
 
 
 class ServiceSettings(BaseSettings):
@@ -61,6 +62,45 @@ class ServiceSettings(BaseSettings):
         default=2000, ge=50, description="Session ownership heartbeat period."
     )
     shutdown_grace_s: float = Field(default=10.0, gt=0, description="Drain budget on SIGTERM.")
+    redis_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A Redis reply later than this fails the call and is retried: a server "
+        "that stops answering is noticed like one that went away.",
+    )
+    watchdog_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="/healthz fails when a work loop has been stuck this long while Redis "
+        "answers (a wedged replica, for Kubernetes to restart).",
+    )
+    consumer_idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A consumer of the sessions group idle this long with nothing pending "
+        "(a replica long gone) is removed.",
+    )
+    transcripts_max_entries: int = Field(
+        default=200_000,
+        ge=100,
+        description="Memory budget of the shared transcripts stream, in entries. It is "
+        "trimmed behind its slowest consumer group; only this budget trims entries a group "
+        "has not read, and that is reported (vl:dead, a metric, a warning).",
+    )
+    tool_calls_max_entries: int = Field(
+        default=50_000,
+        ge=100,
+        description="Memory budget of the shared tool-calls stream, in entries (as above).",
+    )
+
+    @model_validator(mode="after")
+    def _reads_block_less_than_the_timeout(self) -> ServiceSettings:
+        if self.block_ms >= self.redis_timeout_s * 1000:
+            raise ValueError(
+                f"block_ms ({self.block_ms}) must be below redis_timeout_s "
+                f"({self.redis_timeout_s:g} s): a blocking read would time out"
+            )
+        return self
 
     @property
     def keys(self) -> StreamKeys:
@@ -69,6 +109,13 @@ class ServiceSettings(BaseSettings):
     @property
     def redis_tls(self) -> RedisTLS:
         return RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(
+            transcripts_cap=self.transcripts_max_entries,
+            tool_calls_cap=self.tool_calls_max_entries,
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings with secrets (and passwords inside URLs) masked."""

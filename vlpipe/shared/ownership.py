@@ -4,26 +4,34 @@ Each service reads `vl:sessions` through its own consumer group. The replica tha
 session's start entry owns the session and leaves the entry pending while it does:
 
 * **claim**: the start entry is delivered to one consumer of the group; it becomes the
-  owner and records itself in the session's state hash (`vl:session:{sid}`);
+  owner, raises the session's epoch for its service (`<service>.epoch` in
+  `vl:session:{sid}`) and loads the checkpoint, in one MULTI;
+* **write**: everything the owner writes for the session goes through `commit()`, one
+  fenced script call (`vlpipe.shared.fencing`) that refuses a replica whose epoch is no
+  longer current; a refused replica stops the session at once;
 * **heartbeat**: every `heartbeat_ms` the owner resets the idle time of its entries
   (`XCLAIM ... JUSTID`, only for entries still pending to itself, in one Lua call), and
   learns which of its sessions the producer has ended;
 * **checkpoint**: the service records how far it has read the session's input stream
-  (and what else it needs to resume) as `<service>.<name>` fields of the state hash,
-  ideally in the same MULTI as the output it wrote (`checkpoint_into`);
+  (and what else it needs to resume) as `<service>.<name>` fields of the state hash, in
+  the same fenced write as the output it wrote;
 * **take over**: entries of a dead owner go idle; after `claim_idle_ms` another replica
-  claims them (`XAUTOCLAIM`), loads the checkpoint and resumes;
+  claims them (`XAUTOCLAIM`, following its cursor through the whole pending list), loads
+  the checkpoint and resumes;
 * **release**: when the service has finished a session it marks it done and acks the
-  start entry; SIGTERM hands sessions over by making their entries claimable at once.
+  start entry; SIGTERM hands sessions over by making their entries claimable at once;
+* **housekeeping**: every few heartbeats, the shared streams are trimmed behind their
+  slowest group (`vlpipe.shared.retention`) and consumers of replicas long gone removed.
 
-A replica that finds on heartbeat that an entry is no longer pending to it (it stalled
-longer than `claim_idle_ms` and was taken over) sets `lost` and cancels the session's
-task: the new owner carries on from the checkpoint.
+A replica that finds on heartbeat that an entry is no longer pending to it, or whose write
+is refused, sets `lost` and cancels the session's task: the new owner carries on from the
+checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,30 +47,48 @@ from vlpipe.shared.contracts import (
     SessionAnnouncement,
     SessionEnd,
     SessionStart,
+    Status,
     decode,
+    encode,
 )
-from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.fencing import (
+    Fence,
+    Fenced,
+    Regressed,
+    SessionLost,
+    SessionWrite,
+    Writer,
+    epoch_field,
+)
+from vlpipe.shared.keys import StreamKeys, check_session_id
+from vlpipe.shared.progress import LoopProgress
+from vlpipe.shared.retention import (
+    Retention,
+    remove_idle_consumers,
+    trim_behind_groups,
+    trim_sessions,
+)
 from vlpipe.shared.streams import (
-    REDIS_DOWN,
     Backoff,
     DeadLetters,
     Disposition,
     Entry,
     GroupConsumer,
+    _redis_down,
     _sleep_or_stop,
     entry_ms,
 )
 
 log = logging.getLogger("vlpipe.ownership")
 
-# Keep the idle time of entries still pending to this consumer low; return the ids that
-# are no longer pending to it.
-_HEARTBEAT = """
+# Set the idle time (ARGV[3], ms) of the entries still pending to this consumer: 0 on a
+# heartbeat, the claim time on a hand-over; return the ids no longer pending to it.
+_REFRESH = """
 local lost = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
   else
     table.insert(lost, ARGV[i])
   end
@@ -71,38 +97,13 @@ return lost
 """
 
 
-TRIM_EVERY_BEATS = 30
+HOUSEKEEPING_EVERY_BEATS = 5
+HAND_OVER_RESERVE_S = 1.5
+"""Of the drain budget, what is kept for finishing the claims batch in hand and making the
+session entries claimable once the session tasks had their time."""
 STALE_START_S = 3600
 """A start entry this old for a session with no state is stale (a consumer group created
 later replaying history, or callers long gone): it is refused, not started."""
-
-
-async def trim_sessions(redis: aioredis.Redis, key: str) -> str | None:
-    """Trim the sessions stream behind every group's oldest pending or undelivered entry.
-
-    Start entries of live sessions stay pending, so they are never trimmed; ended
-    sessions' entries go once every group has read and acked them. Returns the MINID used,
-    or None when nothing may be trimmed (no groups yet).
-    """
-    groups: Any = await redis.xinfo_groups(key)
-    if not groups:
-        return None
-    floor: tuple[int, int] | None = None
-    for group in groups:
-        candidates = [group["last-delivered-id"]]
-        if group["pending"]:
-            summary: Any = await redis.xpending(key, group["name"])
-            candidates.append(summary["min"])
-        for raw in candidates:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            ms, _, seq = text.partition("-")
-            point = (int(ms), int(seq or 0))
-            floor = point if floor is None or point < floor else floor
-    if floor is None or floor == (0, 0):
-        return None
-    minid = f"{floor[0]}-{floor[1]}"
-    await redis.xtrim(key, minid=minid, approximate=True)
-    return minid
 
 
 @dataclass(slots=True)
@@ -116,6 +117,8 @@ class OwnedSession:
     """This service's checkpoint fields (without the `<service>.` prefix); empty if new."""
     taken_over: bool
     """True when another replica (or an earlier life of this one) owned it before."""
+    fence: Fence
+    """This owner's epoch and the number of its last write (see `vlpipe.shared.fencing`)."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the producer ended the session (no more input will come)."""
     lost: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,7 +134,9 @@ class SessionOwnership:
 
     `run_session(owned)` is the service's work for one session; it runs as its own task
     from claim until it returns (the session is then released) or the session is lost
-    or handed over (the task is cancelled; it should leave a checkpoint behind).
+    or handed over (the task is cancelled; it should leave a checkpoint behind). Every
+    write for the session goes through `commit(owned, write)`. `shared_streams` are the
+    shared streams this service writes, with their budgets, trimmed by housekeeping.
     """
 
     def __init__(
@@ -148,6 +153,10 @@ class SessionOwnership:
         max_failures: int = 5,
         block_ms: int = 1000,
         stale_start_s: float = STALE_START_S,
+        retention: Retention | None = None,
+        shared_streams: tuple[tuple[str, int], ...] = (),
+        consumer_idle_ms: int = 3_600_000,
+        progress: tuple[LoopProgress, LoopProgress] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -159,7 +168,12 @@ class SessionOwnership:
         self.claim_idle_ms = claim_idle_ms
         self.max_failures = max_failures
         self.stale_start_s = stale_start_s
+        self.retention = retention or Retention()
+        self.shared_streams = shared_streams
+        self.consumer_idle_ms = consumer_idle_ms
         self.owned: dict[str, OwnedSession] = {}
+        self.writer = Writer(redis)
+        self._stop: asyncio.Event | None = None
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")
         self._takeover_counter = meter.create_counter(
@@ -170,7 +184,11 @@ class SessionOwnership:
             callbacks=[lambda _: [Observation(len(self.owned), {"service": self.service})]],
             description="Sessions this replica owns",
         )
-        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._refresh = redis.register_script(_REFRESH)
+        claims, self._beats = progress or (
+            LoopProgress(f"{service} claims"),
+            LoopProgress(f"{service} heartbeat"),
+        )
         self.consumer = GroupConsumer(
             redis,
             streams=[keys.sessions],
@@ -183,12 +201,18 @@ class SessionOwnership:
             claim_idle_ms=claim_idle_ms,
             claim_every_ms=heartbeat_ms,
             max_deliveries=max_failures,
+            progress=claims,
         )
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def run(self, stop: asyncio.Event, *, grace_s: float = 10.0) -> None:
-        """Take sessions until `stop` is set; then hand the owned ones over and return."""
+    async def run(self, stop: asyncio.Event, *, drain_budget_s: float = 10.0) -> None:
+        """Take sessions until `stop` is set; then hand the owned ones over and return,
+        within `drain_budget_s` (the process's drain budget): past it the process cancels
+        this, the entries would never be made claimable, and callers would wait a whole
+        claim time. So the session tasks get the budget less `HAND_OVER_RESERVE_S`."""
+        grace_s = max(0.5, drain_budget_s - HAND_OVER_RESERVE_S)
+        self._stop = stop
         beat = asyncio.create_task(self._heartbeat_loop(stop), name=f"{self.service}-heartbeat")
         try:
             await self.consumer.run(stop)
@@ -198,53 +222,83 @@ class SessionOwnership:
             await asyncio.gather(beat, return_exceptions=True)
 
     async def hand_over_all(self, grace_s: float) -> None:
-        """Cancel every session task and make its entry claimable by another replica now."""
+        """Cancel every session task and make its entry claimable by another replica now.
+
+        The tasks get `grace_s` to leave their checkpoint; the entries are made claimable
+        after that whether or not they finished (a task still stuck, say closing a silent
+        upstream, can write nothing once another replica claims the session)."""
         sessions = list(self.owned.values())
         tasks = [s.task for s in sessions if s.task is not None and not s.task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
-        ids: list[Any] = [s.entry_id for s in sessions if s.sid in self.owned]
-        if ids:
-            try:
-                await self.redis.xclaim(
-                    self.keys.sessions,
-                    self.service,
-                    self.replica,
-                    0,
-                    ids,
-                    idle=self.claim_idle_ms,
-                    justid=True,
-                )
-            except REDIS_DOWN:
-                log.warning("could not hand sessions over; they go idle and are taken over")
+        ids = [s.entry_id for s in sessions if self.owned.get(s.sid) is s]
         for s in sessions:
             self.owned.pop(s.sid, None)
         if ids:
+            try:
+                await self._set_idle(ids, self.claim_idle_ms)
+            except Exception as exc:
+                if not _redis_down(exc):
+                    raise
+                log.warning("could not hand sessions over; they go idle and are taken over")
+                return
             log.info("handed sessions over", extra={"count": len(ids)})
 
-    # ---------------------------------------------------------------- checkpoints
+    async def _set_idle(self, entry_ids: list[str], idle_ms: int) -> set[str]:
+        """Set the idle time of those of `entry_ids` still pending to this replica; return
+        the others (taken over by another replica, or acked)."""
+        lost: Any = await self._refresh(
+            keys=[self.keys.sessions], args=[self.service, self.replica, idle_ms, *entry_ids]
+        )
+        return {x.decode() if isinstance(x, bytes) else str(x) for x in lost}
+
+    # ---------------------------------------------------------------- writes
 
     def _field(self, name: str) -> str:
         return f"{self.service}.{name}"
 
-    def checkpoint_into(self, pipe: Any, sid: str, values: dict[str, str | int | float]) -> None:
-        """Queue a checkpoint on `pipe` (a MULTI pipeline holding the matching output)."""
-        pipe.hset(
-            self.keys.session_state(sid),
-            mapping={self._field(k): v for k, v in values.items()},
-        )
+    def write(self, owned: OwnedSession) -> SessionWrite:
+        """A new fenced write for `owned`; fill it, then `commit` it."""
+        return SessionWrite(self.keys.session_state(owned.sid), self.service)
 
-    async def checkpoint(self, sid: str, values: dict[str, str | int | float]) -> None:
-        """Record how far this service got with `sid`."""
-        await self.redis.hset(
-            self.keys.session_state(sid),
-            mapping={self._field(k): v for k, v in values.items()},
-        )
+    async def commit(self, owned: OwnedSession, write: SessionWrite) -> list[Any] | None:
+        """Apply `write` if this replica still holds `owned`, retrying the same write
+        through Redis outages (a retry of a write that was applied is recognised).
 
-    async def load_checkpoint(self, sid: str) -> dict[str, str]:
-        raw: Any = await self.redis.hgetall(self.keys.session_state(sid))
+        Raises `SessionLost` when this replica may no longer write for the session: another
+        replica claimed it (the session is then stopped here), Redis lost acknowledged
+        writes (the session is resumed from what Redis has), or it was handed over.
+        Returns the replies of the write's reads (None when a retry found it applied).
+        """
+        backoff = Backoff(cap=2.0)
+        while True:
+            if owned.lost.is_set() or self.owned.get(owned.sid) is not owned:
+                raise SessionLost(f"session {owned.sid} is no longer owned here")
+            try:
+                return await self.writer.apply(write, owned.fence)
+            except Fenced as exc:
+                self._lose(owned, f"write refused: {exc}")
+                raise
+            except Regressed as exc:
+                await self._resume_from_redis(owned, str(exc))
+                raise
+            except Exception as exc:
+                if not _redis_down(exc):
+                    raise
+                delay = backoff.next_delay()
+                log.warning("write failed; retrying", extra={
+                    "session": owned.sid, "error": str(exc), "retry_in_s": round(delay, 3)})  # fmt: skip
+                await asyncio.sleep(delay)
+
+    async def checkpoint(self, owned: OwnedSession, values: dict[str, str | int | float]) -> None:
+        """Record how far this service got with the session (a fenced write of its own)."""
+        write = self.write(owned)
+        write.checkpoint(values)
+        await self.commit(owned, write)
+
+    def _own_fields(self, raw: dict[bytes, bytes]) -> dict[str, str]:
         prefix = self._field("")
         out: dict[str, str] = {}
         for k, v in raw.items():
@@ -253,22 +307,92 @@ class SessionOwnership:
                 out[key[len(prefix) :]] = v.decode()
         return out
 
-    async def release(self, sid: str) -> None:
-        """This service is done with `sid`: mark it done and ack the start entry."""
-        owned = self.owned.pop(sid, None)
-        if owned is None:
+    async def release(self, owned: OwnedSession) -> None:
+        """This service is done with the session: mark it done and ack the start entry."""
+        write = self.write(owned)
+        write.checkpoint({"done": 1})
+        write.hdel(write.state_key, self._field("owner"))
+        try:
+            await self.commit(owned, write)
+        except SessionLost:
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.session_state(sid), self._field("done"), "1")
-            pipe.hdel(self.keys.session_state(sid), self._field("owner"))
-            pipe.xack(self.keys.sessions, self.service, owned.entry_id)
-            await pipe.execute()
-        log.info("released session", extra={"session": sid})
+        self.owned.pop(owned.sid, None)
+        backoff = Backoff(cap=2.0)
+        while True:
+            try:
+                await self.redis.xack(self.keys.sessions, self.service, owned.entry_id)
+                break
+            except Exception as exc:
+                if not _redis_down(exc):
+                    raise
+                # Unacked, the entry goes idle, is claimed, and is acked as done then.
+                if self._stop is not None and self._stop.is_set():
+                    return
+                await asyncio.sleep(backoff.next_delay())
+        log.info("released session", extra={"session": owned.sid})
+
+    def _lose(self, owned: OwnedSession, why: str) -> None:
+        """Stop the session here at once: another replica owns it now."""
+        log.warning("session lost to another replica", extra={"session": owned.sid,
+                                                               "reason": why})  # fmt: skip
+        owned.lost.set()
+        if self.owned.get(owned.sid) is owned:
+            del self.owned[owned.sid]
+        if owned.task is not None:
+            owned.task.cancel()
+
+    async def _resume_from_redis(self, owned: OwnedSession, why: str) -> None:
+        """Redis lost writes it acknowledged: stop the session here and let it be claimed
+        again at once (by any replica) from the checkpoint Redis still has."""
+        self._lose(owned, f"Redis lost acknowledged writes: {why}")
+        await self._status(owned.sid, "error", "Redis lost writes it had acknowledged (a "
+                           "restart from an older AOF, or a failover); the session resumes "
+                           f"from the checkpoint Redis has: {why}")  # fmt: skip
+        with contextlib.suppress(Exception):
+            await self._set_idle([owned.entry_id], self.claim_idle_ms)
+
+    async def _status(self, sid: str, kind: str, message: str) -> None:
+        """A note on the session's status stream (a service name the contract knows)."""
+        try:
+            service: Any = self.service
+            status = Status(session=sid, service=service, kind=kind, message=message)
+        except ValueError:
+            return  # not one of the pipeline's services (a test worker)
+        try:
+            await self.redis.xadd(
+                self.keys.status(sid), encode(status),  # type: ignore[arg-type]
+                maxlen=self.retention.status, approximate=True,
+            )  # fmt: skip
+        except Exception as exc:
+            if not _redis_down(exc):
+                raise
 
     # ---------------------------------------------------------------- internals
 
     async def _on_entry(self, entry: Entry) -> Disposition:
-        msg: SessionStart | SessionEnd = decode(SessionAnnouncement, entry.fields)
+        try:
+            msg: SessionStart | SessionEnd = decode(SessionAnnouncement, entry.fields)
+        except ContractError as exc:
+            await self._refused(entry, str(exc))
+            raise
+        try:
+            return await self._announced(entry, msg)
+        except ContractError as exc:
+            await self._refused(entry, str(exc))
+            raise
+
+    async def _refused(self, entry: Entry, reason: str) -> None:
+        """A refused announcement of a well-named session is reported on its status stream
+        too (the dead-letter stream gets it from the consumer): producers watch that."""
+        raw = entry.fields.get(b"session", b"").decode("utf-8", "replace")
+        try:
+            sid = check_session_id(raw)
+        except ValueError:
+            return
+        kind = entry.fields.get(b"type", b"").decode("utf-8", "replace") or "announcement"
+        await self._status(sid, "error", f"session {kind} refused: {reason}")
+
+    async def _announced(self, entry: Entry, msg: SessionStart | SessionEnd) -> Disposition:
         state_key = self.keys.session_state(msg.session)
         if isinstance(msg, SessionEnd):
             # Its start was handled first (same stream), so a live session has state: an
@@ -280,7 +404,6 @@ class SessionOwnership:
             if owned is not None:
                 owned.ended.set()
             return Disposition.ACK
-        assert isinstance(msg, SessionStart)
         mine = self.owned.get(msg.session)
         if mine is not None and mine.entry_id == entry.id:
             return Disposition.KEEP  # our own pending entry, re-read after a reconnect
@@ -302,28 +425,34 @@ class SessionOwnership:
                     f"session {msg.session!r} was already started (entry "
                     f"{started_by.decode()}); a second start is refused"
                 )
-        checkpoint = await self.load_checkpoint(msg.session)
-        checkpoint.pop("entry", None)
-        previous = checkpoint.pop("owner", None)
-        taken_over = previous is not None
+        # The claim raises the epoch before the checkpoint is read: from then on a stalled
+        # earlier owner's writes are refused, so the checkpoint cannot move under us.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(state_key, epoch_field(self.service), 1)
+            pipe.hset(state_key, self._field("owner"), self.replica)
+            pipe.hgetall(state_key)
+            epoch, _, raw = await pipe.execute()
+        checkpoint = self._own_fields(raw)
+        for name in ("entry", "owner", "epoch"):
+            checkpoint.pop(name, None)
+        fence = Fence(int(epoch), int(checkpoint.pop("written", "0")))
+        previous: Any = state.get(self._field("owner").encode())
+        taken_over = fence.epoch > 1 or previous is not None
         if taken_over:
             self.takeovers += 1
             self._takeover_counter.add(1, {"service": self.service})
-            log.info(
-                "taking session over",
-                extra={"session": msg.session, "previous_owner": previous},
-            )
-        await self.redis.hset(
-            self.keys.session_state(msg.session), self._field("owner"), self.replica
-        )
+            log.info("taking session over", extra={
+                "session": msg.session, "epoch": fence.epoch,
+                "previous_owner": previous.decode() if previous else None})  # fmt: skip
         owned = OwnedSession(
             sid=msg.session,
             start=msg,
             entry_id=entry.id,
             checkpoint=checkpoint,
             taken_over=taken_over,
+            fence=fence,
         )
-        if state.get(b"ended") == b"1":
+        if raw.get(b"ended") == b"1":
             owned.ended.set()
         self.owned[msg.session] = owned
         owned.task = asyncio.create_task(
@@ -339,35 +468,60 @@ class SessionOwnership:
                 await self.run_session(owned)
             except asyncio.CancelledError:
                 raise
+            except SessionLost:
+                return
             except Exception as exc:
                 if owned.lost.is_set():
                     return
-                failures += 1
-                log.exception(
-                    "session task failed", extra={"session": owned.sid, "failures": failures}
-                )
-                try:
-                    await self.checkpoint(owned.sid, {"failures": failures})
-                    if failures >= self.max_failures:
-                        entry = Entry(self.keys.sessions, owned.entry_id, {})
-                        await self.dead.send(
-                            entry,
-                            f"session {owned.sid} failed {failures} times in {self.service}: {exc!r}",
-                            group=self.service,
-                            deliveries=failures,
-                        )
-                        await self.release(owned.sid)
+                if _redis_down(exc):
+                    log.warning("session paused: Redis unavailable",
+                                extra={"session": owned.sid, "error": str(exc)})  # fmt: skip
+                else:
+                    failures += 1
+                    log.exception(
+                        "session task failed", extra={"session": owned.sid, "failures": failures}
+                    )
+                    try:
+                        await self.checkpoint(owned, {"failures": failures})
+                        if failures >= self.max_failures:
+                            entry = Entry(self.keys.sessions, owned.entry_id, {})
+                            await self.dead.send(
+                                entry,
+                                f"session {owned.sid} failed {failures} times in {self.service}: "
+                                f"{exc!r}",
+                                group=self.service,
+                                deliveries=failures,
+                            )
+                            await self.release(owned)
+                            return
+                    except SessionLost:
                         return
-                except REDIS_DOWN:
-                    pass
                 await asyncio.sleep(backoff.next_delay())
-                owned.checkpoint = await self.load_checkpoint(owned.sid)
-                owned.checkpoint.pop("owner", None)
+                owned.checkpoint = await self._reload(owned)
                 owned.taken_over = True
                 continue
             if not owned.lost.is_set():
-                await self.release(owned.sid)
+                await self.release(owned)
             return
+
+    async def _reload(self, owned: OwnedSession) -> dict[str, str]:
+        """The session's checkpoint as Redis has it now, waiting for Redis if need be."""
+        backoff = Backoff(cap=2.0)
+        while True:
+            try:
+                raw: Any = await self.redis.hgetall(self.keys.session_state(owned.sid))
+                break
+            except Exception as exc:
+                if not _redis_down(exc):
+                    raise
+                await asyncio.sleep(backoff.next_delay())
+        checkpoint = self._own_fields(raw)
+        if checkpoint.get("epoch") != str(owned.fence.epoch):
+            self._lose(owned, f"epoch moved on to {checkpoint.get('epoch')}")
+            raise SessionLost(owned.sid)
+        for name in ("entry", "owner", "epoch", "written"):
+            checkpoint.pop(name, None)
+        return checkpoint
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         beats = 0
@@ -377,20 +531,43 @@ class SessionOwnership:
                 continue
             beats += 1
             try:
-                if self.owned:
-                    await self._beat()
-                if beats % TRIM_EVERY_BEATS == 0:
-                    await trim_sessions(self.redis, self.keys.sessions)
-            except REDIS_DOWN as exc:
-                log.warning("heartbeat failed", extra={"error": str(exc)})
+                with self._beats.turn():
+                    if self.owned:
+                        await self._beat()
+                    if beats % HOUSEKEEPING_EVERY_BEATS == 0:
+                        await self.housekeeping()
+            except Exception as exc:
+                # Never let the heartbeat die: without it every session is taken over.
+                if _redis_down(exc):
+                    log.warning("heartbeat failed", extra={"error": str(exc)})
+                else:
+                    log.exception("heartbeat or housekeeping failed")
+
+    async def housekeeping(self) -> None:
+        """Trim the shared streams behind their slowest group (reporting what a budget
+        forced out unread) and remove consumers of replicas long gone."""
+        await trim_sessions(self.redis, self.keys.sessions)
+        await remove_idle_consumers(
+            self.redis, self.keys.sessions, self.service,
+            idle_ms=self.consumer_idle_ms, keep=self.replica,
+        )  # fmt: skip
+        for key, cap in self.shared_streams:
+            overflows = await trim_behind_groups(
+                self.redis, key, cap=cap, no_group_keep=self.retention.no_group_keep
+            )
+            for over in overflows:
+                count = "an unknown number of" if over.unread_trimmed is None else str(
+                    over.unread_trimmed)  # fmt: skip
+                await self.dead.send(
+                    Entry(key, over.first_kept, {}),
+                    f"stream over its budget of {cap} entries: trimmed {count} entries group "
+                    f"{over.group!r} had not read (the oldest kept is {over.first_kept})",
+                    group=over.group,
+                )
 
     async def _beat(self) -> None:
         sessions = list(self.owned.values())
-        ids = [s.entry_id for s in sessions]
-        lost_raw = await self._heartbeat(
-            keys=[self.keys.sessions], args=[self.service, self.replica, *ids]
-        )
-        lost = {x.decode() if isinstance(x, bytes) else str(x) for x in lost_raw}
+        lost = await self._set_idle([s.entry_id for s in sessions], 0)
         async with self.redis.pipeline(transaction=False) as pipe:
             for s in sessions:
                 pipe.hget(self.keys.session_state(s.sid), "ended")
@@ -399,10 +576,6 @@ class SessionOwnership:
             if self.owned.get(s.sid) is not s:
                 continue  # released (acked) while the heartbeat ran: not lost
             if s.entry_id in lost:
-                log.warning("session lost to another replica", extra={"session": s.sid})
-                s.lost.set()
-                self.owned.pop(s.sid, None)
-                if s.task is not None:
-                    s.task.cancel()
+                self._lose(s, "its start entry is pending to another replica")
             elif flag == b"1":
                 s.ended.set()

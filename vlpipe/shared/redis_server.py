@@ -54,13 +54,14 @@ class ServerTLS:
 
 class RedisServer:
     """A redis-server child process on a loopback port, with AOF on; optionally TLS only
-    (`tls`) and ACL users from a file (`acl_file`)."""
+    (`tls`) and ACL users from a file (`acl_file`); `extra_args` go to redis-server."""
 
     def __init__(
         self,
         data_dir: Path,
         port: int | None = None,
         host: str = "127.0.0.1",
+        extra_args: tuple[str, ...] = (),
         *,
         tls: ServerTLS | None = None,
         acl_file: Path | None = None,
@@ -76,6 +77,7 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or free_port(host)
+        self.extra_args = extra_args
         self.tls = tls
         self.acl_file = acl_file
         self.proc: subprocess.Popen[bytes] | None = None
@@ -108,6 +110,7 @@ class RedisServer:
             "--protected-mode", "no",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

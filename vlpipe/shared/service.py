@@ -25,6 +25,8 @@ from websockets.http11 import Request, Response
 from vlpipe.shared import logs, telemetry
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.progress import Watchdog
+from vlpipe.shared.retention import Retention
 from vlpipe.shared.streams import DeadLetters, connect
 
 log = logging.getLogger("vlpipe.service")
@@ -46,6 +48,11 @@ class ServiceContext:
     stop: asyncio.Event
     ready_checks: list[ReadyCheck] = field(default_factory=list)
     http_port: int = 0
+    watchdog: Watchdog = field(default_factory=Watchdog)
+
+    @property
+    def retention(self) -> Retention:
+        return self.settings.retention
 
 
 def replica_name(settings: ServiceSettings, service: str) -> str:
@@ -58,22 +65,42 @@ def _http_response(status: HTTPStatus, body: bytes, content_type: str) -> Respon
 
 
 async def serve_health(ctx: ServiceContext, host: str, port: int) -> Server:
-    """HTTP `/healthz` (alive), `/readyz` (Redis and the service's checks), `/metrics`."""
+    """HTTP `/healthz` (alive: no work loop wedged), `/readyz` (Redis and the service's
+    checks), `/metrics`."""
+
+    async def redis_down() -> str | None:
+        try:
+            async with asyncio.timeout(min(2.0, ctx.settings.redis_timeout_s)):
+                await ctx.redis.ping()
+        except Exception as exc:
+            return f"redis unreachable: {exc!r}"
+        return None
 
     async def readiness() -> str | None:
-        try:
-            await ctx.redis.ping()
-        except Exception as exc:
-            return f"redis unreachable: {exc}"
+        reason = await redis_down()
+        if reason:
+            return reason
         for check in ctx.ready_checks:
             reason = await check()
             if reason:
                 return reason
         return None
 
+    async def liveness() -> str | None:
+        stalled = ctx.watchdog.stalled(ctx.settings.watchdog_s)
+        if not stalled or await redis_down():
+            return None  # waiting for Redis is not a wedge; /readyz reports the outage
+        return "wedged: " + ", ".join(f"{name} stuck for {age:.0f} s" for name, age in stalled)
+
     async def process_request(conn: ServerConnection, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
+            reason = await liveness()
+            if reason:
+                log.error("health check failed", extra={"reason": reason})
+                return _http_response(
+                    HTTPStatus.SERVICE_UNAVAILABLE, reason.encode() + b"\n", "text/plain"
+                )
             return _http_response(HTTPStatus.OK, b"ok\n", "text/plain")
         if path == "/readyz":
             reason = await readiness()
@@ -105,7 +132,10 @@ async def run_service(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     redis = connect(
-        settings.redis_url.get_secret_value(), name=f"vlpipe-{name}", tls=settings.redis_tls
+        settings.redis_url.get_secret_value(),
+        name=f"vlpipe-{name}",
+        timeout_s=settings.redis_timeout_s,
+        tls=settings.redis_tls,
     )
     keys = settings.keys
     ctx = ServiceContext(
@@ -114,7 +144,7 @@ async def run_service(
         redis=redis,
         keys=keys,
         replica=replica_name(settings, name),
-        dead=DeadLetters(redis, keys, name),
+        dead=DeadLetters(redis, keys, name, maxlen=settings.retention.dead),
         stop=stop,
     )
     health = await serve_health(ctx, settings.http_host, settings.http_port)

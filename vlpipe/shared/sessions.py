@@ -15,7 +15,7 @@ from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import Status
 from vlpipe.shared.ownership import SessionOwnership, SessionRunner
 from vlpipe.shared.service import ServiceContext
-from vlpipe.shared.streams import Entry, Retention, SessionStreamReader, publish
+from vlpipe.shared.streams import Entry, SessionStreamReader, publish
 
 log = logging.getLogger("vlpipe.sessions")
 
@@ -28,17 +28,24 @@ def session_reader(
     return SessionStreamReader(
         ctx.redis, wake_key=wake, dead=ctx.dead, count=settings.read_batch,
         block_ms=settings.block_ms, max_deliveries=settings.max_deliveries,
+        progress=ctx.watchdog.loop(f"{purpose or 'session'} reader"),
     )  # fmt: skip
 
 
 def session_ownership(
-    ctx: ServiceContext, settings: ServiceSettings, run_session: SessionRunner
+    ctx: ServiceContext,
+    settings: ServiceSettings,
+    run_session: SessionRunner,
+    shared_streams: tuple[tuple[str, int], ...] = (),
 ) -> SessionOwnership:
-    """Sessions claimed through the consumer group named after the service."""
+    """Sessions claimed through the consumer group named after the service.
+    `shared_streams`: the shared streams (key, budget in entries) the service writes."""
     return SessionOwnership(
         ctx.redis, ctx.keys, service=ctx.name, replica=ctx.replica, run_session=run_session,
         dead=ctx.dead, heartbeat_ms=settings.heartbeat_ms, claim_idle_ms=settings.claim_idle_ms,
-        max_failures=settings.max_deliveries,
+        max_failures=settings.max_deliveries, retention=ctx.retention,
+        shared_streams=shared_streams, consumer_idle_ms=int(settings.consumer_idle_s * 1000),
+        progress=(ctx.watchdog.loop("claims"), ctx.watchdog.loop("heartbeat")),
     )  # fmt: skip
 
 
@@ -52,7 +59,7 @@ async def run_sessions(
     reading = asyncio.create_task(reader.run(ctx.stop))
     watching = asyncio.create_task(_watch_group(ctx, ownership.service))
     try:
-        await ownership.run(ctx.stop, grace_s=settings.shutdown_grace_s)
+        await ownership.run(ctx.stop, drain_budget_s=settings.shutdown_grace_s)
     finally:
         watching.cancel()
         reader.wake()
@@ -103,5 +110,5 @@ async def refuse(ctx: ServiceContext, sid: str, entry: Entry, reason: str) -> No
         session=sid, service=service, kind="error", message=reason,
         detail={"stream": entry.stream, "id": entry.id},
     )  # fmt: skip
-    await publish(ctx.redis, ctx.keys.status(sid), status, maxlen=Retention().status)
+    await publish(ctx.redis, ctx.keys.status(sid), status, maxlen=ctx.retention.status)
     log.warning("refused an entry", extra={"session": sid, "reason": reason[:300]})

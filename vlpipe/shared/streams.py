@@ -13,7 +13,12 @@ Three readers cover every hop of the pipeline:
 * `DeadLetters` writes what could not be handled to `vl:dead`, with the reason, the
   original stream and id, and the original fields as `orig.<name>`.
 
-Writers call `publish()`; trimming rules live in `Retention`.
+Writers call `publish()`; trimming rules live in `vlpipe.shared.retention`. Session
+outputs go through fenced writes (`vlpipe.shared.fencing`).
+
+Every Redis call has a deadline (the client's socket timeout), so a server that stops
+answering is noticed like one that went away: the loops back off and retry, and each turn
+of a loop is reported to the process's watchdog (`LoopProgress`).
 """
 
 from __future__ import annotations
@@ -25,27 +30,43 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlpipe.shared.config import RedisTLS
 from vlpipe.shared.contracts import ContractError, DeadLetter, encode
+from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.progress import LoopProgress
 
 log = logging.getLogger("vlpipe.streams")
 
-#: Errors after which the runtime waits and tries the same command again.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: Errors after which the runtime waits and tries the same command again: the server is
+#: gone, silent, still loading its data (`BusyLoadingError` is a ConnectionError) or a
+#: replica that was not promoted yet (`READONLY`).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ReadOnlyError)
+
+_TRANSIENT = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+
+
+def transient(exc: ResponseError) -> bool:
+    """A reply that means "not now" (failover, loading), not "never": retry later."""
+    return str(exc).startswith(_TRANSIENT)
 
 
 def connect(
-    url: str, *, name: str = "vlpipe", max_connections: int = 64, tls: RedisTLS | None = None
+    url: str,
+    *,
+    name: str = "vlpipe",
+    max_connections: int = 64,
+    timeout_s: float = 5.0,
+    tls: RedisTLS | None = None,
 ) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password); a
     `rediss://` URL verifies the server with `tls.ca_file` (else the system's CAs) and
@@ -53,17 +74,20 @@ def connect(
 
     Responses stay bytes: audio travels as raw field values. The pool blocks when all
     `max_connections` are busy (hundreds of sessions writing at once wait their turn for
-    a connection instead of failing).
+    a connection instead of failing). A reply that takes longer than `timeout_s` fails
+    the call (a server that stopped answering, a black-holed network): blocking reads
+    must block for less than that.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         **(tls or RedisTLS()).client_options(url),
         max_connections=max_connections,
-        timeout=30,
+        timeout=timeout_s * 2,
         decode_responses=False,
         health_check_interval=10,
         socket_keepalive=True,
-        socket_connect_timeout=5,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
         client_name=name,
     )
     return aioredis.Redis.from_pool(pool)
@@ -135,25 +159,6 @@ async def publish(
     fields = encode(msg) if isinstance(msg, BaseModel) else dict(msg)
     entry_id = await redis.xadd(key, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
     return _s(entry_id)
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long each stream is, documented in docs/streams.md.
-
-    Per-session input streams (audio, frames, events, ctl) have exactly one reader, which
-    trims them up to its checkpoint (`XTRIM MINID`), so unread data of a live session is
-    never trimmed. Output streams are capped by length for late subscribers and expire
-    `session_ttl_s` after the session ends.
-    """
-
-    transcript: int = 10_000
-    audio_out: int = 6_000
-    status: int = 2_000
-    transcripts: int = 100_000
-    tool_calls: int = 10_000
-    dead: int = 10_000
-    session_ttl_s: int = 3600
 
 
 _DEAD_LETTERS = metrics.get_meter("vlpipe.streams").create_counter(
@@ -239,8 +244,11 @@ class GroupConsumer:
     * when Redis goes away it retries with backoff; un-acked entries are simply handled
       again, so nothing is lost and nothing is acked twice;
     * `run()` returns after `stop` is set, once the batch in hand is handled and acked.
-    Entries of one stream are handled in order: after a failure the consumer retries its
-    own pending entries before reading new ones.
+    Entries of one stream are handled in order: after a failure or a reconnect the
+    consumer goes once through its own pending entries (handed to the handler again,
+    oldest first, with a cursor: entries a handler keeps pending stay there by design)
+    before reading new ones. Takeover follows the `XAUTOCLAIM` cursor through the whole
+    pending list, so old live entries never hide a dead consumer's newer ones.
     """
 
     def __init__(
@@ -258,6 +266,7 @@ class GroupConsumer:
         max_deliveries: int = 5,
         start_id: str = "0",
         claim_every_ms: int | None = None,
+        progress: LoopProgress | None = None,
     ) -> None:
         self.redis = redis
         self.streams = streams
@@ -272,8 +281,16 @@ class GroupConsumer:
         self.start_id = start_id
         self.claim_every_ms = claim_every_ms or claim_idle_ms // 2
         self.handled = 0
-        self._retry_pending = True  # on start, first finish what this consumer left pending
+        self.progress = progress or LoopProgress(f"group {group}")
+        # Where the pass through this consumer's own pending entries stands (None: done).
+        # On start, first finish what this consumer left pending.
+        self._pending_after: dict[str, str] | None = None
+        self._rescan_pending()
+        self._claim_cursor = {stream: "0-0" for stream in streams}
         self._next_claim = 0.0
+
+    def _rescan_pending(self) -> None:
+        self._pending_after = {stream: "0-0" for stream in self.streams}
 
     async def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream) if missing."""
@@ -289,26 +306,26 @@ class GroupConsumer:
         groups_ready = False
         while not stop.is_set():
             try:
-                if not groups_ready:
-                    await self.ensure_groups()
-                    groups_ready = True
-                entries = await self._next_batch()
-                if entries:
-                    await self._handle_batch(entries)
+                with self.progress.turn():
+                    if not groups_ready:
+                        await self.ensure_groups()
+                        groups_ready = True
+                    entries = await self._next_batch()
+                    if entries:
+                        await self._handle_batch(entries)
                 backoff.reset()
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient(exc):
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    groups_ready = False  # stream deleted, or Redis restarted without data
                 delay = backoff.next_delay()
                 log.warning(
                     "redis unavailable, retrying",
                     extra={"group": self.group, "error": str(exc), "retry_in_s": round(delay, 3)},
                 )
-                self._retry_pending = True
+                self._rescan_pending()
                 await _sleep_or_stop(stop, delay)
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # stream deleted or Redis restarted without data
-                    groups_ready = False
-                    continue
-                raise
 
     async def _next_batch(self) -> list[Entry]:
         now = time.monotonic()
@@ -317,11 +334,13 @@ class GroupConsumer:
             claimed = await self._claim_idle()
             if claimed:
                 return claimed
-        if self._retry_pending:
-            pending = await self._read({s: "0" for s in self.streams}, block=None)
+        if self._pending_after is not None:
+            pending = await self._read(self._pending_after, block=None)
             if pending:
+                for entry in pending:
+                    self._pending_after[entry.stream] = entry.id
                 return pending
-            self._retry_pending = False
+            self._pending_after = None
         return await self._read({s: ">" for s in self.streams}, block=self.block_ms)
 
     async def _read(self, ids: dict[str, str], block: int | None) -> list[Entry]:
@@ -335,18 +354,28 @@ class GroupConsumer:
         return out
 
     async def _claim_idle(self) -> list[Entry]:
+        """Idle entries of other consumers, scanning on from where the last call stopped:
+        `XAUTOCLAIM` looks at no more than 10 x COUNT entries per call, so a scan always
+        from the start would never reach past the oldest live sessions."""
         out: list[Entry] = []
         for stream in self.streams:
-            reply = await self.redis.xautoclaim(
-                stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.batch
-            )
-            claimed = _entries(stream, reply[1])
-            if claimed:
-                log.info(
-                    "claimed idle entries",
-                    extra={"stream": stream, "group": self.group, "count": len(claimed)},
-                )
-            out.extend(claimed)
+            cursor = self._claim_cursor[stream]
+            while True:
+                reply = await self.redis.xautoclaim(
+                    stream, self.group, self.consumer, self.claim_idle_ms, cursor,
+                    count=self.batch,
+                )  # fmt: skip
+                cursor = _s(reply[0])
+                claimed = _entries(stream, reply[1])
+                if claimed:
+                    log.info(
+                        "claimed idle entries",
+                        extra={"stream": stream, "group": self.group, "count": len(claimed)},
+                    )
+                out.extend(claimed)
+                if cursor == "0-0" or len(out) >= self.batch:
+                    break
+            self._claim_cursor[stream] = cursor
         return out
 
     async def _handle_batch(self, entries: list[Entry]) -> None:
@@ -358,7 +387,7 @@ class GroupConsumer:
                 await self.dead.send(entry, str(exc), group=self.group, deliveries=1)
                 disposition = Disposition.ACK
             except Exception as exc:  # the handler's failure, not the consumer's
-                if isinstance(exc, REDIS_DOWN):
+                if _redis_down(exc):
                     await self._ack(acks)
                     raise
                 deliveries = await self._deliveries(entry)
@@ -372,7 +401,7 @@ class GroupConsumer:
                             "error": repr(exc)[:500],
                         },
                     )
-                    self._retry_pending = True
+                    self._rescan_pending()
                     await asyncio.sleep(min(0.05 * 2**deliveries, 1.0))
                     break  # keep the stream's order: retry this entry before later ones
                 await self.dead.send(
@@ -403,6 +432,29 @@ class GroupConsumer:
         return int(info[0]["times_delivered"]) if info else self.max_deliveries
 
 
+def _redis_down(exc: BaseException) -> bool:
+    return isinstance(exc, REDIS_DOWN) or (isinstance(exc, ResponseError) and transient(exc))
+
+
+T = TypeVar("T")
+
+
+async def through_outages(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """`call()`, retried with backoff for as long as Redis is down (a read a session
+    cannot go on without; writes go through `SessionOwnership.commit`)."""
+    backoff = Backoff(cap=2.0)
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not _redis_down(exc):
+                raise
+            delay = backoff.next_delay()
+            log.warning("redis unavailable, retrying",
+                        extra={"call": what, "error": str(exc), "retry_in_s": round(delay, 3)})  # fmt: skip
+            await asyncio.sleep(delay)
+
+
 @dataclass(slots=True)
 class _Followed:
     last_id: str
@@ -419,9 +471,11 @@ class SessionStreamReader:
     or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
     should not block for long: the next read waits for every handler of this one (the
     handlers of different streams run concurrently). A wake-up stream
-    private to this reader interrupts the blocking read when streams are added, so a
-    new session starts at once. A handler that raises is retried with the same entries;
-    after `max_deliveries` failures the first entry is dead-lettered and skipped.
+    private to this reader (expiring `WAKE_TTL_S` after its last use) interrupts the
+    blocking read when streams are added, so a new session starts at once. A handler that
+    raises is retried with the same entries; after `max_deliveries` failures the first
+    entry is dead-lettered and skipped. A handler that raises `SessionLost` is no longer
+    followed.
     """
 
     redis: aioredis.Redis
@@ -430,6 +484,7 @@ class SessionStreamReader:
     count: int = 64
     block_ms: int = 1000
     max_deliveries: int = 5
+    progress: LoopProgress = field(default_factory=lambda: LoopProgress("session reader"))
     _followed: dict[str, _Followed] = field(default_factory=dict)
     _wake_id: str = "$"
 
@@ -454,19 +509,27 @@ class SessionStreamReader:
 
     def wake(self) -> None:
         """Interrupt the blocking read (after adding a stream, or to notice a stop)."""
-        wake: Any = self.redis.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(wake)
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._wake())
         task.add_done_callback(_ignore_result)
+
+    async def _wake(self) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
+            pipe.expire(self.wake_key, WAKE_TTL_S)
+            await pipe.execute()
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff()
-        if self._wake_id == "$":
-            self._wake_id = await _last_id(self.redis, self.wake_key)
         while not stop.is_set():
             try:
-                await self._read_once()
+                with self.progress.turn():
+                    if self._wake_id == "$":
+                        self._wake_id = await _last_id(self.redis, self.wake_key)
+                    await self._read_once()
                 backoff.reset()
-            except REDIS_DOWN as exc:
+            except (*REDIS_DOWN, ResponseError) as exc:
+                if not _redis_down(exc):
+                    raise
                 delay = backoff.next_delay()
                 log.warning(
                     "redis unavailable, retrying",
@@ -506,9 +569,13 @@ class SessionStreamReader:
     async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
         try:
             await followed.handler(key, entries)
-        except REDIS_DOWN:
-            raise
+        except SessionLost:
+            if self._followed.get(key) is followed:
+                del self._followed[key]
+            return
         except Exception as exc:
+            if _redis_down(exc):
+                raise
             followed.failures += 1
             followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
             if followed.failures < self.max_deliveries:
@@ -527,6 +594,10 @@ class SessionStreamReader:
             return
         followed.failures = 0
         followed.last_id = entries[-1].id
+
+
+WAKE_TTL_S = 3600
+"""A wake-up stream expires this long after its last use (its replica may be gone)."""
 
 
 async def _last_id(redis: aioredis.Redis, key: str) -> str:

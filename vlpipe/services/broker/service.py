@@ -24,7 +24,7 @@ from vlpipe.shared.contracts import ContractError, Control, Frame, Message, deco
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import Entry, Retention
+from vlpipe.shared.streams import REDIS_DOWN, Entry
 
 log = logging.getLogger("vlpipe.broker")
 
@@ -39,12 +39,15 @@ class BrokerService:
         self.settings = settings
         self.redis = ctx.redis
         self.keys = ctx.keys
-        self.retention = Retention()
+        self.retention = ctx.retention
         self.url = realtime_url(settings)
         self.auth: Auth = make_auth(settings, credential)
         self.sessions: dict[str, BrokerSession] = {}
         self.reader = session_reader(ctx, settings)
-        self.ownership = session_ownership(ctx, settings, self.run_session)
+        self.ownership = session_ownership(
+            ctx, settings, self.run_session,
+            shared_streams=((ctx.keys.tool_calls, self.retention.tool_calls_cap),),
+        )  # fmt: skip
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
         self.recent_latency_ms: deque[float] = deque(maxlen=50_000)
@@ -143,7 +146,12 @@ class BrokerService:
         await refuse(self.ctx, sid, entry, reason)
 
     async def playback(self, sid: str) -> dict[str, str]:
-        raw: Any = await self.redis.hgetall(self.keys.playback(sid))
+        """What egress delivered and the consumer played of the current response; nothing
+        when Redis is down (a barge-in then cuts at what the broker itself knows)."""
+        try:
+            raw: Any = await self.redis.hgetall(self.keys.playback(sid))
+        except REDIS_DOWN:
+            return {}
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def upstream_ready(self) -> str | None:

@@ -139,6 +139,20 @@ class BrokerSettings(ServiceSettings):
         validation_alias=_env("history_items"),
         description="Conversation items kept to replay on a new upstream connection.",
     )
+    max_replay_s: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias=_env("max_replay_s"),
+        description="Most audio the upstream has not committed that is kept (in the frames "
+        "stream) to replay to a new upstream session after a reconnect or a takeover.",
+    )
+    session_idle_s: float = Field(
+        default=300.0,
+        gt=0,
+        validation_alias=AliasChoices("VLPIPE_SESSION_IDLE_S", "session_idle_s"),
+        description="A session with no input audio and no control for this long is ended "
+        "(reason `idle`): a producer that crashed, a gateway pod that was killed.",
+    )
 
     @model_validator(mode="after")
     def _agent_pair(self) -> BrokerSettings:

@@ -3,9 +3,12 @@
 For each session it owns (SessionOwnership, group `egress`) it follows the session's
 events stream from its checkpoint (one shared XREAD for the process), turns each batch
 into transcript pieces, audio chunks and status messages, and writes them together with
-the playback position and its checkpoint in one MULTI, so a replica that takes the
-session over continues both output streams with no entry lost or written twice. After
-`vlpipe.session.ended` it sets the session's keys to expire and releases the session.
+the playback position, its checkpoint and the trim of the events stream as one fenced
+write (`SessionOwnership.commit`), so a replica that takes the session over continues
+both output streams with no entry lost or written twice, and a stalled replica that lost
+the session writes nothing. A failed write is retried unchanged until it is applied. The
+write that carries `vlpipe.session.ended` also sets the session's keys to expire; then
+the session is released.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from vlpipe.shared.contracts import ContractError, Event, decode, encode
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import Entry, Retention
+from vlpipe.shared.streams import Entry
 
 log = logging.getLogger("vlpipe.egress")
 
@@ -42,10 +45,13 @@ class EgressService:
         self.settings = settings
         self.redis = ctx.redis
         self.keys = ctx.keys
-        self.retention = Retention()
+        self.retention = ctx.retention
         self.sessions: dict[str, SessionEgress] = {}
         self.reader = session_reader(ctx, settings)
-        self.ownership = session_ownership(ctx, settings, self.run_session)
+        self.ownership = session_ownership(
+            ctx, settings, self.run_session,
+            shared_streams=((ctx.keys.transcripts, self.retention.transcripts_cap),),
+        )  # fmt: skip
         self.tracer = telemetry.tracer("egress")
         meter = telemetry.meter("egress")
         self.chunks_out = meter.create_counter(
@@ -100,39 +106,45 @@ class EgressService:
         self.events_in.add(len(entries))
         await self._write(state, out, entries[-1].id)
         if out.ended:
-            await self._expire(sid)
+            log.info("session output finished", extra={"session": sid})
             state.done.set()
 
     async def _write(self, state: SessionEgress, out: Outputs, events_id: str) -> None:
+        """Outputs, playback position, checkpoint and trim in one fenced write (and, with
+        the session's end, the expiry of its keys)."""
         sid = state.owned.sid
         keys, keep = self.keys, self.retention
         playback = state.outputs.state.playback
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for piece in out.transcripts:
-                pipe.xadd(keys.transcript(sid), encode(piece), maxlen=keep.transcript)  # type: ignore[arg-type]
-                if piece.final:
-                    pipe.xadd(keys.transcripts, encode(piece), maxlen=keep.transcripts)  # type: ignore[arg-type]
-            for chunk in out.audio:
-                pipe.xadd(keys.audio_out(sid), encode(chunk), maxlen=keep.audio_out)  # type: ignore[arg-type]
-            for status in out.status:
-                pipe.xadd(keys.status(sid), encode(status), maxlen=keep.status)  # type: ignore[arg-type]
-            if out.playback_changed and playback.response_id:
-                if out.reset_played:
-                    pipe.hdel(keys.playback(sid), "played_ms")
-                pipe.hset(
-                    keys.playback(sid),
-                    mapping={
-                        "response_id": playback.response_id, "item_id": playback.item_id or "",
-                        "delivered_ms": round(playback.delivered_ms, 1),
-                    },
-                )  # fmt: skip
-            self.ownership.checkpoint_into(
-                pipe, sid,
-                {"events_id": events_id, "next_event": state.next_event,
-                 "state": state.outputs.dump(), "ended": int(out.ended)},
+        write = self.ownership.write(state.owned)
+        for piece in out.transcripts:
+            write.xadd(keys.transcript(sid), encode(piece), maxlen=keep.transcript)
+            if piece.final:
+                # Trimmed behind its consumer groups by housekeeping, never on write.
+                write.xadd(keys.transcripts, encode(piece))
+        for chunk in out.audio:
+            write.xadd(keys.audio_out(sid), encode(chunk), maxlen=keep.audio_out)
+        for status in out.status:
+            write.xadd(keys.status(sid), encode(status), maxlen=keep.status)
+        if out.playback_changed and playback.response_id:
+            if out.reset_played:
+                write.hdel(keys.playback(sid), "played_ms")
+            write.hset(
+                keys.playback(sid),
+                {
+                    "response_id": playback.response_id, "item_id": playback.item_id or "",
+                    "delivered_ms": round(playback.delivered_ms, 1),
+                },
             )  # fmt: skip
-            pipe.xtrim(keys.events(sid), minid=events_id, approximate=False)
-            await pipe.execute()
+        write.checkpoint(
+            {"events_id": events_id, "next_event": state.next_event,
+             "state": state.outputs.dump(), "ended": int(out.ended)},
+        )  # fmt: skip
+        write.trim_before(keys.events(sid), events_id, approximate=False)
+        if out.ended:
+            # The session is over: its keys stay readable for `session_ttl_s`, then go.
+            for key in keys.session_streams(sid):
+                write.expire(key, keep.session_ttl_s)
+        await self.ownership.commit(state.owned, write)
         self._trace(sid, out)
         if out.audio:
             self.chunks_out.add(len(out.audio))
@@ -160,15 +172,6 @@ class EgressService:
             self.tracer.start_span(
                 name, context=context, kind=SpanKind.PRODUCER, attributes=attributes
             ).end()
-
-    async def _expire(self, sid: str) -> None:
-        """The session is over: its keys stay readable for `session_ttl_s`, then go."""
-        ttl = self.retention.session_ttl_s
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in self.keys.session_streams(sid):
-                pipe.expire(key, ttl)
-            await pipe.execute()
-        log.info("session output finished", extra={"session": sid})
 
     async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
         await refuse(self.ctx, sid, entry, reason)

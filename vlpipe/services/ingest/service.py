@@ -2,16 +2,18 @@
 
 For each session it owns (SessionOwnership, group `ingest`), it follows the session's raw
 audio stream from its checkpoint (one SessionStreamReader for the whole process), turns
-each batch of `RawAudio` entries into frames, and writes the frames together with its
-checkpoint in one MULTI, so a replica that takes the session over continues with the next
-frame number and no frame lost or repeated. It trims the audio stream behind the
-checkpoint (it is the stream's only reader). A bad chunk goes to `vl:dead` and to the
-session's status stream; the session goes on. When the producer has ended the session and
-the audio stream is drained, it flushes the last partial frame (padded to a full frame)
-and writes the final frame marker.
+each batch of `RawAudio` entries into frames, and writes the frames, the gap and stale
+reports and its checkpoint, and the trim of the audio stream behind the checkpoint (it is
+the stream's only reader), as one fenced write (`SessionOwnership.commit`): a replica
+that takes the session over continues with the next frame number and no frame lost or
+repeated, and a stalled replica that lost the session writes nothing. A failed write is
+retried unchanged until it is applied, so the normalizer's state never runs ahead of what
+Redis has. A bad chunk goes to `vl:dead` and to the session's status stream; the session
+goes on. When the producer has ended the session and the audio stream is drained, it
+flushes the last partial frame (padded to a full frame) and writes the final frame marker.
 
-Hot path per batch: one XREAD (shared), one MULTI with the frames, the checkpoint and
-the trim. No per-frame round trip, no per-frame log line.
+Hot path per batch: one XREAD (shared), one script call with the frames, the checkpoint
+and the trim. No per-frame round trip, no per-frame log line.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, deco
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import Entry, Retention, publish
+from vlpipe.shared.streams import REDIS_DOWN, Entry, through_outages
 
 log = logging.getLogger("vlpipe.ingest")
 
@@ -60,7 +62,7 @@ class IngestService:
         self.ctx = ctx
         self.settings = settings
         self.keys = ctx.keys
-        self.retention = Retention()
+        self.retention = ctx.retention
         self.sessions: dict[str, SessionIngest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.reader = session_reader(ctx, settings)
@@ -108,7 +110,9 @@ class IngestService:
             self.sessions.pop(owned.sid, None)
 
     async def _unread(self, key: str, after: str) -> bool:
-        newer = await self.ctx.redis.xrange(key, min=f"({after}", count=1)
+        newer = await through_outages(
+            lambda: self.ctx.redis.xrange(key, min=f"({after}", count=1), "unread audio"
+        )
         return bool(newer)
 
     async def _on_audio(self, key: str, entries: list[Entry]) -> None:
@@ -128,8 +132,7 @@ class IngestService:
             notices += noticed
             for ready_entry, ready_chunk in ready:
                 frames += await self._normalize(state, ready_entry, ready_chunk)
-        await self._report(sid, notices)
-        await self._write(state, frames, entries[-1].id)
+        await self._write(state, frames, entries[-1].id, notices)
         state.idle.set()
 
     async def _normalize(self, state: SessionIngest, entry: Entry, chunk: RawAudio) -> list[Frame]:
@@ -159,8 +162,9 @@ class IngestService:
             state.next_seq += 1
         return frames
 
-    async def _report(self, sid: str, notices: list[Notice]) -> None:
+    def _statuses(self, sid: str, notices: list[Notice]) -> list[Status]:
         """Gaps and stale entries go to the session's status stream, never silently."""
+        out = []
         for notice in notices:
             if isinstance(notice, Gap):
                 status = Status(
@@ -175,27 +179,36 @@ class IngestService:
                     message=f"audio entry seq {notice.seq} dropped: duplicate or too late",
                     detail={"seq": notice.seq},
                 )  # fmt: skip
-            await publish(
-                self.ctx.redis, self.keys.status(sid), status, maxlen=self.retention.status
-            )
+            out.append(status)
+        return out
 
     async def _write(
-        self, state: SessionIngest, frames: list[Frame], audio_id: str, final: bool = False
+        self,
+        state: SessionIngest,
+        frames: list[Frame],
+        audio_id: str,
+        notices: list[Notice],
+        final: bool = False,
     ) -> None:
+        """Frames, reports, checkpoint and trim in one fenced write (retried unchanged
+        through outages; `SessionLost` if this replica may no longer write)."""
         sid = state.owned.sid
-        async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            for frame in frames:
-                pipe.xadd(self.keys.frames(sid), encode(frame))  # type: ignore[arg-type]
-            values: dict[str, str | int | float] = {
-                "audio_id": audio_id, "next_seq": state.next_seq, "final": int(final),
-            }  # fmt: skip
-            if state.order.expected is not None:
-                values["expected_seq"] = state.order.expected
-            self.ownership.checkpoint_into(pipe, sid, values)
-            pipe.xtrim(self.keys.audio(sid), minid=audio_id, approximate=True)
-            pipe.hget(self.keys.session_state(sid), "broker.turn")
-            pipe.xlen(self.keys.frames(sid))
-            *_, turn, backlog = await pipe.execute()
+        write = self.ownership.write(state.owned)
+        for frame in frames:
+            write.xadd(self.keys.frames(sid), encode(frame))
+        for status in self._statuses(sid, notices):
+            write.xadd(self.keys.status(sid), encode(status), maxlen=self.retention.status)
+        values: dict[str, str | int | float] = {
+            "audio_id": audio_id, "next_seq": state.next_seq, "final": int(final),
+        }  # fmt: skip
+        if state.order.expected is not None:
+            values["expected_seq"] = state.order.expected
+        write.checkpoint(values)
+        write.trim_before(self.keys.audio(sid), audio_id)
+        write.read("HGET", self.keys.session_state(sid), "broker.turn")
+        write.read("XLEN", self.keys.frames(sid))
+        replies = await self.ownership.commit(state.owned, write)
+        turn, backlog = replies if replies is not None else (None, 0)
         now_ns = time.time_ns()
         state.written_at.extend((frame.seq, now_ns) for frame in frames)
         if turn and turn != state.turn_seen:
@@ -240,14 +253,13 @@ class IngestService:
 
         async def resume() -> None:
             while not state.owned.lost.is_set() and sid in self.sessions:
-                if (
-                    await self.ctx.redis.xlen(self.keys.frames(sid))
-                    <= self.settings.max_backlog_frames // 2
-                ):
-                    state.paused = False
-                    self.reader.add(audio_key, state.last_id, self._on_audio)
-                    log.info("broker caught up: resuming audio", extra={"session": sid})
-                    return
+                with contextlib.suppress(*REDIS_DOWN):
+                    backlog = await self.ctx.redis.xlen(self.keys.frames(sid))
+                    if backlog <= self.settings.max_backlog_frames // 2:
+                        state.paused = False
+                        self.reader.add(audio_key, state.last_id, self._on_audio)
+                        log.info("broker caught up: resuming audio", extra={"session": sid})
+                        return
                 await asyncio.sleep(0.2)
 
         task = asyncio.create_task(resume(), name=f"ingest-resume-{sid}")
@@ -257,7 +269,6 @@ class IngestService:
     async def _finish(self, state: SessionIngest) -> None:
         sid = state.owned.sid
         held, notices = state.order.drain()
-        await self._report(sid, notices)
         frames: list[Frame] = []
         for entry, chunk in held:
             frames += await self._normalize(state, entry, chunk)
@@ -277,7 +288,7 @@ class IngestService:
             )
         )
         state.next_seq += 1
-        await self._write(state, frames, state.last_id, final=True)
+        await self._write(state, frames, state.last_id, notices, final=True)
         log.info("session input finished", extra={"session": sid, "frames": state.next_seq})
 
     async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:

@@ -1,0 +1,268 @@
+"""Real processes and real faults for the chaos tests.
+
+* `Replica`: one ingest, broker or egress process with short timings, its log in a file,
+  its health port known, so a test can SIGKILL, SIGSTOP/SIGCONT it and read its logs.
+* `TcpProxy`: sits between the services and Redis; it can drop every connection or
+  black-hole all traffic (a network that stops answering, not one that refuses).
+* `speak()`: a producer that publishes a recording in real time, chunk by chunk, and
+  keeps going through Redis outages (retrying a chunk with the same `seq`).
+* `cpu_seconds()`: a process's CPU time, to bound what it burns during an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import redis.asyncio as aioredis
+
+from tests.shared.procs import ROOT
+from vlpipe.shared.contracts import SessionConfig, SessionEnd, SessionStart, encode
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import free_port
+from vlpipe.shared.streams import REDIS_DOWN
+
+FAST = {
+    "VLPIPE_HEARTBEAT_MS": "200",
+    "VLPIPE_BLOCK_MS": "200",
+    "VLPIPE_CLAIM_IDLE_MS": "1500",
+    "VLPIPE_REDIS_TIMEOUT_S": "1",
+    "VLPIPE_BROKER_DRAIN_QUIET_S": "0.5",
+    "VLPIPE_GATEWAY": "0",
+    "VLPIPE_LOG_LEVEL": "INFO",
+}
+
+
+@dataclass
+class Replica:
+    """One service replica as a real process."""
+
+    service: str
+    name: str
+    redis_url: str
+    prefix: str
+    logs: Path
+    env: dict[str, str] = field(default_factory=dict)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.logs / f"{self.name}.log"
+
+    def start(self) -> Replica:
+        env = {
+            **os.environ, **FAST,
+            "VLPIPE_REDIS_URL": self.redis_url, "VLPIPE_STREAM_PREFIX": self.prefix,
+            "VLPIPE_HTTP_HOST": "127.0.0.1", "VLPIPE_HTTP_PORT": str(self.http_port),
+            "VLPIPE_REPLICA_NAME": self.name, **self.env,
+        }  # fmt: skip
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"vlpipe.services.{self.service}"],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
+            )  # fmt: skip
+        return self
+
+    def health(self, path: str) -> int | None:
+        """The HTTP status of `/healthz` or `/readyz`, or None if it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=3):
+                return 200
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def cpu_seconds(self) -> float:
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> int | None:
+        """SIGTERM (after SIGCONT, in case it is stopped); the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+@asynccontextmanager
+async def replicas(
+    redis_url: str, prefix: str, logs: Path, engine: str, counts: dict[str, int], **env: str
+) -> AsyncIterator[dict[str, list[Replica]]]:
+    """`counts` replicas of each service (ingest, broker, egress), stopped at the end."""
+    out: dict[str, list[Replica]] = {}
+    for service, n in counts.items():
+        extra = {"VLPIPE_BROKER_ENDPOINT": engine} if service == "broker" else {}
+        out[service] = [
+            Replica(service, f"{service}-{i}", redis_url, prefix, logs, {**extra, **env}).start()
+            for i in range(n)
+        ]
+    try:
+        yield out
+    finally:
+        for group in out.values():
+            for replica in group:
+                replica.stop()
+
+
+def speech_chunks(path: Path, chunk_ms: int = 100) -> tuple[int, list[bytes]]:
+    with wave.open(str(path)) as w:
+        rate = w.getframerate()
+        pcm = w.readframes(w.getnframes())
+    step = rate * 2 * chunk_ms // 1000
+    return rate, [pcm[i : i + step] for i in range(0, len(pcm), step)]
+
+
+async def _until_done(redis: aioredis.Redis, key: str, fields: dict[str, object]) -> None:
+    """XADD, retried through outages (a retry may add the entry twice: readers drop
+    repeats by `seq`)."""
+    while True:
+        try:
+            await redis.xadd(key, fields)  # type: ignore[arg-type]
+            return
+        except (*REDIS_DOWN, aioredis.ResponseError):
+            await asyncio.sleep(0.1)
+
+
+async def speak(
+    redis_url: str,
+    keys: StreamKeys,
+    sid: str,
+    recording: Path,
+    *,
+    pace: float = 1.0,
+    tail_s: float = 1.5,
+    config: SessionConfig | None = None,
+) -> None:
+    """Announce `sid`, publish the recording (then `tail_s` of silence) at `pace` x real
+    time in 100 ms chunks with producer sequence numbers, and end the session."""
+    redis = aioredis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        start = SessionStart(session=sid, config=config or SessionConfig())
+        await _until_done(redis, keys.sessions, dict(encode(start)))
+        rate, chunks = speech_chunks(recording)
+        chunks += [b"\0" * len(chunks[0])] * int(tail_s * 10)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for seq, chunk in enumerate(chunks):
+            fields = {"format": "pcm16", "rate": rate, "seq": seq, "audio": chunk}
+            await _until_done(redis, keys.audio(sid), fields)
+            due = began + (seq + 1) * 0.1 / pace
+            with contextlib.suppress(ValueError):
+                await asyncio.sleep(max(0.0, due - loop.time()))
+        await _until_done(redis, keys.sessions, dict(encode(SessionEnd(session=sid))))
+    finally:
+        await redis.aclose()
+
+
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class TcpProxy:
+    """A TCP proxy to `target_port`, in this event loop, with faults on demand."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.drop_all()
+        self._open.set()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await self._open.wait()  # black hole: accepted, never answered
+        try:
+            server_r, server_w = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        link = (client_w, server_w)
+        self._links.add(link)
+        try:
+            await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
+        finally:
+            self._links.discard(link)
+            for w in link:
+                w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                await self._open.wait()  # black hole: what is in flight stays in flight
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    def drop_all(self) -> int:
+        """Reset every open connection (as a failover or a load balancer would)."""
+        links = list(self._links)
+        for client_w, server_w in links:
+            for w in (client_w, server_w):
+                transport = w.transport
+                with contextlib.suppress(Exception):
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:  # RST, not FIN: a connection lost, not closed
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                transport.close()
+        return len(links)
+
+    def black_hole(self) -> None:
+        """Stop forwarding anything, in both directions, on old and new connections."""
+        self._open.clear()
+
+    def restore(self) -> None:
+        """Forward again; connections made during the black hole are dropped (their
+        clients have given up on them)."""
+        self.drop_all()
+        self._open.set()

@@ -1,0 +1,95 @@
+"""Fenced writes against a real Redis: applied whole, refused whole, retried exactly once."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from vlpipe.shared.fencing import Fence, Fenced, Regressed, SessionWrite, Writer
+from vlpipe.shared.keys import StreamKeys
+
+
+async def _claim(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> Fence:
+    """What a claim does: raise the epoch, read the write number."""
+    epoch = await redis.hincrby(keys.session_state(sid), "svc.epoch", 1)
+    written = await redis.hget(keys.session_state(sid), "svc.written")
+    return Fence(int(epoch), int(written or 0))
+
+
+def _frames_write(keys: StreamKeys, sid: str, first: int, n: int) -> SessionWrite:
+    write = SessionWrite(keys.session_state(sid), "svc")
+    for seq in range(first, first + n):
+        write.xadd(keys.frames(sid), {"seq": seq, "audio": b"\x00\xff" * 4})
+    write.checkpoint({"next_seq": first + n})
+    write.read("XLEN", keys.frames(sid))
+    return write
+
+
+async def test_a_write_applies_every_operation_and_returns_its_reads(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    fence = await _claim(redis, keys, "s")
+    assert await writer.apply(_frames_write(keys, "s", 0, 3), fence) == [3]
+    assert fence.written == 1
+    entries = await redis.xrange(keys.frames("s"))
+    assert [e[1][b"seq"] for e in entries] == [b"0", b"1", b"2"]
+    assert entries[0][1][b"audio"] == b"\x00\xff" * 4  # binary values travel as they are
+    state = await redis.hgetall(keys.session_state("s"))
+    assert state[b"svc.next_seq"] == b"3" and state[b"svc.written"] == b"1"
+
+
+async def test_a_replica_that_lost_the_session_can_write_nothing(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    stale = await _claim(redis, keys, "s")
+    await writer.apply(_frames_write(keys, "s", 0, 2), stale)
+    current = await _claim(redis, keys, "s")  # another replica took the session over
+    with pytest.raises(Fenced):
+        await writer.apply(_frames_write(keys, "s", 2, 5), stale)
+    assert await redis.xlen(keys.frames("s")) == 2
+    assert await redis.hget(keys.session_state("s"), "svc.next_seq") == b"2"
+    await writer.apply(_frames_write(keys, "s", 2, 1), current)
+    assert await redis.xlen(keys.frames("s")) == 3
+
+
+async def test_a_retry_of_a_write_that_was_applied_writes_nothing_twice(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    fence = await _claim(redis, keys, "s")
+    write = _frames_write(keys, "s", 0, 4)
+    await writer.apply(write, fence)
+    fence.written -= 1  # as if the reply had been lost with the connection
+    assert await writer.apply(write, fence) is None  # recognised as applied
+    assert fence.written == 1
+    assert await redis.xlen(keys.frames("s")) == 4
+
+
+async def test_writes_redis_lost_after_acknowledging_them_are_detected(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    fence = await _claim(redis, keys, "s")
+    for first in (0, 2, 4):
+        await writer.apply(_frames_write(keys, "s", first, 2), fence)
+    # Redis restarted from an AOF that missed the last two writes (everysec) or a replica
+    # was promoted before it had them.
+    await redis.hset(keys.session_state("s"), "svc.written", 1)
+    with pytest.raises(Regressed):
+        await writer.apply(_frames_write(keys, "s", 6, 2), fence)
+    assert await redis.xlen(keys.frames("s")) == 6
+
+
+async def test_trims_keep_what_the_reader_has_not_passed(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    ids = [await redis.xadd(keys.audio("s"), {"n": n}) for n in range(5)]
+    writer = Writer(redis)
+    fence = await _claim(redis, keys, "s")
+    write = SessionWrite(keys.session_state("s"), "svc")
+    write.trim_before(keys.audio("s"), ids[3].decode(), approximate=False)
+    write.trim_before(keys.ctl("s"), "0-0")  # nothing read yet: no trim at all
+    await writer.apply(write, fence)
+    assert [e[0] for e in await redis.xrange(keys.audio("s"))] == ids[3:]

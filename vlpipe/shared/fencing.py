@@ -1,0 +1,189 @@
+"""Fenced writes: a session's outputs, checkpoint and trims as one server-side script call.
+
+Each claim of a session by a service raises the session's epoch for that service
+(`<service>.epoch` in `vl:session:{sid}`, incremented by the claim itself). Everything the
+owner writes for the session (output entries, its checkpoint, the trim of its input
+stream, the session's status entries) is queued on a `SessionWrite` and applied by
+`_APPLY`, a Lua script that first checks that the caller still holds the epoch. A replica
+that stalled past the claim time (a GC pause, SIGSTOP, a partition) and lost the session
+can still read, but its next write is refused (`Fenced`) and changes nothing.
+
+Writes are also numbered (`<service>.written`, the number of the owner's last applied
+write), which makes a retry exact: a write whose reply was lost with the connection is
+sent again unchanged with the same number, and the script recognises it as applied
+instead of writing its entries twice. A stored number *below* the owner's last applied
+write means Redis lost writes it had acknowledged (restarted from an AOF that missed the
+last second, or a replica promoted before it had them): `Regressed`, and the session is
+resumed from what Redis still has.
+
+Every key a write touches is named in KEYS, and a session's keys share a hash tag, so the
+script stays within one Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+# KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
+# ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
+# ARGV[4]: this write's number; then the operations: command, key index, argc, args...
+_APPLY = """
+local epoch = redis.call('HGET', KEYS[1], ARGV[1])
+if epoch ~= ARGV[2] then
+  return {'fenced', epoch or ''}
+end
+local n = tonumber(ARGV[4])
+local done = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
+if done >= n then
+  return {'applied-before', tostring(done)}
+end
+if done < n - 1 then
+  return {'regressed', tostring(done)}
+end
+local out = {'ok', ARGV[4]}
+local i = 5
+while i <= #ARGV do
+  local command, argc = ARGV[i], tonumber(ARGV[i + 2])
+  local key = KEYS[tonumber(ARGV[i + 1])]
+  if string.byte(command, 1) == 63 then  -- '?': a read whose reply the caller wants
+    local reply = redis.call(string.sub(command, 2), key, unpack(ARGV, i + 3, i + 2 + argc))
+    table.insert(out, reply or false)
+  else
+    redis.call(command, key, unpack(ARGV, i + 3, i + 2 + argc))
+  end
+  i = i + 3 + argc
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+return out
+"""
+
+
+class SessionLost(Exception):
+    """This replica may no longer write for the session; it stops handling it."""
+
+
+class Fenced(SessionLost):
+    """Another replica claimed the session (the epoch moved on): nothing was written."""
+
+
+class Regressed(SessionLost):
+    """Redis no longer has writes it acknowledged: resume from what it has."""
+
+
+@dataclass(slots=True)
+class Fence:
+    """What an owner holds for one session: its epoch and the number of its last write."""
+
+    epoch: int
+    written: int
+
+
+def epoch_field(service: str) -> str:
+    return f"{service}.epoch"
+
+
+def written_field(service: str) -> str:
+    return f"{service}.written"
+
+
+@dataclass(slots=True)
+class SessionWrite:
+    """Operations on one session's keys, applied together or not at all by `apply_write`.
+
+    Build it, then hand it to `SessionOwnership.commit`. Binary values (audio) travel
+    as they are. A write is immutable once sent: a retry sends the same operations.
+    """
+
+    state_key: str
+    service: str
+    keys: list[str] = field(default_factory=list)
+    ops: list[Any] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._key(self.state_key)
+
+    def _key(self, key: str) -> int:
+        index = self._index.get(key)
+        if index is None:
+            self.keys.append(key)
+            index = self._index[key] = len(self.keys)
+        return index
+
+    def op(self, command: str, key: str, *args: Any) -> None:
+        self.ops += [command, self._key(key), len(args), *args]
+
+    def read(self, command: str, key: str, *args: Any) -> None:
+        """A read done after the writes before it; its reply is returned by `apply`."""
+        self.op("?" + command, key, *args)
+
+    def xadd(self, key: str, fields: Mapping[str, Any], maxlen: int | None = None) -> None:
+        head: list[Any] = ["MAXLEN", "~", maxlen, "*"] if maxlen is not None else ["*"]
+        for name, value in fields.items():
+            head += [name, value]
+        self.op("XADD", key, *head)
+
+    def hset(self, key: str, mapping: Mapping[str, Any]) -> None:
+        flat: list[Any] = []
+        for name, value in mapping.items():
+            flat += [name, value]
+        if flat:
+            self.op("HSET", key, *flat)
+
+    def hdel(self, key: str, *names: str) -> None:
+        if names:
+            self.op("HDEL", key, *names)
+
+    def trim_before(self, key: str, min_id: str, *, approximate: bool = True) -> None:
+        """Drop the entries of `key` older than `min_id` (`XTRIM MINID`)."""
+        if min_id not in ("", "0", "0-0"):
+            self.op("XTRIM", key, "MINID", "~" if approximate else "=", min_id)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self.op("EXPIRE", key, seconds)
+
+    def checkpoint(self, values: Mapping[str, str | int | float]) -> None:
+        """This service's checkpoint fields (`<service>.<name>` in the state hash)."""
+        self.hset(self.state_key, {f"{self.service}.{k}": v for k, v in values.items()})
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+
+class Writer:
+    """Applies `SessionWrite`s for one service: the script, registered once per client."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._script: AsyncScript = redis.register_script(_APPLY)
+
+    async def apply(self, write: SessionWrite, fence: Fence) -> list[Any] | None:
+        """Apply `write` if `fence` still holds; the write becomes `fence.written + 1`.
+
+        Returns the replies of the write's reads (None if it had been applied already, by
+        an earlier try whose reply was lost). Raises `Fenced` or `Regressed` (nothing
+        written), or a Redis connection error (then retry the same write: if it was
+        applied, the retry is recognised).
+        """
+        number = fence.written + 1
+        reply: Any = await self._script(
+            keys=write.keys,
+            args=[
+                epoch_field(write.service), fence.epoch,
+                written_field(write.service), number, *write.ops,
+            ],
+        )  # fmt: skip
+        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        stored = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        if outcome == "fenced":
+            raise Fenced(f"epoch {fence.epoch} no longer holds (now {stored or 'none'})")
+        if outcome == "regressed":
+            raise Regressed(
+                f"Redis has write {stored} of this owner, which had written {fence.written}"
+            )
+        fence.written = number
+        return list(reply[2:]) if outcome == "ok" else None
