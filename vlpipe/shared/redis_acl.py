@@ -1,10 +1,14 @@
 """Least-privilege Redis users: one per role, generated from the one table below.
 
 Each role gets the keys it reads (`%R~`), writes (`%W~`) or both (`~`), and the commands
-it runs, nothing else; a selector (`(...)`) grants a command on keys outside the role's
-own, such as egress setting the expiry of a finished session's frames. Redis (7.0 or
-later) applies the same rules to the commands a Lua script runs, so a service's user needs
-what its scripts do as well as EVALSHA, EVAL and SCRIPT LOAD.
+it runs, nothing else. Redis (7.0 or later) checks a script twice: EVALSHA itself needs
+read *and* write on every key it names (its KEYS), and each command the script runs is
+checked like any other. So a service's user has EVALSHA, EVAL and SCRIPT LOAD, read and
+write on the keys its fenced writes name (vlpipe.shared.fencing), and the commands those
+writes run. A selector (`(...)`) grants a few commands on a wider set of keys, all in one
+(Redis checks a command's keys against one selector at a time): egress's last write of a
+session names every key of it to set their expiry, frames included, yet egress may not
+write frames: its selector allows EVALSHA and EXPIRE there, not XADD.
 
 To let a role do something new, add its keys or commands here: `vlpipe redis-acl` prints
 the file and the pipeline test that runs every service as its own user (tests/integration/
@@ -50,7 +54,7 @@ class Role:
     read_write: tuple[str, ...] = ()
     commands: tuple[str, ...] = ()
     selectors: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
-    """(keys written, commands) pairs: those commands only, on those keys only."""
+    """(keys, commands) pairs: those commands only, on those keys only (read and write)."""
 
     @property
     def password_env(self) -> str:
@@ -64,7 +68,7 @@ class Role:
         parts += [f"%R~{k}" for k in self.read]
         parts += [f"%W~{k}" for k in self.write]
         for keys, commands in self.selectors:
-            parts.append("(" + " ".join([*(f"%W~{k}" for k in keys),
+            parts.append("(" + " ".join([*(f"~{k}" for k in keys),
                                          *(f"+{c}" for c in commands)]) + ")")  # fmt: skip
         return " ".join(parts)
 
@@ -79,24 +83,25 @@ class AclTable:
         k = self.keys
         wake = f"{k.prefix}:wake:*"
         # What every per-session service does: session ownership through its consumer group
-        # on the sessions stream, its checkpoint in the session's hash, its own wake-up
-        # stream, and refusals on vl:dead and the session's status stream.
-        owner_rw = (k.sessions, k.session_state(ANY), wake)
-        owner_w = (k.dead, k.status(ANY))
+        # on the sessions stream, its checkpoint and fencing epoch in the session's hash,
+        # its own wake-up stream, status entries (in its fenced writes) and dead letters.
+        owner_rw = (k.sessions, k.session_state(ANY), wake, k.status(ANY))
+        scripts = ("evalsha", "eval")
         return (
             Role(
                 "ingest",
                 "reads producers' raw audio, writes frames",
                 read_write=(*owner_rw, k.audio(ANY), k.frames(ANY)),
-                write=owner_w,
+                write=(k.dead,),
                 commands=SERVICE_COMMANDS,
             ),
             Role(
                 "broker",
-                "reads frames and control, writes events and tool calls",
-                read_write=(*owner_rw, k.frames(ANY), k.ctl(ANY)),
-                write=(*owner_w, k.events(ANY), k.tool_calls),
+                "reads frames and control, writes events and tool calls (trimmed behind "
+                "their consumer groups)",
+                read_write=(*owner_rw, k.frames(ANY), k.ctl(ANY), k.events(ANY), k.tool_calls),
                 read=(k.playback(ANY),),
+                write=(k.dead,),
                 commands=SERVICE_COMMANDS,
             ),
             Role(
@@ -107,15 +112,15 @@ class AclTable:
                     *owner_rw,
                     k.events(ANY),
                     k.transcript(ANY),
+                    k.transcripts,
                     k.audio_out(ANY),
-                    k.status(ANY),
                     k.playback(ANY),
                     k.audio(ANY),
                 ),
-                write=(k.dead, k.transcripts, k.ctl(ANY)),
+                write=(k.dead, k.ctl(ANY)),
                 commands=SERVICE_COMMANDS,
-                # A finished session's keys expire; egress sets the expiry of every one.
-                selectors=(((k.frames(ANY),), ("expire",)),),
+                # The write that ends a session sets the expiry of every key of it.
+                selectors=(((*k.session_streams(ANY), k.transcripts), (*scripts, "expire")),),
             ),
             Role(
                 "producer",
