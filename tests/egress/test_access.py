@@ -28,6 +28,7 @@ from vlpipe.services.egress.access import (
 )
 
 KEY = "test-signing-key-of-at-least-32-bytes!"
+FAR_FUTURE = 4_102_444_800  # 2100: tokens made when the tests are collected stay valid
 OTHER_KEY = "another-signing-key-of-32-bytes-or-more"
 
 
@@ -84,9 +85,9 @@ def test_an_admin_jwt_for_every_session() -> None:
         ("guess", "token", "wrong token"),
         (jwt.encode({"sub": "s1", "scope": "call"}, KEY, algorithm="HS256"), "token",
          '"exp" claim'),
-        (jwt.encode({"sub": "s1", "scope": "root", "exp": time.time() + 60}, KEY,
+        (jwt.encode({"sub": "s1", "scope": "root", "exp": FAR_FUTURE}, KEY,
                     algorithm="HS256"), "token", "scope 'root'"),
-        (jwt.encode({"sub": "bad id!", "scope": "call", "exp": time.time() + 60}, KEY,
+        (jwt.encode({"sub": "bad id!", "scope": "call", "exp": FAR_FUTURE}, KEY,
                     algorithm="HS256"), "token", "invalid session id"),
     ],
 )  # fmt: skip
@@ -106,7 +107,7 @@ def test_a_tampered_token_is_refused() -> None:
 
 
 def test_a_token_of_another_algorithm_is_refused() -> None:
-    unsigned = jwt.encode({"sub": "s1", "scope": "admin", "exp": time.time() + 60}, None,
+    unsigned = jwt.encode({"sub": "s1", "scope": "admin", "exp": FAR_FUTURE}, None,
                           algorithm="none")  # fmt: skip
     assert refused(lambda: policy().grant(unsigned)).status is HTTPStatus.UNAUTHORIZED
 

@@ -69,6 +69,12 @@ def basic(password: str) -> str:
     return "Basic " + base64.b64encode(f"operator:{password}".encode()).decode()
 
 
+async def keep_announcements(redis: aioredis.Redis, keys: StreamKeys) -> None:
+    """A consumer group that reads nothing: the sessions stream, trimmed behind its slowest
+    group, then keeps every announcement for `announcements` to see."""
+    await redis.xgroup_create(keys.sessions, "audit", id="0", mkstream=True)
+
+
 async def announcements(redis: aioredis.Redis, keys: StreamKeys) -> list[SessionStart | SessionEnd]:
     return [decode(SessionAnnouncement, f) for _, f in await redis.xrange(keys.sessions)]
 
@@ -146,6 +152,7 @@ async def test_an_allowlisted_origin_may_open_sockets(redis_url: str, keys: Stre
 async def test_a_twilio_stream_must_start_with_its_token_before_any_media(
     redis: aioredis.Redis, keys: StreamKeys, gateway: GatewayProc
 ) -> None:
+    await keep_announcements(redis, keys)
     await gateway.ready()
     media = {"event": "media", "streamSid": "MZ1", "media": {"chunk": "1", "payload": "f39/"}}
     start = {"event": "start", "streamSid": "MZ1",
@@ -195,6 +202,7 @@ async def test_a_call_whose_audio_piles_up_in_redis_is_closed_and_its_session_en
     redis_url: str, redis: aioredis.Redis, keys: StreamKeys
 ) -> None:
     # No ingest reads the audio: it waits in Redis. The limit is 20 chunks.
+    await keep_announcements(redis, keys)
     gateway = GatewayProc(redis_url, keys.prefix, VLPIPE_GATEWAY_MAX_WAITING_AUDIO="20")
     try:
         await gateway.ready()

@@ -176,6 +176,9 @@ async def test_hostile_clients_are_refused_and_the_callers_session_goes_on_untou
 ) -> None:
     with wave.open(str(speech_wav)) as w:
         pcm = w.readframes(w.getnframes()) + b"\0\0" * 16000 * 2
+    # A consumer group that reads nothing keeps every announcement on the sessions stream
+    # (it is trimmed behind its slowest group), to see afterwards who announced what.
+    await redis.xgroup_create(keys.sessions, "audit", id="0", mkstream=True)
     async with (
         running_engine(model="local", output_pace=0) as engine,
         running_pipeline(redis_url, keys.prefix, engine.endpoint) as p,
@@ -221,7 +224,8 @@ async def test_hostile_clients_are_refused_and_the_callers_session_goes_on_untou
 
     # The caller's session saw none of it: one start and one end (its own), no control
     # message, no error, and both sides' transcripts.
-    announced = [decode(SessionAnnouncement, f) for _, f in await redis.xrange(keys.sessions)]
+    audit: Any = await redis.xreadgroup("audit", "a", {keys.sessions: ">"}, count=10_000)
+    announced = [decode(SessionAnnouncement, f) for _, f in audit[0][1]]
     assert [a.type for a in announced if a.session == VICTIM] == ["start", "end"]
     assert await redis.hget(keys.session_state(VICTIM), "end_reason") == b"caller hung up"
     assert await redis.hget(keys.session_state(VICTIM), "broker.ctl_id") in (None, b"0-0")
