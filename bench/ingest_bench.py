@@ -3,7 +3,8 @@
     .venv/bin/python bench/ingest_bench.py [--seconds 60]
 
 Part 1 runs the pure normalizer in this process (CPU time per output frame, 24 kHz PCM16
-target). Part 2 starts one ingest replica as a subprocess against a private redis-server,
+target), and the cost and size of the snapshot the service checkpoints with each write
+(taken here after every chunk, as a replica writing one chunk per batch would). Part 2 starts one ingest replica as a subprocess against a private redis-server,
 publishes `--seconds` of 16 kHz PCM16 as fast as possible, and reports frames/s from the
 first frame to the final marker and the replica's CPU per frame.
 """
@@ -91,15 +92,22 @@ def chunks_for(fmt: str, seconds: float) -> list[RawAudio]:
 
 def bench_normalizer(seconds: float) -> None:
     print(f"normalizer, {seconds:.0f} s of audio per format, target pcm16 24 kHz, 20 ms frames")
-    print(f"{'input':<18} {'us CPU/frame':>13}")
+    print(f"{'input':<18} {'us CPU/frame':>13} {'us/snapshot':>12} {'carry bytes':>12}")
     for fmt in ("pcm16 16k", "pcm16 48k stereo", "f32 44.1k", "g711 ulaw", "g711 alaw",
                 "ogg opus", "webm opus", "mp3"):  # fmt: skip
         chunks = chunks_for(fmt, seconds)
         norm = Normalizer(AudioFormat.PCM16)
-        start = time.process_time()  # process time includes the container decoder's thread
+        start = time.process_time()
         frames = sum(len(norm.push(c)) for c in chunks) + len(norm.flush())
         cpu = time.process_time() - start
-        print(f"{fmt:<18} {cpu / frames * 1e6:>13.1f}")
+        norm, snapshot_cpu, carry = Normalizer(AudioFormat.PCM16), 0.0, 0
+        for c in chunks:
+            norm.push(c)
+            start = time.process_time()
+            carry += len(norm.snapshot()["carry"])
+            snapshot_cpu += time.process_time() - start
+        print(f"{fmt:<18} {cpu / frames * 1e6:>13.1f} {snapshot_cpu / len(chunks) * 1e6:>12.1f}"
+              f" {carry / len(chunks):>12.0f}")  # fmt: skip
 
 
 async def bench_service(seconds: float) -> None:

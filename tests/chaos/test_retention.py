@@ -77,9 +77,11 @@ async def test_consumers_of_replicas_long_gone_are_removed_and_wake_streams_expi
     await redis.xgroup_createconsumer(keys.sessions, "ingest", "ingest-gone-1")
     await redis.xgroup_createconsumer(keys.sessions, "ingest", "ingest-busy")
     await redis.xadd(keys.sessions, {"type": "start", "session": "held"})
-    await redis.xreadgroup("ingest", "ingest-busy", {keys.sessions: ">"})  # it holds one
+    # It holds one (a live replica, as far as a claim time of a minute can tell).
+    await redis.xreadgroup("ingest", "ingest-busy", {keys.sessions: ">"})
     ingest = Replica("ingest", "ingest-0", redis_url, keys.prefix, tmp_path,
-                     {"VLPIPE_CONSUMER_IDLE_S": "1"}).start()  # fmt: skip
+                     {"VLPIPE_CONSUMER_IDLE_S": "1",
+                      "VLPIPE_CLAIM_IDLE_MS": "60000"}).start()  # fmt: skip
     try:
         await redis.xadd(keys.sessions, {"type": "start", "session": "w"})  # wakes its reader
 

@@ -262,3 +262,102 @@ async def test_audio_of_a_session_never_announced_waits_untouched_until_it_is_an
     await redis.xadd(keys.sessions, {"type": "end", "session": sid})
     await wait_for_final_frame(redis, keys, sid)
     assert len(await frames_of(redis, keys, sid)) == 11, "200 ms and the marker"
+
+
+async def test_decoder_threads_end_with_their_session_however_it_ends(
+    redis: aioredis.Redis, redis_url: str, keys: StreamKeys, tmp_path: Path
+) -> None:
+    # Compressed streams used to be decoded on a thread per stream that blocked forever on
+    # its input when the session was lost, retried or switched format. Here sessions end in
+    # each of those ways, round after round; the replica's threads must not grow with them
+    # (beyond the event loop's worker pool, which `asyncio.to_thread` fills up to its size).
+    import psutil
+
+    from tests.ingest.test_normalize import encoded
+
+    ogg = encoded("ogg", "libopus", 48000, 2.0, hz=440)
+    webm = encoded("webm", "libopus", 48000, 2.0, hz=440)
+    mp3 = encoded("mp3", "libmp3lame", 44100, 2.0, hz=440)
+    log_path = tmp_path / "ingest.log"
+    with log_path.open("wb") as log_file:
+        proc = start_ingest(redis_url, keys.prefix, stderr=log_file, VLPIPE_MAX_DELIVERIES="2")
+    pool = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+
+    async def send(sid: str, data: bytes, fmt: str) -> bytes:
+        """Publish `data` in chunks; the last entry's id."""
+        for i in range(0, len(data), 2000):
+            last = await redis.xadd(keys.audio(sid), {"audio": data[i : i + 2000], "format": fmt})
+        return bytes(last)
+
+    async def lost(sid: str) -> None:
+        entry = await redis.hget(keys.session_state(sid), "ingest.entry")
+        await send(sid, ogg[: len(ogg) // 2], "ogg")
+        await wait_until(lambda: _has_frames(redis, keys, sid))
+        await redis.xclaim(keys.sessions, "ingest", "someone-else", 0, [entry])
+        await wait_until(lambda: _logged(log_path, "session lost", sid))
+        await redis.xack(keys.sessions, "ingest", entry)  # and the thief finished it
+
+    async def retried(sid: str) -> None:
+        # Once the audio is decoded, the frames' key is made to hold a string, so the final
+        # write fails: the session task fails and is retried (from its checkpoint, with a
+        # new normalizer) until it is given up.
+        last = await send(sid, webm[: len(webm) // 2], "webm")
+        await wait_until(lambda: _checkpointed(redis, keys, sid, last))
+        await redis.delete(keys.frames(sid))
+        await redis.set(keys.frames(sid), "not a stream")
+        await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+        await wait_until(lambda: _logged(log_path, "session task failed", sid))
+        await wait_until(lambda: _done(redis, keys, sid), within=30)
+
+    async def switched(sid: str) -> None:
+        await send(sid, ogg[: len(ogg) // 2], "ogg")
+        await send(sid, webm[: len(webm) // 2], "webm")
+        await send(sid, mp3[: len(mp3) // 2], "mp3")
+        await send(sid, tone(24000, 0.2), "pcm16")
+        await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+        await wait_for_final_frame(redis, keys, sid)
+
+    async def ended(sid: str) -> None:
+        await send(sid, mp3, "mp3")
+        await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+        await wait_for_final_frame(redis, keys, sid)
+
+    async def round_of(name: str, sessions: int) -> None:
+        for way in (lost, retried, switched, ended):
+            sids = [f"{name}-{way.__name__}-{i}" for i in range(sessions)]
+            for sid in sids:
+                await redis.xadd(keys.sessions, {"type": "start", "session": sid})
+            await wait_until(lambda: _all_owned(redis, keys, sids))  # noqa: B023
+            await asyncio.gather(*(way(sid) for sid in sids))
+
+    try:
+        await round_of("warm-up", 1)
+        threads = psutil.Process(proc.pid).num_threads()
+        for n in range(3):
+            await round_of(f"round{n}", 3)
+        assert psutil.Process(proc.pid).num_threads() <= threads + pool
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+async def _has_frames(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
+    return bool(await redis.xlen(keys.frames(sid)))
+
+
+async def _checkpointed(redis: aioredis.Redis, keys: StreamKeys, sid: str, entry: bytes) -> bool:
+    return await redis.hget(keys.session_state(sid), "ingest.audio_id") == entry
+
+
+async def _done(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
+    return await redis.hget(keys.session_state(sid), "ingest.done") == b"1"
+
+
+async def _all_owned(redis: aioredis.Redis, keys: StreamKeys, sids: list[str]) -> bool:
+    owners = [await redis.hget(keys.session_state(sid), "ingest.owner") for sid in sids]
+    return all(owners)
+
+
+async def _logged(path: Path, message: str, sid: str) -> bool:
+    text = await asyncio.to_thread(path.read_text)
+    return any(message in line and f'"{sid}"' in line for line in text.splitlines())

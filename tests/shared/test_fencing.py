@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -93,3 +95,34 @@ async def test_trims_keep_what_the_reader_has_not_passed(
     write.trim_before(keys.ctl("s"), "0-0")  # nothing read yet: no trim at all
     await writer.apply(write, fence)
     assert [e[0] for e in await redis.xrange(keys.audio("s"))] == ids[3:]
+
+
+async def test_writes_of_many_sessions_share_round_trips_and_each_is_checked_alone(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    sids = [f"s{n}" for n in range(50)]
+    fences = {sid: await _claim(redis, keys, sid) for sid in sids}
+    await _claim(redis, keys, "s7")  # s7 was taken over: its old fence no longer holds
+    results = await asyncio.gather(
+        *(writer.apply(_frames_write(keys, sid, 0, 2), fences[sid]) for sid in sids),
+        return_exceptions=True,
+    )
+    assert writer.writes == 50 and writer.round_trips < 5
+    assert isinstance(results[7], Fenced)
+    assert all(r == [2] for n, r in enumerate(results) if n != 7)
+    assert await redis.xlen(keys.frames("s7")) == 0
+    assert all([await redis.xlen(keys.frames(sid)) == 2 for sid in sids if sid != "s7"])
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(redis)
+    fence = await _claim(redis, keys, "s")
+    await writer.apply(_frames_write(keys, "s", 0, 1), fence)
+    await redis.script_flush()  # as after a restart without the scripts
+    other = await _claim(redis, keys, "t")
+    both = await asyncio.gather(writer.apply(_frames_write(keys, "s", 1, 1), fence),
+                                writer.apply(_frames_write(keys, "t", 0, 1), other))  # fmt: skip
+    assert both == [[2], [1]]

@@ -44,7 +44,7 @@ class ServiceSettings(BaseSettings):
         default="",
         description="This replica's consumer name; empty means hostname-pid.",
     )
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     http_host: str = Field(default="0.0.0.0", description="Health and metrics listen address.")
     http_port: int = Field(default=0, description="Health and metrics port; 0 picks a free one.")
     # Stream runtime tuning (see vlpipe.shared.streams).

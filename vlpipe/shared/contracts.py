@@ -182,7 +182,7 @@ class InputFormat(StrEnum):
     G711_ULAW = "g711_ulaw"  # also accepted: mulaw, ulaw, pcmu
     G711_ALAW = "g711_alaw"  # also accepted: alaw, pcma
     WAV = "wav"  # chunks of one WAV file, header first
-    OGG = "ogg"  # chunks of an Ogg (Opus/Vorbis) stream
+    OGG = "ogg"  # chunks of an Ogg Opus stream
     WEBM = "webm"  # chunks of a WebM/Matroska (Opus) stream, as MediaRecorder produces
     MP3 = "mp3"  # chunks of an MP3 stream
 

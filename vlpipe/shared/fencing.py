@@ -22,12 +22,14 @@ script stays within one Redis Cluster slot.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 # KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
 # ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
@@ -156,10 +158,18 @@ class SessionWrite:
 
 
 class Writer:
-    """Applies `SessionWrite`s for one service: the script, registered once per client."""
+    """Applies `SessionWrite`s for one process, in batches: while one round trip is in
+    flight, the writes of every other session queue up and go together in the next (one
+    pipeline of script calls), so hundreds of sessions cost a round trip per loop turn,
+    not one each. Each write is still checked and applied on its own."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._script: AsyncScript = redis.register_script(_APPLY)
+        self.redis = redis
+        self._sha = hashlib.sha1(_APPLY.encode()).hexdigest()
+        self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self.round_trips = 0
+        self.writes = 0
 
     async def apply(self, write: SessionWrite, fence: Fence) -> list[Any] | None:
         """Apply `write` if `fence` still holds; the write becomes `fence.written + 1`.
@@ -170,13 +180,16 @@ class Writer:
         applied, the retry is recognised).
         """
         number = fence.written + 1
-        reply: Any = await self._script(
-            keys=write.keys,
-            args=[
-                epoch_field(write.service), fence.epoch,
-                written_field(write.service), number, *write.ops,
-            ],
-        )  # fmt: skip
+        args = [
+            len(write.keys), *write.keys,
+            epoch_field(write.service), fence.epoch,
+            written_field(write.service), number, *write.ops,
+        ]  # fmt: skip
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, done))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        reply = await done
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         stored = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         if outcome == "fenced":
@@ -187,3 +200,51 @@ class Writer:
             )
         fence.written = number
         return list(reply[2:]) if outcome == "ok" else None
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    replies = await self._run(batch)
+                except BaseException as exc:  # the round trip failed: every write of it did
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc if isinstance(exc, Exception) else
+                                               ConnectionError("write interrupted"))  # fmt: skip
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, done), reply in zip(batch, replies, strict=True):
+                    if done.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        done.set_exception(reply)
+                    else:
+                        done.set_result(reply)
+        finally:
+            self._flushing = None
+
+    async def _run(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> list[Any]:
+        """One round trip for the batch (two the first time after Redis lost its scripts)."""
+        self.round_trips += 1
+        self.writes += len(batch)
+        for attempt in range(2):
+            if len(batch) == 1:
+                try:
+                    return [await self.redis.evalsha(self._sha, *batch[0][0])]
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    await self.redis.script_load(_APPLY)
+                    continue
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args, _ in batch:
+                    pipe.evalsha(self._sha, *args)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in replies):
+                return replies
+            # A restarted Redis has no scripts: load it and send the batch again (no write
+            # of it was applied: each failed alike before running).
+            await self.redis.script_load(_APPLY)
+        raise AssertionError("unreachable")

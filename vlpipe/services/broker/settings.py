@@ -55,15 +55,23 @@ class BrokerSettings(ServiceSettings):
         validation_alias=_env("token_refresh_margin_s"),
         description="A cached token is refreshed this long before it expires.",
     )
-    model: str = Field(default="gpt-realtime", validation_alias=_env("model"))
-    api_version: str = Field(default="2025-10-01", validation_alias=_env("api_version"))
+    model: str = Field(
+        default="gpt-realtime", validation_alias=_env("model"), description="Voice Live model."
+    )
+    api_version: str = Field(
+        default="2025-10-01", validation_alias=_env("api_version"), description="API version."
+    )
     agent_name: str | None = Field(
         default=None,
         validation_alias=_env("agent_name"),
         description="Connect to a Foundry agent instead of a model (with agent_project).",
     )
-    agent_project: str | None = Field(default=None, validation_alias=_env("agent_project"))
-    agent_version: str | None = Field(default=None, validation_alias=_env("agent_version"))
+    agent_project: str | None = Field(
+        default=None, validation_alias=_env("agent_project"), description="The agent's project."
+    )
+    agent_version: str | None = Field(
+        default=None, validation_alias=_env("agent_version"), description="The agent's version."
+    )
     ping_interval_s: float = Field(
         default=5.0,
         gt=0,
@@ -76,7 +84,12 @@ class BrokerSettings(ServiceSettings):
         validation_alias=_env("ping_timeout_s"),
         description="A pong later than this closes the socket as dead and reconnects.",
     )
-    connect_timeout_s: float = Field(default=10.0, gt=0, validation_alias=_env("connect_timeout_s"))
+    connect_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        validation_alias=_env("connect_timeout_s"),
+        description="How long opening the upstream WebSocket may take, in seconds.",
+    )
     max_message_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=1024,

@@ -8,9 +8,16 @@ import sys
 from vlpipe.services.egress.service import EgressService
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared.service import ServiceContext, run_service
+from vlpipe.shared.usage import service_parser
+
+DESCRIPTION = (
+    "Turn each session's events into transcripts, audio out and status streams, and serve "
+    "the WebSocket gateway."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
+    service_parser("egress", EgressSettings, DESCRIPTION).parse_args(argv)  # --help exits here
     settings = EgressSettings()
 
     async def body(ctx: ServiceContext) -> None:

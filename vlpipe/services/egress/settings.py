@@ -35,6 +35,7 @@ class EgressSettings(ServiceSettings):
     gateway_port: int = Field(
         default=8080, ge=0, le=65535,
         validation_alias=AliasChoices("VLPIPE_GATEWAY_PORT", "gateway_port"),
+        description="Gateway listen port; 0 picks a free one.",
     )  # fmt: skip
     gateway_tokens: SecretStr | None = Field(
         default=None,

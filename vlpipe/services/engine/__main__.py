@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -10,13 +9,25 @@ import sys
 from vlpipe.services.engine.server import EngineServer
 from vlpipe.services.engine.settings import EngineSettings
 from vlpipe.shared import logs
+from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.usage import service_parser
+
+READS = [
+    name
+    for name in EngineSettings.model_fields
+    if name not in ServiceSettings.model_fields or name == "log_level"
+]
+"""The settings the engine reads: its own and the log level (no Redis, no health port)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `--host --port --model --api-key` over the `VLPIPE_ENGINE_*` settings; serve."""
-    parser = argparse.ArgumentParser(
-        prog="vlpipe engine",
-        description="Serve the Voice Live realtime protocol on /voice-live/realtime, offline.",
+    parser = service_parser(
+        "engine",
+        EngineSettings,
+        "Serve the Voice Live realtime protocol on /voice-live/realtime, offline. The options "
+        "override the settings of the same name.",
+        only=READS,
     )
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (default 8765; 0 picks one)")

@@ -26,8 +26,16 @@ class EngineSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="VLPIPE_", extra="ignore", populate_by_name=True)
 
-    host: str = Field(default="127.0.0.1", validation_alias=_env("host"))
-    port: int = Field(default=8765, ge=0, le=65535, validation_alias=_env("port"))
+    host: str = Field(
+        default="127.0.0.1", validation_alias=_env("host"), description="Listen address."
+    )
+    port: int = Field(
+        default=8765,
+        ge=0,
+        le=65535,
+        validation_alias=_env("port"),
+        description="Listen port; 0 picks a free one.",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         validation_alias=_env("api_key"),

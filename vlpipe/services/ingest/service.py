@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanKind
 
 from vlpipe.services.ingest.containers import DEMUXERS
-from vlpipe.services.ingest.normalize import BadAudio, Normalizer
+from vlpipe.services.ingest.normalize import SNAPSHOT_FIELDS, BadAudio, Normalizer
 from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
 from vlpipe.shared import telemetry
@@ -55,6 +55,8 @@ class SessionIngest:
     written_at: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=3000))
     """(frame seq, time written in ns) of the last minute of frames, for the turn traces."""
     turn_seen: bytes = b""
+    snapshot: dict[str, str] = field(default_factory=dict)
+    """The normalizer's snapshot as last checkpointed: a write carries only what changed."""
 
 
 class IngestService:
@@ -82,7 +84,10 @@ class IngestService:
         checkpoint = owned.checkpoint
         state = SessionIngest(
             owned=owned,
-            normalizer=Normalizer(owned.start.config.input_audio_format, self.settings.frame_ms),
+            normalizer=Normalizer.resume(
+                owned.start.config.input_audio_format, self.settings.frame_ms, checkpoint
+            ),
+            snapshot={k: checkpoint[k] for k in SNAPSHOT_FIELDS if k in checkpoint},
             next_seq=int(checkpoint.get("next_seq", "0")),
             last_id=checkpoint.get("audio_id", "0-0"),
             order=SequenceWindow(
@@ -203,6 +208,8 @@ class IngestService:
         }  # fmt: skip
         if state.order.expected is not None:
             values["expected_seq"] = state.order.expected
+        snapshot = state.normalizer.snapshot()
+        values.update({k: v for k, v in snapshot.items() if state.snapshot.get(k) != v})
         write.checkpoint(values)
         write.trim_before(self.keys.audio(sid), audio_id)
         write.read("HGET", self.keys.session_state(sid), "broker.turn")
@@ -215,6 +222,7 @@ class IngestService:
             state.turn_seen = turn
             self._trace_utterance(state, turn.decode())
         state.last_id = audio_id
+        state.snapshot = snapshot
         if frames:
             self.frames_out.add(len(frames))
         if backlog > self.settings.max_backlog_frames and not final and not state.paused:

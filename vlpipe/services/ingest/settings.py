@@ -14,7 +14,7 @@ class IngestSettings(ServiceSettings):
         ge=10,
         le=100,
         validation_alias=AliasChoices("VLPIPE_INGEST_FRAME_MS", "frame_ms"),
-        description="Frame length in ms (VLPIPE_INGEST_FRAME_MS).",
+        description="Frame length in ms.",
     )
     reorder_window: int = Field(
         default=8,
