@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 from opentelemetry import metrics
 from redis.exceptions import ResponseError
 
+from vlpipe.shared.streams import entry_key
+
 log = logging.getLogger("vlpipe.retention")
 
 _OVERFLOW = metrics.get_meter("vlpipe.retention").create_counter(
@@ -50,9 +52,7 @@ class Retention:
 
 
 def _id(raw: Any) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+    return entry_key(raw.decode() if isinstance(raw, bytes) else str(raw))
 
 
 def _text(point: tuple[int, int]) -> str:

@@ -124,6 +124,12 @@ def entry_ms(entry_id: str) -> float:
     return float(entry_id.split("-", 1)[0])
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """An entry id as a sortable pair (ids do not sort as strings: "9-0" > "10-0")."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Disposition(Enum):
     """What a group handler wants done with an entry it handled without error."""
 

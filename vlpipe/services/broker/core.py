@@ -157,7 +157,10 @@ class SessionCore:
         self.upstream_ms = 0.0
         self.speech_end_ms: float | None = None
         self.manual_commits: deque[float] = deque()
-        self.pending_commits: dict[str, float] = {}  # item -> commit point, until transcribed
+        self.pending_commits: dict[str, tuple[float, float]] = {}
+        """Items committed but not transcribed yet: the span of audio each was made of."""
+        self.commit_point = 0.0
+        """Where the input buffer starts: the last commit (or clear) of this upstream."""
         self.final_at: float | None = None
         self.last_event_at = 0.0
         self.connected_at = 0.0
@@ -235,6 +238,7 @@ class SessionCore:
         self.connections += 1
         self.upstream_ms = 0.0
         self.speech_end_ms = None
+        self.commit_point = 0.0
         self.manual_commits.clear()
         self._send({"type": "session.update", "session": self.config.session_update()})
         if self.resumed:
@@ -309,7 +313,8 @@ class SessionCore:
                 self.frame_traceparent = frame.traceparent
             if frame.final:
                 final = True
-                self._let_go_through(entry_id)
+                if not self.retained and not batch:
+                    self._moved_frames_id()  # a new owner need not read the marker again
                 break
             duration = frame.format.ms_for_bytes(len(frame.audio))
             batch.append(SentFrame(entry_id, frame.seq, frame.audio, 0.0, duration,
@@ -348,17 +353,32 @@ class SessionCore:
         self._send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
 
     def _let_go(self, upto_ms: float) -> None:
-        """The upstream has what ends by `upto_ms` in a transcribed item: no replay."""
-        while self.retained and self.retained[0].end_ms <= upto_ms + 0.5:
-            self.frames_id = self.retained.popleft().entry_id
-            self.dirty = True
+        """What ends by `upto_ms` needs no replay (committed, or silence outside a turn)."""
+        if self.retained and self.retained[0].end_ms <= upto_ms + 0.5:
+            while self.retained and self.retained[0].end_ms <= upto_ms + 0.5:
+                self.retained.popleft()
+            self._moved_frames_id()
 
-    def _let_go_through(self, entry_id: str) -> None:
-        """Frames up to `entry_id` will not be replayed (the final marker: what is left
-        will be, with the marker, by a new owner)."""
-        if not self.retained:
-            self.frames_id = entry_id
-            self.dirty = True
+    def _let_go_span(self, start_ms: float, end_ms: float) -> None:
+        """The upstream has what lies within this span in a transcribed item. An earlier
+        item may still wait for its transcript: its audio stays."""
+        kept = deque(
+            sent
+            for sent in self.retained
+            if not (sent.at_ms >= start_ms - 0.5 and sent.end_ms <= end_ms + 0.5)
+        )
+        if len(kept) != len(self.retained):
+            self.retained = kept
+            self._moved_frames_id()
+
+    def _moved_frames_id(self) -> None:
+        """The checkpoint's frame position: just before the oldest frame still kept (a new
+        owner reads on from there), or the last frame had when none is kept."""
+        if self.retained:
+            self.frames_id = _id_before(self.retained[0].entry_id)
+        elif self.last_frame_id:
+            self.frames_id = self.last_frame_id
+        self.dirty = True
 
     def _let_go_of_silence(self) -> None:
         """Outside any turn, silence older than `SILENCE_KEEP_MS` is no longer needed;
@@ -424,6 +444,7 @@ class SessionCore:
         elif isinstance(msg, ClearInput):
             self._send({"type": "input_audio_buffer.clear"})
             self._let_go(self.upstream_ms)
+            self.commit_point = self.upstream_ms
         elif isinstance(msg, ToolResult):
             if msg.call_id not in self.calls:
                 if msg.call_id in self.conv.answered_calls:
@@ -594,6 +615,7 @@ class SessionCore:
             self._transcribed(str(event.get("item_id") or ""))
         elif kind == "input_audio_buffer.cleared":
             self._let_go(self.upstream_ms)
+            self.commit_point = self.upstream_ms
         elif kind == "input_audio_buffer.speech_started":
             if detection is not None and detection.get("interrupt_response") is not False:
                 # With server VAD the upstream cancels the response in progress itself;
@@ -616,21 +638,21 @@ class SessionCore:
         else:
             point = self.upstream_ms
         self.speech_end_ms = None
+        span = (self.commit_point, point)
+        self.commit_point = point
         if self.config.input_audio_transcription and item_id:
-            self.pending_commits[item_id] = point  # let go once it is remembered as text
+            self.pending_commits[item_id] = span  # let go once it is remembered as text
         else:
-            self._let_go(point)
+            self._let_go_span(*span)
         if self._vad_answers():
             self.answer_owed = True
             if self.conv.response_id is None:
                 self._expect_auto_response(now)
 
     def _transcribed(self, item_id: str) -> None:
-        point = self.pending_commits.pop(item_id, None)
-        if point is None:
-            return
-        earliest = min(self.pending_commits.values(), default=point)
-        self._let_go(min(point, earliest))
+        span = self.pending_commits.pop(item_id, None)
+        if span is not None:
+            self._let_go_span(*span)
 
     def _response_done(self, event: dict[str, Any]) -> None:
         self.requested = False
@@ -690,6 +712,14 @@ class SessionCore:
             self._send({"type": "conversation.item.truncate", "item_id": cut.item_id,
                         "content_index": 0, "audio_end_ms": cut.audio_end_ms})  # fmt: skip
         return True
+
+
+def _id_before(entry_id: str) -> str:
+    """The stream id just before `entry_id` (an XREAD from it returns `entry_id` first)."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-{2**64 - 1}"
 
 
 def _errors(exc: ValidationError) -> str:

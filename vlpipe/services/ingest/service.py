@@ -36,7 +36,7 @@ from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, deco
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import REDIS_DOWN, Entry, through_outages
+from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_key, through_outages
 
 log = logging.getLogger("vlpipe.ingest")
 
@@ -105,7 +105,7 @@ class IngestService:
         try:
             await owned.ended.wait()
             # The producer ended the session: everything it sent is in the stream now.
-            while await self._unread(audio_key, state.last_id):
+            while await self._unread(audio_key, self._read_up_to(state, audio_key)):
                 state.idle.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(state.idle.wait(), timeout=1)
@@ -113,6 +113,12 @@ class IngestService:
         finally:
             self.reader.remove(audio_key)
             self.sessions.pop(owned.sid, None)
+
+    def _read_up_to(self, state: SessionIngest, key: str) -> str:
+        """The last audio entry done with: written, or dead-lettered by the reader after
+        its handler failed on it (then nothing was written for it)."""
+        passed = self.reader.position(key) or state.last_id
+        return max(passed, state.last_id, key=entry_key)
 
     async def _unread(self, key: str, after: str) -> bool:
         newer = await through_outages(
