@@ -31,11 +31,11 @@ from tests.otlp_receiver import otlp_receiver
 from tests.tls_certs import make_certificates
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
-from vlpipe.shared.config import RedisTLS
 from vlpipe.shared.contracts import TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_acl import AclTable
 from vlpipe.shared.redis_server import RedisServer, ServerTLS
+from vlpipe.shared.redis_tls import RedisTLS
 from vlpipe.shared.streams import connect
 from vlpipe.tools.sessions import live_sessions
 

@@ -39,11 +39,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from vlpipe.shared.config import RedisTLS
 from vlpipe.shared.contracts import ContractError, DeadLetter, encode
 from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.progress import LoopProgress
+from vlpipe.shared.redis_tls import RedisTLS
 
 log = logging.getLogger("vlpipe.streams")
 
