@@ -119,6 +119,19 @@ async def serve_health(ctx: ServiceContext, host: str, port: int) -> Server:
     return await serve(no_websocket, host, port, process_request=process_request)
 
 
+def run_process(
+    name: str, settings: ServiceSettings, body: Callable[[ServiceContext], Awaitable[None]]
+) -> int:
+    """A service process's whole life (`run_service`) on uvloop's event loop when it is
+    installed: the services are I/O loops, and uvloop makes each wake-up, socket read and
+    write several times cheaper than the stock loop."""
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: the stock loop does the same, slower
+        return asyncio.run(run_service(name, settings, body))
+    return uvloop.run(run_service(name, settings, body))
+
+
 async def run_service(
     name: str,
     settings: ServiceSettings,

@@ -32,7 +32,7 @@ import logging
 import random
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -46,6 +46,9 @@ from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_ms
 
 if TYPE_CHECKING:
     from vlpipe.services.broker.service import BrokerService
+
+LATENCY_SAMPLE_EVERY = 10
+"""Of a session's appends, the one in this many whose latency the histogram records."""
 
 log = logging.getLogger("vlpipe.broker")
 
@@ -75,6 +78,7 @@ class BrokerSession:
         self.work = asyncio.Event()
         self.last_input_at = time.monotonic()
         self.idle_ended = False
+        self.batches = 0
         # Writing.
         self.in_flight: tuple[SessionWrite, int] | None = None  # a write, its event count
         self.output_ready = asyncio.Event()
@@ -229,7 +233,7 @@ class BrokerSession:
             async with self.send_lock:
                 ws = self.ws
                 while core.upstream and ws is not None:
-                    await ws.send(json.dumps(core.upstream.popleft(), separators=(",", ":")))
+                    await ws.send(_wire(core.upstream.popleft()))
         self._changed()
 
     async def _send_loop(self, ws: ClientConnection) -> None:
@@ -265,15 +269,14 @@ class BrokerSession:
         batch = list(self.frames)
         self.frames.clear()
         now_ms = time.time() * 1000
-        for entry_id, _ in batch:
-            latency = max(0.0, now_ms - entry_ms(entry_id))
+        latency = max(0.0, now_ms - entry_ms(batch[0][0]))  # the oldest frame's
+        self.svc.recent_latency_ms.append(latency)
+        self.batches += 1
+        if self.batches % LATENCY_SAMPLE_EVERY == 0:
             self.svc.frame_latency.record(latency)
-            self.svc.recent_latency_ms.append(latency)
         appends = self.core.audio(batch, time.monotonic())
         sent = sum(1 for _, frame in batch if not frame.final)
         if sent:
-            self.svc.frames_sent.add(sent)
-            self.svc.appends_sent.add(len(appends))
             totals = self.svc.totals
             totals["frames"] += sent
             totals["appends"] += len(appends)
@@ -442,6 +445,13 @@ class BrokerSession:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self.work.wait()
+
+
+def _wire(event: dict[str, Any]) -> str:
+    """A client event as JSON text; an audio append (most of them) without the encoder."""
+    if event.get("type") == "input_audio_buffer.append" and len(event) == 2:
+        return '{"type":"input_audio_buffer.append","audio":"' + str(event["audio"]) + '"}'
+    return json.dumps(event, separators=(",", ":"))
 
 
 def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:

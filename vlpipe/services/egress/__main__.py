@@ -7,7 +7,7 @@ import sys
 
 from vlpipe.services.egress.service import EgressService
 from vlpipe.services.egress.settings import EgressSettings
-from vlpipe.shared.service import ServiceContext, run_service
+from vlpipe.shared.service import ServiceContext, run_process
 from vlpipe.shared.usage import service_parser
 
 DESCRIPTION = (
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             work.append(Gateway(ctx, settings).run())
         await asyncio.gather(*work)
 
-    return asyncio.run(run_service("egress", settings, body))
+    return run_process("egress", settings, body)
 
 
 if __name__ == "__main__":

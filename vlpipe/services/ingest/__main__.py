@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from vlpipe.services.ingest.service import IngestService
 from vlpipe.services.ingest.settings import IngestSettings
-from vlpipe.shared.service import ServiceContext, run_service
+from vlpipe.shared.service import ServiceContext, run_process
 from vlpipe.shared.usage import service_parser
 
 DESCRIPTION = (
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     async def body(ctx: ServiceContext) -> None:
         await IngestService(ctx, settings).run()
 
-    return asyncio.run(run_service("ingest", settings, body))
+    return run_process("ingest", settings, body)
 
 
 if __name__ == "__main__":

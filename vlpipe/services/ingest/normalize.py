@@ -99,11 +99,21 @@ class Normalizer:
         self._wav: tuple[int, int, int] | None = None  # (rate, channels, sample width)
         self._wav_partial = b""  # bytes of a WAV sample frame cut by the chunk's end
         self._container: ContainerDecoder | None = None
+        self._snapshot_of: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self._snapshot: dict[str, str] = {}
 
     def push(self, chunk: RawAudio) -> list[bytes]:
         """Frames completed by this chunk, in order. Raises BadAudio for bad input."""
         if chunk.format.value in DEMUXERS:
             return self._frames(self._container_pcm(chunk.format.value, chunk.audio))
+        if chunk.format is InputFormat.PCM16 and chunk.channels == 1:
+            # The common case (telephony bridges, browsers): already PCM16, no detour
+            # through floats; only the rate may differ.
+            if len(chunk.audio) % 2:
+                raise BadAudio(f"pcm16 with 1 channel(s) needs a multiple of 2 bytes, got "
+                               f"{len(chunk.audio)}")  # fmt: skip
+            rate = self._require_rate(chunk)
+            return self._frames(self._resample(rate, chunk.format.value, chunk.audio))
         rate, samples = self._decode(chunk)
         if not len(samples):
             return []
@@ -153,7 +163,12 @@ class Normalizer:
             "resampler": self._resampler.state() if self._resampler else None,
             "container": self._container.carry() if self._container else None,
         }
-        return {"stream": _compact_json(stream), "carry": _compact_json(carry)}
+        # Between most writes nothing but the frames changed: the JSON is made only when
+        # the state did.
+        if stream != self._snapshot_of[0] or carry != self._snapshot_of[1]:
+            self._snapshot_of = (stream, carry)
+            self._snapshot = {"stream": _compact_json(stream), "carry": _compact_json(carry)}
+        return self._snapshot
 
     @classmethod
     def resume(

@@ -60,6 +60,10 @@ class ResumableResampler:
 
     def state(self) -> dict[str, Any]:
         """What a new owner needs: the source, the replay input and where it begins."""
+        if self.in_rate == self.out_rate and not self._history and not self._drop:
+            # Nothing held and nothing to replay: where the counts stand does not matter
+            # (the state stays the same from chunk to chunk, so it is not written again).
+            return {"rate": self.in_rate, "kind": self.kind, "at": 0, "out": 0, "pcm": ""}
         return {
             "rate": self.in_rate,
             "kind": self.kind,

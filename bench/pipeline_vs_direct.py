@@ -1,0 +1,1081 @@
+"""What the pipeline costs next to an app that uses the official SDK directly (issue #14).
+
+    .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
+        [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
+        [--busy-above 25] [--busy-wait 120]
+
+The measured baseline and how to read it: docs/performance.md.
+
+Both modes run in one invocation, for each session count N in turn, against the same
+upstream:
+
+* **Upstream.** A null Voice Live server (`NullVoiceLive`, a process of its own) speaks
+  enough of the realtime protocol for the `azure-ai-voicelive` SDK and for the broker
+  (`session.created`, `session.updated`, a response's events). It counts appended audio
+  without parsing it (`appended_bytes`: the size of the base64 string, found by searching
+  the raw message). Every 3 s of a connection's audio (24 kHz PCM16) it answers with one
+  response: `response.created`, the output item and content part, a transcript delta,
+  1 s of audio as ten 100 ms `response.audio.delta`s paced 100 ms apart, then the
+  `...done` events. The first 8 bytes of each delta's audio carry the server's clock when
+  it sent the delta; the response id carries the answer's number (`resp_3`: the answer to
+  the connection's 3rd block of 3 s).
+* **Direct mode.** One process holds N `azure.ai.voicelive.aio.connect` clients. A shared
+  ticker sends each of them 20 ms of 24 kHz PCM16 every 20 ms (`input_audio_buffer.append`,
+  base64-encoded per send as an app would); each client reads the SDK's typed events and
+  takes the decoded audio of every `response.audio.delta`.
+* **Pipeline mode.** A private redis-server (AOF on, `appendfsync everysec` as production
+  would run it unless `--appendfsync always`), and ingest, broker and egress as real
+  processes with their default settings, the broker pointed at the null server. Sessions
+  are announced with server VAD (the null server ignores it and answers on its own every
+  3 s, so no VAD events are sent and no barge-in happens). A producer process XADDs the
+  same 20 ms chunk for every session each tick, in one pipeline
+  (`XADD vl:audio:{ID} * audio <960 bytes> format pcm16 rate 24000`); a consumer process
+  follows every `vl:audio-out:{ID}` with one `XREAD`.
+
+Measurements, over a window of `--seconds` that starts `--warmup` seconds after the first
+tick:
+
+* **CPU.** Transport CPU is the sum over ingest, broker, egress and redis-server of
+  psutil's user + system time (of each process, its reaped children, e.g. redis' AOF
+  rewrite, and its live children). The producer and consumer are left out, as the direct
+  app's own audio source and player are; the direct figure is the whole direct process.
+  Printed: ms of CPU per second of audio (input audio, summed over sessions), the ratio,
+  each process in % of one core, and the whole machine's CPU over the window
+  (psutil.cpu_percent) with its core count, so that a saturated run shows. The null
+  server's share is printed too; it is in neither mode's figure.
+* **Turn latency.** From the tick that sent the chunk completing a 3 s block to the first
+  audio of its answer reaching the app (direct) or the consumer (pipeline). The added
+  latency is the pipeline's percentile minus the direct mode's: both modes are measured
+  end to end with the same clock and the same null server, so the null server's own
+  reaction cancels out, and the uplink (producer to ingest to broker) counts, which a
+  stamp taken by the server alone would miss (turns cannot be paired across the modes, so
+  it is a difference of percentiles, not a percentile of differences). The server's
+  stamp in the audio still splits each turn into uplink (tick to the server starting the
+  answer) and downlink (server to app or consumer), printed per mode. A tick is stamped
+  when it starts, before any session's chunk is sent; its lateness against the 20 ms
+  schedule is printed ("ticker late") so a source that could not keep pace shows.
+* **Real time.** Of the answers due to blocks completed within the window (one second
+  of audio each), the share of audio that reached the app or consumer by 2 s after the
+  window (an answer takes 1 s to play; a transport that lags more loses the rest); also
+  the share of the window's input audio the null server received within the window.
+  Sending goes on during those 2 s, so the load does not drop while the last answers
+  arrive.
+* **Memory.** Resident memory of each process at the end of the window minus its idle
+  figure (services: ready, before any session; direct: after imports, before
+  connecting), divided by N.
+* **Redis commands** per input frame over the window (`INFO commandstats`), with
+  redis-server's own time in each: where the round trips go.
+
+The machine is shared: before each mode the benchmark waits (up to `--busy-wait` s) for
+the machine's CPU use to drop to `--busy-above` %, and prints it before and during.
+
+Every child process is stopped on exit, on Ctrl-C and on SIGTERM; one that does not start
+(or exits early) stops the run with its log's tail. The children are this same file run
+with `--role NAME` (null server, direct app, producer, consumer) and the services'
+`python -m vlpipe.services.NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[1]
+
+RATE = 24_000  # Hz; PCM16 mono, the upstream's own input format (no resampling anywhere)
+TICK_S = 0.020
+CHUNK = (b"\x10\x00\xf0\xff" * 240)[: RATE * 2 // 50]  # 20 ms: 960 bytes, a faint square wave
+BLOCK_BYTES = RATE * 2 * 3  # every 3 s of a connection's audio, one answer
+BLOCK_TICKS = BLOCK_BYTES // len(CHUNK)  # 150
+ANSWER_DELTAS = 10
+DELTA_S = 0.100
+DELTA_BYTES = RATE * 2 // 10  # 100 ms
+STAMP = struct.Struct("<d")  # the server's clock in the first 8 bytes of each delta's audio
+GRACE_S = 2.0  # after the window: the last answers take 1 s to play out
+SERVICES = ("ingest", "broker", "egress")
+SESSION_CONFIG: dict[str, Any] = {
+    "modalities": ["text", "audio"],
+    "voice": "alloy",
+    "input_audio_format": "pcm16",
+    "output_audio_format": "pcm16",
+    "input_audio_transcription": None,
+    "turn_detection": {"type": "server_vad"},
+}
+
+
+def emit(**message: Any) -> None:
+    """A child's one-line JSON report to the orchestrator (its stdout)."""
+    print(json.dumps(message), flush=True)
+
+
+# ==================================================================== the null upstream
+
+APPEND_TYPE = b'"input_audio_buffer.append"'
+AUDIO_KEY = b'"audio"'
+
+
+def appended_bytes(message: bytes) -> int | None:
+    """The decoded size of an `input_audio_buffer.append`'s audio, or None for another event.
+
+    The JSON is not parsed: base64 has no `"`, `.` or `_`, so neither the type nor the key
+    can occur inside the audio, and the audio string runs from the quote after `"audio":`
+    to the next quote. Works for any key order (the SDK puts `type` last, the broker first).
+    """
+    if APPEND_TYPE not in message:
+        return None
+    key = message.find(AUDIO_KEY)
+    if key < 0:
+        return 0
+    start = message.index(b'"', message.index(b":", key + len(AUDIO_KEY))) + 1
+    end = message.index(b'"', start)
+    padding = (message[end - 1] == ord("=")) + (message[end - 2] == ord("="))
+    return (end - start) // 4 * 3 - padding
+
+
+def _event(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, "event_id": f"event_{time.monotonic_ns():x}", **fields})
+
+
+def answer_events(response_id: str, item_id: str) -> tuple[list[str], list[str]]:
+    """The events before and after a response's audio deltas, as Voice Live orders them."""
+    response = {"id": response_id, "object": "realtime.response", "status": "in_progress",
+                "status_details": None, "output": [], "usage": None,
+                "modalities": ["text", "audio"], "voice": "alloy",
+                "output_audio_format": "pcm16"}  # fmt: skip
+    item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+            "status": "in_progress", "content": []}  # fmt: skip
+    where = {"response_id": response_id, "item_id": item_id, "output_index": 0}
+    transcript = "A null answer."
+    part = {"type": "audio", "transcript": transcript}
+    done_item = {**item, "status": "completed", "content": [part]}
+    head = [
+        _event("response.created", response=response),
+        _event("response.output_item.added", response_id=response_id, output_index=0, item=item),
+        _event("conversation.item.created", previous_item_id=None, item=item),
+        _event(
+            "response.content_part.added",
+            **where,
+            content_index=0,
+            part={"type": "audio", "transcript": ""},
+        ),
+        _event("response.audio_transcript.delta", **where, content_index=0, delta=transcript),
+    ]
+    tail = [
+        _event("response.audio.done", **where, content_index=0),
+        _event("response.audio_transcript.done", **where, content_index=0, transcript=transcript),
+        _event("response.content_part.done", **where, content_index=0, part=part),
+        _event(
+            "response.output_item.done", response_id=response_id, output_index=0, item=done_item
+        ),
+        _event(
+            "response.done", response={**response, "status": "completed", "output": [done_item]}
+        ),
+    ]
+    return head, tail
+
+
+# The delta's audio is a 9-byte stamp (8 used) and 4791 bytes of constant tone: 9 is a
+# multiple of 3, so the base64 of the whole is the stamp's base64 plus a constant.
+_TONE_B64 = base64.b64encode((b"\x00\x08\x00\xf8" * DELTA_BYTES)[: DELTA_BYTES - 9]).decode()
+
+
+def audio_delta(response_id: str, item_id: str) -> str:
+    stamp = base64.b64encode(STAMP.pack(time.time()) + b"\x00").decode()
+    return (
+        f'{{"type":"response.audio.delta","event_id":"event_{time.monotonic_ns():x}",'
+        f'"response_id":"{response_id}","item_id":"{item_id}","output_index":0,'
+        f'"content_index":0,"delta":"{stamp}{_TONE_B64}"}}'
+    )
+
+
+@dataclass
+class NullStats:
+    connections: int = 0
+    open: int = 0
+    appends: int = 0
+    append_bytes: int = 0
+    answers: int = 0
+
+
+class NullVoiceLive:
+    """The null upstream: a WebSocket server on a loopback port (port 0: a free one)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.requested_port = port
+        self.stats = NullStats()
+        self._server: Any = None
+
+    @property
+    def port(self) -> int:
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def endpoint(self) -> str:
+        """What the SDK's `connect(endpoint=...)` and `VLPIPE_BROKER_ENDPOINT` take."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        from websockets.asyncio.server import serve
+
+        self._server = await serve(
+            self._serve, "127.0.0.1", self.requested_port, process_request=self._http,
+            compression=None, max_size=None, max_queue=None,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    def _http(self, connection: Any, request: Any) -> Any:
+        if request.path.startswith("/stats"):
+            body = json.dumps(self.stats.__dict__) + "\n"
+            return connection.respond(HTTPStatus.OK, body)
+        return None  # any other path: the realtime WebSocket
+
+    async def _serve(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        stats = self.stats
+        stats.connections += 1
+        stats.open += 1
+        session = {"id": f"sess_{stats.connections}", "object": "realtime.session",
+                   "model": "null", **SESSION_CONFIG}  # fmt: skip
+        blocks: asyncio.Queue[int] = asyncio.Queue()
+        answering = asyncio.create_task(self._answer(ws, blocks))
+        received = done = 0
+        try:
+            await ws.send(_event("session.created", session=session))
+            while True:
+                message = await ws.recv(decode=False)  # bytes: no UTF-8 decoding either
+                size = appended_bytes(message)
+                if size is not None:
+                    stats.appends += 1
+                    stats.append_bytes += size
+                    received += size
+                    while received >= (done + 1) * BLOCK_BYTES:
+                        done += 1
+                        blocks.put_nowait(done)
+                    continue
+                event = json.loads(message)
+                if event.get("type") == "session.update":
+                    session.update(event.get("session") or {})
+                    await ws.send(_event("session.updated", session=session))
+        except ConnectionClosed:
+            pass
+        finally:
+            stats.open -= 1
+            answering.cancel()
+
+    async def _answer(self, ws: Any, blocks: asyncio.Queue[int]) -> None:
+        """One answer per block, one at a time (as Voice Live answers one turn at a time)."""
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):  # the client went away mid-answer
+            while True:
+                await self._answer_block(ws, await blocks.get())
+
+    async def _answer_block(self, ws: Any, number: int) -> None:
+        """The answer's events, its 1 s of audio paced in real time (100 ms apart)."""
+        loop = asyncio.get_running_loop()
+        response_id, item_id = f"resp_{number}", f"item_{number}"
+        head, tail = answer_events(response_id, item_id)
+        for text in head:
+            await ws.send(text)
+        start = loop.time()
+        for i in range(ANSWER_DELTAS):
+            delay = start + i * DELTA_S - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(audio_delta(response_id, item_id))
+        for text in tail:
+            await ws.send(text)
+        self.stats.answers += 1
+
+
+async def null_server_role(params: dict[str, Any]) -> None:
+    server = NullVoiceLive(params["port"])
+    await server.start()
+    emit(ready=True, endpoint=server.endpoint)
+    await asyncio.Event().wait()
+
+
+# ==================================================================== answers as received
+
+
+@dataclass
+class Answers:
+    """What one app or consumer received: per (session, answer number), when the first
+    audio arrived, the server's stamp in it, and the bytes that arrived by `until`."""
+
+    until: float
+    seen: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+
+    def audio(self, session: int, response_id: str, audio: bytes, now: float) -> None:
+        number = int(response_id.rpartition("_")[2])
+        got = self.seen.get((session, number))
+        if got is None:
+            got = self.seen[session, number] = [now, STAMP.unpack_from(audio)[0], 0]
+        if now <= self.until:
+            got[2] += len(audio)
+
+    def rows(self) -> list[list[float]]:
+        return [[s, m, *got] for (s, m), got in self.seen.items()]
+
+
+# ==================================================================== direct mode
+
+
+async def direct_role(params: dict[str, Any]) -> None:
+    """N SDK clients in this process, fed by one ticker; reports ticks and answers."""
+    # Imported here, before the idle figure: the app's resident SDK is not per session.
+    from azure.ai.voicelive.aio import VoiceLiveConnection, connect
+    from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
+    from azure.core.credentials import AzureKeyCredential
+
+    n, warmup, seconds = params["sessions"], params["warmup"], params["seconds"]
+    idle_rss = psutil.Process().memory_info().rss
+    managers: list[Any] = []
+
+    async def open_client() -> VoiceLiveConnection:
+        manager = connect(
+            endpoint=params["endpoint"], credential=AzureKeyCredential("bench"),
+            model="gpt-realtime",
+        )  # fmt: skip
+        connection: VoiceLiveConnection = await manager.__aenter__()
+        managers.append(manager)
+        await connection.session.update(
+            session=RequestSession(
+                modalities=["text", "audio"],
+                voice="alloy",
+                input_audio_format="pcm16",
+                output_audio_format="pcm16",
+                turn_detection=ServerVad(),
+            )
+        )
+        return connection
+
+    connections: list[VoiceLiveConnection] = []
+    for first in range(0, n, 50):  # in batches: no connection storm on the null server
+        connections += await asyncio.gather(
+            *(open_client() for _ in range(first, min(n, first + 50)))
+        )
+    t0 = time.time() + 0.5
+    answers = Answers(until=t0 + warmup + seconds + GRACE_S)
+
+    async def listen(index: int, connection: VoiceLiveConnection) -> None:
+        async for event in connection:  # the SDK's typed events, as an app reads them
+            if event.type == ServerEventType.RESPONSE_AUDIO_DELTA:
+                # The SDK has decoded the base64 into bytes already.
+                answers.audio(index, event.response_id, event.delta, time.time())
+
+    listeners = [asyncio.create_task(listen(i, c)) for i, c in enumerate(connections)]
+    emit(ready=True, t0=t0, idle_rss=idle_rss)
+    ticks: list[float] = []
+    for k in range(round((warmup + seconds + GRACE_S) / TICK_S)):
+        delay = t0 + k * TICK_S - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ticks.append(time.time())
+        for connection in connections:
+            audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
+            await connection.input_audio_buffer.append(audio=audio)
+    for manager in managers:
+        with contextlib.suppress(Exception):
+            await manager.__aexit__(None, None, None)
+    for task in listeners:
+        task.cancel()
+    emit(result=True, t0=t0, ticks=ticks, answers=answers.rows())
+
+
+# ==================================================================== pipeline producer, consumer
+
+
+async def producer_role(params: dict[str, Any]) -> None:
+    """The same 20 ms chunk for every session each tick: one pipeline of XADDs per tick."""
+    import redis.asyncio as aioredis
+
+    from vlpipe.shared.keys import StreamKeys
+
+    keys = StreamKeys(params["prefix"])
+    audio_keys = [keys.audio(sid) for sid in params["sids"]]
+    redis = aioredis.Redis.from_url(params["url"])
+    await redis.ping()
+    t0 = params["t0"]
+    if time.time() > t0:
+        emit(error=f"producer ready {time.time() - t0:.1f} s after the start time")
+        return
+    ticks: list[float] = []
+    for k in range(round(params["duration"] / TICK_S)):
+        delay = t0 + k * TICK_S - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ticks.append(time.time())
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in audio_keys:
+                pipe.execute_command("XADD", key, "*", "audio", CHUNK, "format", "pcm16",
+                                     "rate", RATE)  # fmt: skip
+            await pipe.execute()
+    await redis.aclose()
+    emit(result=True, ticks=ticks)
+
+
+async def consumer_role(params: dict[str, Any]) -> None:
+    """Follows every session's audio-out stream with one XREAD until `until`."""
+    import redis.asyncio as aioredis
+
+    from vlpipe.shared.keys import StreamKeys
+
+    keys = StreamKeys(params["prefix"])
+    index = {keys.audio_out(sid).encode(): i for i, sid in enumerate(params["sids"])}
+    positions: dict[bytes, bytes] = {key: b"0-0" for key in index}
+    answers = Answers(until=params["until"])
+    redis = aioredis.Redis.from_url(params["url"])
+    await redis.ping()
+    emit(ready=True)
+    while time.time() < answers.until:
+        # XREAD COUNT 100 BLOCK 200 STREAMS <every audio-out key> <its last id>
+        reply = await redis.xread(positions, count=100, block=200)  # type: ignore[arg-type]
+        now = time.time()
+        for key, entries in reply or []:
+            for entry_id, fields in entries:
+                positions[key] = entry_id
+                if fields[b"kind"] == b"audio":
+                    answers.audio(index[key], fields[b"response_id"].decode(), fields[b"audio"],
+                                  now)  # fmt: skip
+    await redis.aclose()
+    emit(result=True, answers=answers.rows())
+
+
+ROLES = {
+    "null": null_server_role,
+    "direct": direct_role,
+    "producer": producer_role,
+    "consumer": consumer_role,
+}
+
+
+# ==================================================================== figures (pure)
+
+
+def percentile(values: list[float], q: int) -> float:
+    if not values:
+        return math.nan
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+@dataclass
+class Turns:
+    expected: int  # answers due to blocks completed within the window
+    latency_ms: list[float]  # tick of the completing chunk -> first answer audio
+    uplink_ms: list[float]  # that tick -> the server starting the answer
+    downlink_ms: list[float]  # the server starting the answer -> first audio received
+    delivered: float  # share of the expected answer audio received by the deadline
+    ticker_late_ms: list[float]  # each tick's start against the 20 ms schedule
+
+
+def turn_figures(
+    t0: float, ticks: list[float], rows: Iterable[list[float]], n: int, warmup: float,
+    seconds: float,
+) -> Turns:  # fmt: skip
+    """Turns of answers to blocks completed by ticks in the window [warmup, warmup+seconds)."""
+    first_tick, end_tick = round(warmup / TICK_S), round((warmup + seconds) / TICK_S)
+    numbers = [m for m in range(1, len(ticks) // BLOCK_TICKS + 1)
+               if first_tick <= m * BLOCK_TICKS - 1 < end_tick]  # fmt: skip
+    seen = {(int(r[0]), int(r[1])): r[2:] for r in rows}
+    turns = Turns(expected=n * len(numbers), latency_ms=[], uplink_ms=[], downlink_ms=[],
+                  delivered=0.0,
+                  ticker_late_ms=[(t - t0 - k * TICK_S) * 1000 for k, t in enumerate(ticks)])  # fmt: skip
+    delivered = 0.0
+    for session in range(n):
+        for m in numbers:
+            got = seen.get((session, m))
+            if got is None:
+                continue
+            first, stamp, in_time = got
+            tick = ticks[m * BLOCK_TICKS - 1]
+            turns.latency_ms.append((first - tick) * 1000)
+            turns.uplink_ms.append((stamp - tick) * 1000)
+            turns.downlink_ms.append((first - stamp) * 1000)
+            delivered += in_time
+    if turns.expected:
+        turns.delivered = delivered / (turns.expected * ANSWER_DELTAS * DELTA_BYTES)
+    return turns
+
+
+# ==================================================================== child processes
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    """A child process with its output in a log file (roles: JSON lines on stdout)."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "\n".join(f"    {line[:300]}" for line in text)
+
+    async def message(self, key: str, within: float) -> dict[str, Any]:
+        """The next JSON line that has `key` (a role's `ready` or `result`)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + within
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.1, remaining))
+            except TimeoutError:
+                raise StartFailed(
+                    f"{self.name} did not report {key!r} within {within:.0f} s; its log:\n"
+                    + self.tail()
+                ) from None
+            if not line:
+                await self.proc.wait()
+                raise StartFailed(
+                    f"{self.name} exited with {self.proc.returncode} before reporting "
+                    f"{key!r}; its log:\n{self.tail()}"
+                )
+            with contextlib.suppress(ValueError):
+                message: dict[str, Any] = json.loads(line)
+                if "error" in message:
+                    raise StartFailed(f"{self.name}: {message['error']}")
+                if key in message:
+                    return message
+
+
+class Children:
+    """Every process this run started, stopped on the way out whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[Child] = []
+
+    async def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+                    stdout_pipe: bool = False) -> Child:  # fmt: skip
+        log = self.logs / f"{name}.log"
+        with log.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if stdout_pipe else out, stderr=out,
+                limit=64 * 2**20,  # a role's result is one JSON line: every tick and answer
+            )  # fmt: skip
+        child = Child(name, proc, log)
+        self.running.append(child)
+        return child
+
+    async def role(self, name: str, role: str, params: dict[str, Any]) -> Child:
+        args = [sys.executable, str(SCRIPT), "--role", role, json.dumps(params)]
+        return await self.start(name, args, stdout_pipe=True)
+
+    async def stop(self, *children: Child, within: float = 15.0) -> None:
+        """SIGTERM (the services hand their sessions over and exit), then SIGKILL."""
+        for child in children:
+            if child.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                await asyncio.wait_for(child.proc.wait(), within)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+                await child.proc.wait()
+            if child in self.running:
+                self.running.remove(child)
+
+    async def stop_all(self) -> None:
+        await self.stop(*self.running, within=5.0)
+
+
+def http_get(port: int, path: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            text: str = reply.read().decode()
+            return text
+    except OSError:
+        return None
+
+
+async def wait_for(what: str, ready: Callable[[], bool], within: float,
+                   watch: Iterable[Child] = (), tails: Iterable[Child] = ()) -> None:  # fmt: skip
+    """Poll `ready` until true; fail with the logs if a watched child exits or time runs out."""
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(ready):
+        for child in watch:
+            if child.proc.returncode is not None:
+                raise StartFailed(f"{child.name} exited with {child.proc.returncode} while "
+                                  f"waiting for {what}; its log:\n{child.tail()}")  # fmt: skip
+        if time.monotonic() > deadline:
+            logs = "".join(f"\n  {c.name}:\n{c.tail()}" for c in tails)
+            raise StartFailed(f"{what}: not within {within:.0f} s{logs}")
+        await asyncio.sleep(0.2)
+
+
+# ==================================================================== measuring a window
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """User + system CPU of `proc`, of its children it has reaped, and of live children."""
+    times = proc.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return total
+
+
+@dataclass
+class Window:
+    wall_s: float
+    cpu_s: dict[str, float]  # per measured process
+    rss: dict[str, int]  # at the end of the window
+    machine_percent: float  # all cores, 100 = every core busy
+    null_appends: int
+    null_bytes: int
+    redis_calls: dict[str, tuple[int, int]]  # pipeline: command -> (calls, server usec)
+
+
+async def commandstats(redis: Any) -> dict[str, tuple[int, int]]:
+    """`INFO commandstats`: per command, calls and the server's time in it (usec)."""
+    info = await redis.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+        for name, stat in info.items()
+    }
+
+
+async def sleep_until(wall: float) -> None:
+    await asyncio.sleep(max(0.0, wall - time.time()))
+
+
+async def measure_window(pids: dict[str, int], null_port: int, start: float, seconds: float,
+                         redis: Any = None) -> Window:  # fmt: skip
+    """CPU, memory and the null server's input over [start, start + seconds] (wall clock);
+    with `redis`, also the commands the pipeline sent it."""
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    await sleep_until(start)
+    began = time.monotonic()
+    psutil.cpu_percent(interval=None)  # starts the machine-wide count
+    cpu0 = {name: cpu_seconds(p) for name, p in procs.items()}
+    null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    calls0 = await commandstats(redis) if redis is not None else {}
+    await sleep_until(start + seconds)
+    cpu1 = {name: cpu_seconds(p) for name, p in procs.items()}
+    machine = psutil.cpu_percent(interval=None)
+    null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    calls1 = await commandstats(redis) if redis is not None else {}
+    wall = time.monotonic() - began
+    calls = {
+        name: (c - calls0.get(name, (0, 0))[0], u - calls0.get(name, (0, 0))[1])
+        for name, (c, u) in calls1.items()
+        if name != "info"  # this function's own
+    }
+    return Window(
+        wall_s=wall, cpu_s={name: cpu1[name] - cpu0[name] for name in procs},
+        rss={name: p.memory_info().rss for name, p in procs.items()}, machine_percent=machine,
+        null_appends=null1.get("appends", 0) - null0.get("appends", 0),
+        null_bytes=null1.get("append_bytes", 0) - null0.get("append_bytes", 0),
+        redis_calls={name: got for name, got in calls.items() if got[0] > 0},
+    )  # fmt: skip
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    n: int
+    window: Window
+    transport: tuple[str, ...]  # the processes whose CPU is the mode's cost
+    idle_rss: dict[str, int]
+    turns: Turns
+    busy_before: float = math.nan  # the machine's CPU use (%) just before the mode ran
+
+    @property
+    def cpu_ms_per_audio_s(self) -> float:
+        cpu = sum(self.window.cpu_s[name] for name in self.transport)
+        return cpu * 1000 / (self.n * self.window.wall_s)
+
+    def core_percent(self, name: str) -> float:
+        return self.window.cpu_s.get(name, math.nan) * 100 / self.window.wall_s
+
+    def rss_per_session_kib(self, name: str) -> float:
+        if name not in self.idle_rss:
+            return math.nan
+        return (self.window.rss[name] - self.idle_rss[name]) / self.n / 1024
+
+    @property
+    def input_share(self) -> float:
+        """Share of the window's input audio that the null server received in the window."""
+        return self.window.null_bytes / (self.n * len(CHUNK) * self.window.wall_s / TICK_S)
+
+
+# ==================================================================== the two modes
+
+
+@dataclass
+class Bench:
+    children: Children
+    null: Child
+    null_port: int
+    warmup: float
+    seconds: float
+    appendfsync: str
+    telemetry: bool
+    tmp: Path
+
+    def open_upstreams(self) -> int:
+        return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
+
+    async def quiet_upstream(self) -> None:
+        await wait_for("the null server's connections from the last run to close",
+                       lambda: self.open_upstreams() == 0, 30)  # fmt: skip
+
+    async def direct(self, n: int) -> ModeResult:
+        await self.quiet_upstream()
+        params = {"endpoint": f"http://127.0.0.1:{self.null_port}", "sessions": n,
+                  "warmup": self.warmup, "seconds": self.seconds}  # fmt: skip
+        app = await self.children.role(f"direct-{n}", "direct", params)
+        try:
+            ready = await app.message("ready", within=60 + n * 0.5)
+            t0 = ready["t0"]
+            window = await measure_window(
+                {"direct": app.pid, "null server": self.null.pid}, self.null_port,
+                t0 + self.warmup, self.seconds,
+            )  # fmt: skip
+            result = await app.message("result", within=self.seconds + GRACE_S + 60)
+        finally:
+            await self.children.stop(app)
+        turns = turn_figures(t0, result["ticks"], result["answers"], n, self.warmup,
+                             self.seconds)  # fmt: skip
+        return ModeResult("direct", n, window, ("direct",), {"direct": ready["idle_rss"]}, turns)
+
+    def service_env(self, name: str, redis_url: str, prefix: str, http_port: int) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "VLPIPE_REDIS_URL": redis_url,
+            "VLPIPE_STREAM_PREFIX": prefix,
+            "VLPIPE_HTTP_HOST": "127.0.0.1",
+            "VLPIPE_HTTP_PORT": str(http_port),
+            "VLPIPE_BROKER_ENDPOINT": f"http://127.0.0.1:{self.null_port}",
+            "VLPIPE_GATEWAY": "0",  # the consumer reads Redis; no WebSocket clients
+        }
+        if not self.telemetry:
+            env["OTEL_SDK_DISABLED"] = "true"
+        return env
+
+    async def pipeline(self, n: int) -> ModeResult:
+        from vlpipe.shared.keys import StreamKeys
+        from vlpipe.shared.redis_server import RedisServer, free_port
+        from vlpipe.shared.streams import connect
+
+        await self.quiet_upstream()
+        prefix = f"pvd{n}"
+        keys = StreamKeys(prefix)
+        sids = [f"s{i}" for i in range(n)]
+        # The class runs AOF with `always` (every acknowledged write survives a crash, which
+        # the fault tests need); production runs `everysec` unless told otherwise.
+        server = RedisServer(
+            self.tmp / f"redis-{n}", extra_args=("--appendfsync", self.appendfsync)
+        )
+        server.start()
+        started: list[Child] = []
+        redis = connect(server.url)
+        try:
+            fsync = (await redis.config_get("appendfsync")).get("appendfsync")
+            if fsync != self.appendfsync:
+                raise StartFailed(f"redis-server runs appendfsync {fsync}, not {self.appendfsync}")
+            ports = {name: free_port() for name in SERVICES}
+            for name in SERVICES:
+                started.append(await self.children.start(
+                    f"{name}-{n}", [sys.executable, "-m", f"vlpipe.services.{name}"],
+                    env=self.service_env(name, server.url, prefix, ports[name]),
+                ))  # fmt: skip
+            for child, name in zip(started, SERVICES, strict=True):
+                port = ports[name]
+                await wait_for(f"{name} ready (/readyz)",
+                               lambda p=port: "ready" in (http_get(p, "/readyz") or ""),
+                               60, watch=started, tails=[child])  # fmt: skip
+            assert server.proc is not None
+            pids = {name: c.pid for name, c in zip(SERVICES, started, strict=True)}
+            pids["redis-server"] = server.proc.pid
+            idle_rss = {name: psutil.Process(pid).memory_info().rss for name, pid in pids.items()}
+            async with redis.pipeline(transaction=False) as pipe:
+                for sid in sids:
+                    pipe.execute_command("XADD", keys.sessions, "*", "type", "start", "session",
+                                         sid, "config", json.dumps(SESSION_CONFIG),
+                                         "audio_out", "pcm16")  # fmt: skip
+                await pipe.execute()
+            await wait_for(f"the broker to open {n} upstream sessions",
+                           lambda: self.open_upstreams() == n, 60 + n * 0.5, watch=started,
+                           tails=started)  # fmt: skip
+            t0 = time.time() + 3.0  # the producer and consumer start in well under that
+            until = t0 + self.warmup + self.seconds + GRACE_S
+            base = {"url": server.url, "prefix": prefix, "sids": sids}
+            consumer = await self.children.role(f"consumer-{n}", "consumer",
+                                                {**base, "until": until})  # fmt: skip
+            producer = await self.children.role(
+                f"producer-{n}", "producer", {**base, "t0": t0, "duration": until - t0}
+            )
+            started += [consumer, producer]
+            await consumer.message("ready", within=t0 - time.time())
+            window = await measure_window({**pids, "null server": self.null.pid},
+                                          self.null_port, t0 + self.warmup, self.seconds,
+                                          redis)  # fmt: skip
+            produced = await producer.message("result", within=until - time.time() + 60)
+            consumed = await consumer.message("result", within=until - time.time() + 60)
+        finally:
+            await redis.aclose()
+            await self.children.stop(*started)
+            server.stop()
+        turns = turn_figures(t0, produced["ticks"], consumed["answers"], n, self.warmup,
+                             self.seconds)  # fmt: skip
+        transport = (*SERVICES, "redis-server")
+        return ModeResult("pipeline", n, window, transport, idle_rss, turns)
+
+
+# ==================================================================== report
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def ms_pair(values: list[float]) -> str:
+    return f"{fmt(percentile(values, 50))} / {fmt(percentile(values, 99))}"
+
+
+def signed(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"+{value:.1f}" if value >= 0 else f"{value:.1f}"
+
+
+def machine_line(args: argparse.Namespace) -> str:
+    cpu_model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    from vlpipe.shared.redis_server import find_redis_server
+
+    redis_version = subprocess.run([find_redis_server() or "redis-server", "--version"],
+                                   capture_output=True, text=True).stdout.split()  # fmt: skip
+    version = next((w.removeprefix("v=") for w in redis_version if w.startswith("v=")), "?")
+    return (
+        f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
+        f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
+        f"{args.telemetry}; window {args.seconds:g} s after a {args.warmup:g} s warm-up"
+    )
+
+
+def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
+    out = [
+        "| N | pipeline ms CPU / audio-s | direct | ratio | added turn latency p50 / p99 "
+        "| audio in time pipeline / direct | machine CPU during (before) pipeline / direct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pipe, direct in results:
+        p, d = pipe.turns, direct.turns
+        added = (f"{signed(percentile(p.latency_ms, 50) - percentile(d.latency_ms, 50))} / "
+                 f"{signed(percentile(p.latency_ms, 99) - percentile(d.latency_ms, 99))} ms")  # fmt: skip
+        out.append(
+            f"| {pipe.n} | {fmt(pipe.cpu_ms_per_audio_s)} | {fmt(direct.cpu_ms_per_audio_s)} "
+            f"| {pipe.cpu_ms_per_audio_s / direct.cpu_ms_per_audio_s:.1f}× | {added} "
+            f"| {p.delivered:.1%} / {d.delivered:.1%} "
+            f"| {pipe.window.machine_percent:.0f}% ({pipe.busy_before:.0f}%) / "
+            f"{direct.window.machine_percent:.0f}% ({direct.busy_before:.0f}%) |"
+        )
+    out += [
+        "",
+        "CPU in % of one core (null server: the upstream stand-in, in neither figure):",
+        "",
+        "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
+        "| null server (pipeline / direct) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pipe, direct in results:
+        cells = [fmt(pipe.core_percent(name)) for name in (*SERVICES, "redis-server")]
+        total = sum(pipe.core_percent(name) for name in pipe.transport)
+        out.append(
+            f"| {pipe.n} | {' | '.join(cells)} | {fmt(total)} | {fmt(direct.core_percent('direct'))}"
+            f" | {fmt(pipe.core_percent('null server'))} / {fmt(direct.core_percent('null server'))} |"
+        )
+    out += [
+        "",
+        "Resident memory per session, KiB (RSS at the window's end minus idle, / N):",
+        "",
+        "| N | ingest | broker | egress | redis-server | direct app |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pipe, direct in results:
+        cells = [fmt(pipe.rss_per_session_kib(name), 0) for name in (*SERVICES, "redis-server")]
+        out.append(
+            f"| {pipe.n} | {' | '.join(cells)} | {fmt(direct.rss_per_session_kib('direct'), 0)} |"
+        )
+    out += [
+        "",
+        "Turns, ms p50 / p99: end to end (tick to first answer audio), split at the null "
+        "server's stamp into uplink (tick to answer started) and downlink (to first audio "
+        "received); input = the window's input audio the null server got within it; "
+        "appends/s = input_audio_buffer.append messages it got per second:",
+        "",
+        "| N | mode | turns (due) | end to end | uplink | downlink | ticker late | input "
+        "| appends/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair in results:
+        for r in pair:
+            t = r.turns
+            out.append(
+                f"| {r.n} | {r.mode} | {len(t.latency_ms)} ({t.expected}) | {ms_pair(t.latency_ms)} "
+                f"| {ms_pair(t.uplink_ms)} | {ms_pair(t.downlink_ms)} | {ms_pair(t.ticker_late_ms)} "
+                f"| {r.input_share:.1%} | {r.window.null_appends / r.window.wall_s:.0f} |"
+            )
+    out += [
+        "",
+        "Redis commands per input frame (N × 50 frames/s) in the pipeline, and redis-server's "
+        "own time in each (µs per frame):",
+        "",
+    ]
+    for pipe, _ in results:
+        frames = pipe.n * pipe.window.wall_s / TICK_S
+        ranked = sorted(pipe.window.redis_calls.items(), key=lambda kv: -kv[1][0])
+        total = sum(c for c, _ in pipe.window.redis_calls.values())
+        cells = ", ".join(f"{name} {c / frames:.2f} ({u / frames:.1f} µs)"
+                          for name, (c, u) in ranked)  # fmt: skip
+        out.append(f"- N={pipe.n}: {total / frames:.2f} commands per frame: {cells}")
+    return "\n".join(out)
+
+
+# ==================================================================== main
+
+
+async def quiet_machine(busy_above: float, patience: float) -> float:
+    """The machine's CPU use (%) over 2 s, after waiting up to `patience` seconds for it to
+    drop to `busy_above` or less: others' work on a shared machine skews the figures."""
+    deadline = time.monotonic() + patience
+    while True:
+        busy = await asyncio.to_thread(psutil.cpu_percent, 2.0)
+        if busy <= busy_above or time.monotonic() > deadline:
+            if busy > busy_above:
+                print(f"machine still {busy:.0f}% busy after {patience:.0f} s; measuring anyway "
+                      "(figures will be noisy)", flush=True)  # fmt: skip
+            return busy
+        print(f"machine {busy:.0f}% busy; waiting for it to calm down", flush=True)
+        await asyncio.sleep(10)
+
+
+async def run(args: argparse.Namespace) -> None:
+    sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
+    print(machine_line(args), flush=True)
+    results: list[tuple[ModeResult, ModeResult]] = []
+    with tempfile.TemporaryDirectory(prefix="vlpipe-pvd-") as tmp:
+        children = Children(Path(tmp))
+        try:
+            from vlpipe.shared.redis_server import free_port
+
+            null_port = free_port()
+            null = await children.role("null server", "null", {"port": null_port})
+            await null.message("ready", within=30)
+            bench = Bench(children, null, null_port, args.warmup, args.seconds,
+                          args.appendfsync, args.telemetry == "on", Path(tmp))  # fmt: skip
+            for n in sessions:
+                modes = []
+                for mode in (bench.direct, bench.pipeline):
+                    before = await quiet_machine(args.busy_above, args.busy_wait)
+                    result = await mode(n)
+                    result.busy_before = before
+                    print(f"N={n} {result.mode:<8} {result.cpu_ms_per_audio_s:6.1f} ms CPU/audio-s, "
+                          f"machine {before:.0f}% before, {result.window.machine_percent:.0f}% "
+                          f"during; audio in time {result.turns.delivered:.1%}", flush=True)  # fmt: skip
+                    modes.append(result)
+                direct, pipe = modes
+                results.append((pipe, direct))
+        except StartFailed as exc:
+            raise SystemExit(f"benchmark stopped: {exc}") from None
+        finally:
+            await children.stop_all()
+            if results:  # also what was measured before a failure or Ctrl-C
+                done = len(results) == len(sessions)
+                print(f"\n{machine_line(args)}" + ("" if done else "; stopped early") + "\n")
+                print(report(results), flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--role":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(ROLES[sys.argv[2]](json.loads(sys.argv[3])))
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sessions", default="1,25,50,100", help="comma-separated N")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument(
+        "--busy-above",
+        type=float,
+        default=25.0,
+        help="before each mode, wait while the machine is busier than this %%",
+    )
+    parser.add_argument(
+        "--busy-wait", type=float, default=120.0, help="...but at most this many seconds"
+    )
+    parser.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
+    parser.add_argument("--telemetry", choices=["on", "off"], default="on",
+                        help="off: the services run with OTEL_SDK_DISABLED=true")  # fmt: skip
+    args = parser.parse_args()
+
+    async def guarded() -> None:
+        # Ctrl-C and SIGTERM cancel the run, so every child is stopped on the way out (also
+        # when started from a script that ignores SIGINT for background jobs).
+        task = asyncio.current_task()
+        assert task is not None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
+        await run(args)
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(guarded())
+
+
+if __name__ == "__main__":
+    main()

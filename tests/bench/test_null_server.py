@@ -1,0 +1,62 @@
+"""The benchmark's null Voice Live server, driven by the official SDK over a real socket.
+
+The figures of `bench/pipeline_vs_direct.py` are only worth something if its upstream
+stand-in counts the audio it is sent and answers as the benchmark says; nothing here
+times anything.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from azure.ai.voicelive.aio import connect
+from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
+from azure.core.credentials import AzureKeyCredential
+
+from bench.pipeline_vs_direct import (
+    BLOCK_TICKS,
+    CHUNK,
+    DELTA_BYTES,
+    STAMP,
+    NullVoiceLive,
+    appended_bytes,
+)
+
+
+def test_append_sizes_are_read_without_parsing_in_either_key_order() -> None:
+    broker = b'{"type":"input_audio_buffer.append","audio":"QUJDRA=="}'
+    sdk = b'{"audio": "QUJDREU=", "type": "input_audio_buffer.append"}'
+    assert appended_bytes(broker) == 4
+    assert appended_bytes(sdk) == 5
+    assert appended_bytes(b'{"type":"session.update","session":{}}') is None
+
+
+async def test_three_seconds_of_sdk_audio_get_one_answer_of_ten_stamped_deltas() -> None:
+    server = NullVoiceLive()
+    await server.start()
+    try:
+        async with connect(
+            endpoint=server.endpoint, credential=AzureKeyCredential("bench"), model="null"
+        ) as connection:
+            await connection.session.update(
+                session=RequestSession(input_audio_format="pcm16", turn_detection=ServerVad())
+            )
+            for _ in range(BLOCK_TICKS):  # 3 s of 20 ms chunks
+                await connection.input_audio_buffer.append(audio=base64.b64encode(CHUNK).decode())
+            kinds: list[str] = []
+            deltas: list[bytes] = []
+            async for event in connection:
+                kinds.append(event.type)
+                if event.type == ServerEventType.RESPONSE_AUDIO_DELTA:
+                    assert event.response_id == "resp_1"
+                    deltas.append(event.delta)
+                if event.type == ServerEventType.RESPONSE_DONE:
+                    break
+    finally:
+        await server.close()
+    assert kinds[:3] == ["session.created", "session.updated", "response.created"]
+    assert [len(d) for d in deltas] == [DELTA_BYTES] * 10, "1 s of 24 kHz PCM16"
+    stamps = [STAMP.unpack_from(d)[0] for d in deltas]
+    assert stamps == sorted(stamps), "each delta carries the server's clock when sent"
+    assert server.stats.append_bytes == BLOCK_TICKS * len(CHUNK)
+    assert server.stats.answers == 1
