@@ -146,6 +146,7 @@ async def run_service(
         settings.redis_url.get_secret_value(),
         name=f"vlpipe-{name}",
         timeout_s=settings.redis_timeout_s,
+        tls=settings.redis_tls,
     )
     keys = settings.keys
     ctx = ServiceContext(
