@@ -22,7 +22,9 @@ RUN /opt/vlpipe/bin/pip install --only-binary=:all: ".[engine]"
 FROM ${PYTHON} AS runtime
 ENV PATH=/opt/vlpipe/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     VLPIPE_HTTP_HOST=0.0.0.0
-RUN useradd --system --uid 10001 --home-dir /home/vlpipe --create-home vlpipe
+# /var/lib/vlpipe: where `vlpipe redis-acl` writes the ACL file for Redis (a volume).
+RUN useradd --system --uid 10001 --home-dir /home/vlpipe --create-home vlpipe \
+ && install -d -o 10001 -g 10001 /var/lib/vlpipe
 USER 10001:10001
 WORKDIR /home/vlpipe
 ENTRYPOINT ["vlpipe"]

@@ -32,6 +32,8 @@ class OtlpReceiver:
     endpoint: str = ""
     spans: list[ReceivedSpan] = field(default_factory=list)
     metrics: dict[str, list[Any]] = field(default_factory=dict)
+    payloads: list[bytes] = field(default_factory=list)
+    """Every request body as received (to search for what must never be exported)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def metric_names(self) -> set[str]:
@@ -59,6 +61,8 @@ def otlp_receiver() -> Iterator[OtlpReceiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            with received.lock:
+                received.payloads.append(body)
             if self.path == "/v1/traces":
                 req = ExportTraceServiceRequest.FromString(body)
                 with received.lock:

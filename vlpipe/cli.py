@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("vlpipe.tools.doctor", "check Redis, the upstream and credentials"),
     "config": ("vlpipe.tools.config", "print the effective settings, secrets redacted"),
     "contracts": ("vlpipe.tools.contracts", "write or check the JSON Schema/AsyncAPI files"),
+    "token": ("vlpipe.tools.token", "print a gateway token for one session and scope"),
+    "redis-acl": ("vlpipe.tools.redis_acl", "print the Redis ACL file: one user per role"),
 }
 
 

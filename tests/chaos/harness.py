@@ -82,7 +82,8 @@ class Replica:
     def health(self, path: str) -> int | None:
         """The HTTP status of `/healthz` or `/readyz`, or None if it does not answer."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=3):
+            # Generous: a loaded machine may take seconds to answer; the status matters.
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10):
                 return 200
         except urllib.error.HTTPError as exc:
             return exc.code

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from compose_spec import PyCompose
 
 from tests.shared.procs import ROOT
 from vlpipe.cli import COMMANDS
+from vlpipe.shared.redis_acl import AclTable
 
 K8S_VERSION = "1.30.0"
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -32,7 +34,7 @@ def test_the_compose_file_follows_the_compose_specification() -> None:
     parsed = PyCompose.from_yaml((ROOT / "docker-compose.yml").read_text())
     parsed.validate()
     assert set(parsed.service_names()) == {
-        "redis", "engine", "ingest", "broker", "egress", "otel-collector", "jaeger",
+        "redis-acl", "redis", "engine", "ingest", "broker", "egress", "otel-collector", "jaeger",
     }  # fmt: skip
 
 
@@ -62,8 +64,30 @@ def test_compose_runs_the_pipeline_with_health_checks_and_optional_env_file() ->
         assert port in " ".join(service["healthcheck"]["test"])
     assert services["engine"]["build"]["target"] == "engine"
     assert services["egress"]["environment"]["VLPIPE_GATEWAY_TOKENS"]  # never open to the world
+    assert services["egress"]["environment"]["VLPIPE_GATEWAY_SIGNING_KEY"]
     collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
     assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+
+
+def test_compose_runs_each_service_as_its_own_redis_user_from_the_generated_acl_file() -> None:
+    services = compose()["services"]
+    roles = AclTable().roles()
+    writer = services["redis-acl"]
+    assert writer["command"][0] == "redis-acl" and "redis-acl" in COMMANDS
+    assert set(writer["environment"]) == {role.password_env for role in roles}
+    out = writer["command"][writer["command"].index("--out") + 1]
+    [acl_volume] = [v for v in writer["volumes"] if out.startswith(v.split(":")[1])]
+    redis = services["redis"]
+    assert redis["depends_on"]["redis-acl"]["condition"] == "service_completed_successfully"
+    conf_mount = next(v for v in redis["volumes"] if v.startswith("./deploy/redis/redis.conf:"))
+    assert conf_mount.split(":")[1] == redis["command"][1]
+    aclfile = re.search(r"^aclfile (\S+)$", (ROOT / "deploy/redis/redis.conf").read_text(), re.M)
+    assert aclfile is not None
+    mounted = next(v for v in redis["volumes"] if v.startswith(acl_volume.split(":")[0] + ":"))
+    assert aclfile.group(1) == mounted.split(":")[1] + "/" + out.rsplit("/", 1)[1]
+    for name in ("ingest", "broker", "egress"):
+        url = services[name]["environment"]["VLPIPE_REDIS_URL"]
+        assert url.startswith(f"redis://{name}:${{VLPIPE_REDIS_PASSWORD_{name.upper()}"), url
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -208,6 +232,52 @@ def test_traffic_is_denied_unless_allowed_and_scaling_follows_the_streams(
         assert redis["spec"]["volumeClaimTemplates"]
 
 
+def secret_ref(container: dict[str, Any], name: str) -> dict[str, Any]:
+    env = {e["name"]: e for e in container["env"]}
+    ref: dict[str, Any] = env[name]["valueFrom"]["secretKeyRef"]
+    return ref
+
+
+def test_each_service_connects_to_redis_as_its_own_user_and_the_engine_not_at_all(
+    manifests: tuple[str, list[dict[str, Any]]],
+) -> None:
+    overlay, docs = manifests
+    deployments = by_kind(docs, "Deployment")
+    secrets = {name.rsplit("-", 1)[0] if overlay == "dev" and name != "vlpipe-redis" else name: d
+               for name, d in by_kind(docs, "Secret").items()}  # fmt: skip
+    for service in ("ingest", "broker", "egress"):
+        container = deployments[f"vlpipe-{service}"]["spec"]["template"]["spec"]["containers"][0]
+        ref = secret_ref(container, "VLPIPE_REDIS_URL")
+        assert ref["name"].startswith(f"vlpipe-redis-{service}") and ref["key"] == "url"
+        if overlay == "dev":
+            url = base64.b64decode(secrets[f"vlpipe-redis-{service}"]["data"]["url"]).decode()
+            assert url.startswith(f"redis://{service}:"), url
+    egress = deployments["vlpipe-egress"]["spec"]["template"]["spec"]["containers"][0]
+    assert secret_ref(egress, "VLPIPE_GATEWAY_SIGNING_KEY")["key"] == "signing-key"
+    engine = [d for name, d in deployments.items() if name == "vlpipe-engine"]
+    for workload in engine:
+        names = {e["name"] for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "VLPIPE_REDIS_URL" not in names  # the engine never talks to Redis
+    if overlay != "dev":
+        return
+    # The in-cluster Redis loads the users an init container generates from the passwords.
+    pod = by_kind(docs, "StatefulSet")["redis"]["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["args"][0] == "redis-acl" and "redis-acl" in COMMANDS
+    out = init["args"][init["args"].index("--out") + 1]
+    users = secrets["vlpipe-redis-users"]["data"]
+    assert set(users) == {role.password_env for role in AclTable().roles()}
+    redis = pod["containers"][0]
+    config = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
+    conf = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == config)
+    assert f"aclfile {out}" in conf["data"]["redis.conf"]
+    assert redis["args"][1] == "/etc/redis/redis.conf"
+    mounts = {m["name"]: m["mountPath"] for m in redis["volumeMounts"]}
+    assert mounts["config"] == "/etc/redis" and out.startswith(mounts["acl"])
+    keda = base64.b64decode(secrets["vlpipe-redis"]["data"]["username"]).decode()
+    assert keda == "monitor"
+
+
 # ---------------------------------------------------------------- dashboard
 
 
@@ -216,11 +286,11 @@ def defined_metrics() -> set[str]:
     names = set()
     for source in (ROOT / "vlpipe").rglob("*.py"):
         for kind, name in re.findall(
-            r'create_(counter|histogram|observable_gauge|up_down_counter)\(\s*"([a-z_.]+)"',
+            r'create_(counter|histogram|observable_gauge|observable_counter|up_down_counter)\(\s*"([a-z_.]+)"',
             source.read_text(),
         ):
             base = name.replace(".", "_")
-            names.add(base + ("_total" if kind == "counter" else ""))
+            names.add(base + ("_total" if kind.endswith("counter") else ""))
             names.add(base)
     return names
 

@@ -1,12 +1,16 @@
-"""Feeding egress with event sequences (raw XADDs) and reading its outputs."""
+"""Feeding egress with event sequences (raw XADDs), reading its outputs, and its gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +18,18 @@ from typing import Any
 import msgpack
 import numpy as np
 import redis.asyncio as aioredis
+import websockets
+from websockets.asyncio.client import connect
 
 from tests.shared.procs import ROOT
+from tests.waiting import wait_until
 from vlpipe.shared.contracts import AudioOut, Status, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import free_port
+
+TOKEN = "gw-token-1"
+"""The gateway's static operator token (admin scope)."""
+SIGNING_KEY = "gateway-test-signing-key-0123456789"
 
 RECORDED = Path(__file__).parent / "data" / "turn.jsonl"
 
@@ -117,3 +129,61 @@ def response_events(response_id: str, item_id: str, status: str = "completed") -
         "type": "response.done",
         "response": {"id": response_id, "status": status, "output": []},
     }
+
+
+class GatewayProc:
+    """An egress process serving the gateway, with a static operator token and a signing key
+    unless `env` says otherwise, and its metrics at `metrics()`."""
+
+    def __init__(self, redis_url: str, prefix: str, **env: str) -> None:
+        self.port = free_port()
+        self.http_port = free_port()
+        settings = {"VLPIPE_GATEWAY": "1", "VLPIPE_GATEWAY_PORT": str(self.port),
+                    "VLPIPE_HTTP_PORT": str(self.http_port), "VLPIPE_GATEWAY_TOKENS": TOKEN,
+                    "VLPIPE_GATEWAY_SIGNING_KEY": SIGNING_KEY, **env}  # fmt: skip
+        self.proc = start_egress(redis_url, prefix, **{k: v for k, v in settings.items() if v})
+
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def connect(self, path: str, token: str | None = TOKEN, **options: Any) -> connect:
+        """A client socket to `path`, its token in the Authorization header."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return websockets.connect(self.url(path), additional_headers=headers, **options)
+
+    async def ready(self) -> None:
+        async def listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        await wait_until(listening, within=30)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return await prometheus_value(self.http_port, name, **labels)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(20) == 0
+
+
+async def prometheus_value(port: int, name: str, **labels: str) -> float:
+    """A Prometheus metric of the process serving /metrics on `port`, summed over the
+    samples with these labels (0 when there is none)."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text: str = reply.read().decode()
+            return text
+
+    total = 0.0
+    for sample, raw_labels, value in re.findall(
+        r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", await asyncio.to_thread(fetch), re.M
+    ):
+        found = dict(re.findall(r'([a-z_]+)="([^"]*)"', raw_labels))
+        if sample == name and all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total

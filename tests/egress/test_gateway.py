@@ -1,8 +1,10 @@
-"""The WebSocket gateway over real sockets: subscribers, tokens and slow clients."""
+"""The WebSocket gateway over real sockets: subscribers joining and leaving, tokens, slow
+clients, Twilio."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import socket
@@ -10,7 +12,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
@@ -18,45 +19,21 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.uri import parse_uri
 
 from tests.egress.helpers import (
+    SIGNING_KEY,
+    TOKEN,
     EventFeed,
+    GatewayProc,
     announce,
     audio_out,
     recorded_turn,
-    start_egress,
+    status,
     tone_deltas,
 )
+from tests.ingest.test_service import start_ingest
 from tests.waiting import wait_until
+from vlpipe.services.egress.access import Scope, mint_token
+from vlpipe.shared.contracts import AudioOut, TranscriptPiece, encode
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.redis_server import free_port
-
-TOKEN = "gw-token-1"
-
-
-class GatewayProc:
-    def __init__(self, redis_url: str, prefix: str, **env: str) -> None:
-        self.port = free_port()
-        self.proc = start_egress(
-            redis_url, prefix, VLPIPE_GATEWAY="1", VLPIPE_GATEWAY_PORT=str(self.port),
-            VLPIPE_GATEWAY_TOKENS=TOKEN, **env,
-        )  # fmt: skip
-
-    def url(self, path: str, token: str | None = TOKEN) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}" + (f"&token={token}" if token else "")
-
-    async def ready(self) -> None:
-        async def listening() -> bool:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                return False
-            writer.close()
-            return True
-
-        await wait_until(listening, within=30)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(20) == 0
 
 
 @pytest.fixture
@@ -80,8 +57,8 @@ async def test_two_subscribers_of_one_session_both_get_everything(
     redis: aioredis.Redis, keys: StreamKeys, gateway: GatewayProc
 ) -> None:
     await gateway.ready()
-    url = gateway.url("/v1/subscribe?session=g1")
-    async with websockets.connect(url) as a, websockets.connect(url) as b:
+    path = "/v1/subscribe?session=g1"
+    async with gateway.connect(path) as a, gateway.connect(path) as b:
         assert json.loads(await a.recv())["type"] == "subscribed"
         assert json.loads(await b.recv())["type"] == "subscribed"
         await announce(redis, keys, "g1")
@@ -105,16 +82,20 @@ async def test_a_client_without_the_right_token_is_refused(
     keys: StreamKeys, gateway: GatewayProc
 ) -> None:
     await gateway.ready()
-    for url in (gateway.url("/v1/subscribe?session=g2", token=None),
-                gateway.url("/v1/subscribe?session=g2", token="guess")):  # fmt: skip
+    refusals = [
+        (gateway.connect("/v1/subscribe?session=g2", token=None), b"missing token"),
+        (gateway.connect("/v1/subscribe?session=g2", token="guess"), b"wrong token"),
+        # The right token, in the URL, where proxies and access logs would keep it.
+        (gateway.connect(f"/v1/subscribe?session=g2&token={TOKEN}", token=None),
+         b"a token in the URL is refused"),
+    ]  # fmt: skip
+    for connecting, reason in refusals:
         with pytest.raises(InvalidStatus) as refused:
-            async with websockets.connect(url):
+            async with connecting:
                 pass
         assert refused.value.response.status_code == 401
-    async with websockets.connect(
-        f"ws://127.0.0.1:{gateway.port}/v1/subscribe?session=g2",
-        additional_headers={"Authorization": f"Bearer {TOKEN}"},
-    ) as ok:
+        assert reason in refused.value.response.body
+    async with gateway.connect("/v1/subscribe?session=g2") as ok:
         assert json.loads(await ok.recv())["type"] == "subscribed"
 
 
@@ -137,7 +118,9 @@ class SlowClient:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (uri.host, uri.port))
         self.reader, self.writer = await asyncio.open_connection(sock=sock, limit=4096)
-        self.protocol.send_request(self.protocol.connect())
+        request = self.protocol.connect()
+        request.headers["Authorization"] = f"Bearer {TOKEN}"
+        self.protocol.send_request(request)
         self._flush()
         while self.protocol.handshake_exc is None and self.protocol.state.name == "CONNECTING":
             self.protocol.receive_data(await self.reader.read(4096))
@@ -191,10 +174,9 @@ async def test_a_slow_client_does_not_hold_up_the_others(
                           VLPIPE_GATEWAY_SLOW_CLIENT=policy)  # fmt: skip
     try:
         await gateway.ready()
-        url = gateway.url("/v1/subscribe?session=s1")
-        slow = SlowClient(url)
+        slow = SlowClient(gateway.url("/v1/subscribe?session=s1"))
         await slow.connect()
-        async with websockets.connect(url) as fast:
+        async with gateway.connect("/v1/subscribe?session=s1") as fast:
             await fast.recv()
             # 4 min of 24 kHz audio: about 11.5 MB, far more than socket buffers hold.
             await feed_tone(redis, keys, "s1", seconds=240)
@@ -229,3 +211,147 @@ async def test_a_slow_client_does_not_hold_up_the_others(
             assert json.loads(got_slow[-1])["message"] == "ended"  # text is never dropped
     finally:
         gateway.stop()
+
+
+# ---------------------------------------------------------------- viewers joining and leaving
+
+
+async def write_pieces(redis: aioredis.Redis, keys: StreamKeys, sid: str, texts: list[str],
+                       first_seq: int = 0) -> None:  # fmt: skip
+    """Transcript pieces on the session's output stream, as egress writes them."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for n, text in enumerate(texts):
+            piece = TranscriptPiece(session=sid, speaker="user", text=text, final=True,
+                                    item_id=f"item_{first_seq + n}", seq=first_seq + n)  # fmt: skip
+            pipe.xadd(keys.transcript(sid), encode(piece))  # type: ignore[arg-type]
+        await pipe.execute()
+
+
+async def texts_until(ws: ClientConnection, last: str) -> list[str]:
+    """The transcript texts a client receives, up to and including `last`."""
+    texts: list[str] = []
+    while not texts or texts[-1] != last:
+        message = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+        if message["type"] == "transcript":
+            texts.append(message["text"])
+    return texts
+
+
+async def nothing_followed(gateway: GatewayProc) -> bool:
+    """No client is registered and the shared read follows no stream."""
+    clients = await gateway.metric("vlpipe_gateway_clients")
+    return clients == 0 and await gateway.metric("vlpipe_gateway_followed_streams") == 0
+
+
+async def test_viewers_of_a_long_session_from_the_start_are_all_served_and_none_stays_registered(
+    redis: aioredis.Redis, keys: StreamKeys, gateway: GatewayProc
+) -> None:
+    # The fixture's gateway queues 16 messages per client: the 300 pieces are many times
+    # what a viewer's queue holds, so its backlog must come in pages as it reads.
+    await gateway.ready()
+    texts = [f"piece {n}" for n in range(300)]
+    await write_pieces(redis, keys, "long", texts)
+    path = "/v1/subscribe?session=long&from=start"
+    async with gateway.connect(path) as first, gateway.connect(path) as second:
+        assert json.loads(await first.recv())["type"] == "subscribed"
+        assert json.loads(await second.recv())["type"] == "subscribed"
+        assert await texts_until(first, "piece 299") == texts
+        assert await texts_until(second, "piece 299") == texts
+        # A third viewer comes while the first two are live; then more is said.
+        async with gateway.connect(path) as third:
+            await write_pieces(redis, keys, "long", ["piece 300"], first_seq=300)
+            assert (await texts_until(third, "piece 300"))[-2:] == ["piece 299", "piece 300"]
+        for viewer in (first, second):
+            assert await texts_until(viewer, "piece 300") == ["piece 300"]
+    # Viewers that hang up while their backlog is still being delivered.
+    for _ in range(10):
+        async with gateway.connect(path) as quitter:
+            await quitter.recv()
+    await wait_until(lambda: nothing_followed(gateway), within=15)
+
+
+async def test_a_client_joining_while_another_of_its_session_leaves_gets_everything(
+    redis: aioredis.Redis, keys: StreamKeys, gateway: GatewayProc
+) -> None:
+    await gateway.ready()
+    sid = "race"
+    await write_pieces(redis, keys, sid, ["before"])
+    leaving = await gateway.connect(f"/v1/subscribe?session={sid}")
+    await leaving.recv()
+    for n in range(40):
+        from_start = n % 2 == 0
+        path = f"/v1/subscribe?session={sid}" + ("&from=start" if from_start else "")
+        # One client leaves at the moment the next one joins.
+        _, joining = await asyncio.gather(leaving.close(), gateway.connect(path))
+        assert json.loads(await joining.recv())["type"] == "subscribed"
+        await write_pieces(redis, keys, sid, [f"round {n}"], first_seq=n + 1)
+        got = await texts_until(joining, f"round {n}")
+        if from_start:
+            assert got == ["before", *(f"round {r}" for r in range(n + 1))], n
+        else:
+            assert got == [f"round {n}"], n
+        leaving = joining
+    await leaving.close()
+    await wait_until(lambda: nothing_followed(gateway), within=15)
+
+
+# ---------------------------------------------------------------- Twilio
+
+
+async def test_a_twilio_call_with_marks_echoed_has_no_gaps_and_its_audio_is_not_held_back(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, gateway: GatewayProc
+) -> None:
+    # Twilio numbers every message it sends (`sequenceNumber`), mark echoes included, and
+    # only media in `media.chunk`: numbered by the first, each echo would leave a hole that
+    # ingest reports as a gap and waits at, holding the caller's later audio.
+    ingest = start_ingest(redis_url, keys.prefix)
+    sid, stream = "tw-marks", "MZmarks"
+    try:
+        await gateway.ready()
+        async with gateway.connect("/twilio", token=None) as twilio:
+            sequence = iter(range(1, 10_000))
+            await twilio.send(json.dumps({"event": "connected", "sequenceNumber": "0"}))
+            await twilio.send(json.dumps({
+                "event": "start", "sequenceNumber": str(next(sequence)), "streamSid": stream,
+                "start": {"streamSid": stream, "callSid": "CAmarks", "customParameters": {
+                    "session": sid, "token": mint_token(SIGNING_KEY, sid, Scope.CALL)}},
+            }))  # fmt: skip
+            # The assistant speaks: 100 chunks of 20 ms, each sent with a mark to echo.
+            async with redis.pipeline(transaction=False) as pipe:
+                for n in range(100):
+                    chunk = AudioOut(session=sid, kind="audio", format="g711_ulaw",
+                                     audio=b"\xff" * 160, response_id="resp_1", item_id="item_1",
+                                     offset_ms=n * 20.0, seq=n)  # fmt: skip
+                    pipe.xadd(keys.audio_out(sid), encode(chunk))  # type: ignore[arg-type]
+                await pipe.execute()
+            marks: list[dict[str, object]] = []
+            while len(marks) < 100:
+                message = json.loads(await asyncio.wait_for(twilio.recv(), timeout=30))
+                if message["event"] == "mark":
+                    marks.append(message["mark"])
+            # The caller talks over it: 100 media messages, a mark echo after each, as the
+            # phone plays the assistant's audio.
+            for n in range(100):
+                await twilio.send(json.dumps({
+                    "event": "media", "sequenceNumber": str(next(sequence)), "streamSid": stream,
+                    "media": {"track": "inbound", "chunk": str(n + 1), "timestamp": str(n * 20),
+                              "payload": base64.b64encode(b"\x7f" * 160).decode()},
+                }))  # fmt: skip
+                await twilio.send(json.dumps({"event": "mark", "streamSid": stream,
+                                              "sequenceNumber": str(next(sequence)),
+                                              "mark": marks[n]}))  # fmt: skip
+                await asyncio.sleep(0.015)
+
+            async def all_framed() -> bool:
+                # 2 s of caller audio in 20 ms frames, less what the resampler still holds.
+                framed = await redis.hget(keys.session_state(sid), "ingest.next_seq")
+                return int(framed or 0) >= 98
+
+            # Still on the call, with no more audio coming: nothing may wait for a hole.
+            await wait_until(all_framed, within=30)
+            await twilio.send(json.dumps({"event": "stop", "streamSid": stream}))
+        kinds = [s.kind for s in await status(redis, keys, sid) if s.service == "ingest"]
+        assert "gap" not in kinds and "stale" not in kinds, kinds
+    finally:
+        ingest.send_signal(signal.SIGTERM)
+        assert ingest.wait(20) == 0

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 import websockets
+from websockets.typing import Subprotocol
 
 from tests.ingest.test_normalize import compressed
-from tests.integration.pipeline import running_pipeline
+from tests.integration.pipeline import running_pipeline, send_paced
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.audio import StreamingResampler, pcm16_to_ulaw, ulaw_to_pcm16
@@ -65,25 +66,28 @@ async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
         running_engine(model="local", output_pace=0) as engine,
         running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
     ):
-        async with websockets.connect(pipeline.url("/twilio")) as twilio:
+        # Twilio sends no headers: its token is a <Parameter name="token"> of the Stream.
+        async with pipeline.connect("/twilio", token=None) as twilio:
             await twilio.send(
                 json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             )
             await twilio.send(json.dumps({
                 "event": "start", "sequenceNumber": "1", "streamSid": stream,
                 "start": {"streamSid": stream, "accountSid": "AC1", "callSid": "CA1",
-                          "tracks": ["inbound"], "customParameters": {"session": "tw1"},
+                          "tracks": ["inbound"],
+                          "customParameters": {"session": "tw1", "token": pipeline.token("tw1")},
                           "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
                                           "channels": 1}},
             }))  # fmt: skip
-            for n, start in enumerate(range(0, len(mulaw), 160)):
-                await twilio.send(json.dumps({
+            media_messages = [
+                json.dumps({
                     "event": "media", "sequenceNumber": str(n + 2), "streamSid": stream,
                     "media": {"track": "inbound", "chunk": str(n + 1), "timestamp": str(n * 20),
                               "payload": base64.b64encode(mulaw[start : start + 160]).decode()},
-                }))  # fmt: skip
-                if n % 50 == 0:
-                    await asyncio.sleep(0.05)  # about 20x real time
+                })
+                for n, start in enumerate(range(0, len(mulaw), 160))
+            ]  # fmt: skip
+            await send_paced(twilio, media_messages, len(mulaw) / 8000)
             media: list[dict[str, object]] = []
             marks: list[str] = []
 
@@ -106,8 +110,8 @@ async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
         said = await finals(redis, keys, "tw1")
         playback = await redis.hgetall(keys.playback("tw1"))
 
-    # Sent at 20x real time, the caller's phrases interrupt the replies to the earlier
-    # ones; the reply to the last phrase is heard whole.
+    # Sent faster than real time, the caller's phrases interrupt the replies to the
+    # earlier ones; the reply to the last phrase is heard whole.
     heard = " ".join(p.text for p in said if p.speaker == "user").lower()
     assert "try again" in heard and "fail better" in heard  # through G.711 at 8 kHz
     assistant = [p.text for p in said if p.speaker == "assistant"]
@@ -120,33 +124,37 @@ async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
     assert float(playback[b"played_ms"]) <= float(playback[b"delivered_ms"]) + 1
 
 
-def browser_upload(speech_wav: Path, source: str) -> tuple[str, list[bytes]]:
+def browser_upload(speech_wav: Path, source: str) -> tuple[str, list[bytes], float]:
     """The speech and two seconds of silence as a browser sends them on a call: raw PCM16
     (an AudioWorklet, 20 ms messages), or WebM Opus from MediaRecorder (its container cut
-    into blobs wherever the timeslice falls, not at frame boundaries)."""
+    into blobs wherever the timeslice falls, not at frame boundaries); and its seconds."""
     pcm = speech_pcm(speech_wav) + b"\0\0" * 16000 * 2
+    seconds = len(pcm) / 32000
     if source == "pcm16":
-        return "input=pcm16&rate=16000", [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+        pieces = [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+        return "input=pcm16&rate=16000", pieces, seconds
     resampler = StreamingResampler(16000, 48000)
     webm = compressed(resampler.process(pcm) + resampler.flush(), 48000, "webm", "libopus")
-    return "input=webm", [webm[i : i + 1000] for i in range(0, len(webm), 1000)]
+    return "input=webm", [webm[i : i + 1000] for i in range(0, len(webm), 1000)], seconds
 
 
 @pytest.mark.parametrize("source", ["pcm16", "webm"])
 async def test_a_browser_call_gets_speech_and_transcripts_back(
     redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path, source: str
 ) -> None:
-    query, upload = browser_upload(speech_wav, source)
+    query, upload, seconds = browser_upload(speech_wav, source)
     async with (
         running_engine(model="local", output_pace=0) as engine,
         running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
     ):
+        # A browser's token travels as a subprotocol, answered with `vlpipe`.
         url = pipeline.url(f"/v1/call?session=web1&{query}&format=pcm16_16000hz")
-        async with websockets.connect(url) as browser:
+        protocols = [Subprotocol("vlpipe"), Subprotocol(f"vlpipe.bearer.{pipeline.token('web1')}")]
+        async with websockets.connect(url, subprotocols=protocols) as browser:
+            assert browser.subprotocol == "vlpipe"
             hello = json.loads(await browser.recv())
             assert hello == {"type": "session", "session": "web1", "format": "pcm16_16000hz"}
-            for message in upload:
-                await browser.send(message)
+            await send_paced(browser, upload, seconds)
             audio: list[bytes] = []
             texts: list[dict[str, object]] = []
 

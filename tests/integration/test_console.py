@@ -59,8 +59,13 @@ async def test_talking_to_the_console_shows_both_sides_and_plays_the_reply(
             ],
         )
         try:
-            page = await browser.new_page()
-            await page.goto(f"http://127.0.0.1:{pipeline.gateway_port}/?token={TOKEN}")
+            # The operator's credential goes in the browser's HTTP Basic prompt, never in
+            # the URL; the page then gets a call token for each call from the gateway.
+            context = await browser.new_context(
+                http_credentials={"username": "operator", "password": TOKEN}
+            )
+            page = await context.new_page()
+            await page.goto(f"http://127.0.0.1:{pipeline.gateway_port}/")
             await page.click("#start")
             user = page.locator('#transcript li.user[data-final="1"]').first
             reply = page.locator('#transcript li.assistant[data-final="1"]').first

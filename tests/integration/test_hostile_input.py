@@ -143,9 +143,10 @@ def assert_all_alive(h: Hostile) -> None:
     assert not exited, f"service processes exited, with these codes: {exited}"
 
 
-async def closed_by_server(url: str, *sends: str | bytes) -> ConnectionClosed:
-    """Connect, send, and return how the gateway closed the socket."""
-    async with websockets.connect(url) as ws:
+async def closed_by_server(connecting: Any, *sends: str | bytes) -> ConnectionClosed:
+    """Open the socket `connecting` (a `websockets.connect(...)`), send, and return how the
+    gateway closed it."""
+    async with connecting as ws:
         with pytest.raises(ConnectionClosed) as closed:
             for message in sends:  # the gateway may close before all of them are sent
                 await ws.send(message)
@@ -374,7 +375,7 @@ async def test_the_gateway_refuses_bad_calls_with_a_reason_before_announcing_any
         ("/v1/subscribe", "missing session id"),
     ]  # fmt: skip
     for path, reason in cases:
-        closed = await closed_by_server(h.pipeline.url(path))
+        closed = await closed_by_server(h.pipeline.connect(path))
         # The handshake succeeded, so the reason travels as the close frame's reason.
         assert closed.rcvd is not None, path
         assert closed.rcvd.code == 1008 and reason in closed.rcvd.reason, (path, closed.rcvd)
@@ -396,7 +397,7 @@ async def test_garbage_frames_from_gateway_clients_get_an_error_reply_and_the_so
         "invalid AddText: field 'text': Input should be a valid string",
         "invalid AddText: field 'text': String should have at most 32768 characters",
     ]
-    async with websockets.connect(h.pipeline.url("/v1/subscribe?session=g-sub2")) as sub:
+    async with h.pipeline.connect("/v1/subscribe?session=g-sub2") as sub:
         assert json.loads(await sub.recv())["type"] == "subscribed"
         for message in garbage:
             await sub.send(message)
@@ -410,7 +411,7 @@ async def test_garbage_frames_from_gateway_clients_get_an_error_reply_and_the_so
     assert closed.value.rcvd.code == 1007 and "invalid start byte" in closed.value.rcvd.reason
 
     # On a call the same garbage is answered, and the call goes on to a normal end.
-    async with websockets.connect(h.pipeline.url("/v1/call?session=g-call")) as call:
+    async with h.pipeline.connect("/v1/call?session=g-call") as call:
         assert json.loads(await call.recv())["type"] == "session"
         for message in garbage:
             await call.send(message)
@@ -434,8 +435,7 @@ async def test_an_oversize_message_closes_the_call_with_1009_and_the_session_sti
     hostile: Hostile,
 ) -> None:
     h = hostile
-    url = h.pipeline.url("/v1/call?session=g-big&input=pcm16&rate=16000")
-    async with websockets.connect(url) as call:
+    async with h.pipeline.connect("/v1/call?session=g-big&input=pcm16&rate=16000") as call:
         # After the `session` reply, so that the session is surely announced and its
         # audio stream can be checked (earlier hang-ups: the test after this one).
         assert json.loads(await call.recv())["type"] == "session"
@@ -459,12 +459,11 @@ async def test_calls_that_hang_up_at_once_still_end_their_sessions(hostile: Host
     # every service (and an upstream socket held) for ever.
     h = hostile
     for n in range(10):
-        async with websockets.connect(h.pipeline.url(f"/v1/call?session=g-quick{n}")):
+        async with h.pipeline.connect(f"/v1/call?session=g-quick{n}"):
             pass  # hang up without reading the `session` reply
     for n in range(10):
         with contextlib.suppress(ConnectionClosed):
-            url = h.pipeline.url(f"/v1/call?session=g-burst{n}")
-            async with websockets.connect(url) as ws:
+            async with h.pipeline.connect(f"/v1/call?session=g-burst{n}") as ws:
                 await ws.send(b"\0" * (2 * MAX_AUDIO_BYTES))  # closed with 1009 at once
                 await ws.recv()
     for sid in [*(f"g-quick{n}" for n in range(10)), *(f"g-burst{n}" for n in range(10))]:
@@ -481,7 +480,7 @@ async def test_bad_twilio_messages_are_reported_on_the_calls_status_stream(
     start: dict[str, Any] = {"event": "start", "sequenceNumber": "1", "streamSid": "MZ1",
              "start": {"streamSid": "MZ1", "callSid": "CA1",
                        "customParameters": {"session": sid}}}  # fmt: skip
-    async with websockets.connect(h.pipeline.url("/twilio")) as twilio:
+    async with h.pipeline.connect("/twilio") as twilio:
         await twilio.send(json.dumps(start))
         await twilio.send("garbage")
         await twilio.send(json.dumps({"event": "media", "streamSid": "MZ1",
@@ -495,11 +494,10 @@ async def test_bad_twilio_messages_are_reported_on_the_calls_status_stream(
         ("gateway", "twilio: media payload is not base64"),
     ]
     # Twilio sends no headers: without the token in the URL it must come in `start`.
-    base = f"ws://127.0.0.1:{h.pipeline.gateway_port}/twilio"
     no_token = {**start, "start": {**start["start"], "customParameters": {"session": "tw-x"}}}
-    closed = await closed_by_server(base, json.dumps(no_token))
+    closed = await closed_by_server(h.pipeline.connect("/twilio", token=None), json.dumps(no_token))
     assert closed.rcvd is not None
-    assert closed.rcvd.code == 1008 and "missing or wrong token" in closed.rcvd.reason
+    assert closed.rcvd.code == 1008 and "missing token" in closed.rcvd.reason
     assert not await announced(h, "tw-x")
     assert_all_alive(h)
 
@@ -518,7 +516,7 @@ async def test_after_all_that_no_service_failed_and_a_good_session_gets_both_tra
     config = {"input_audio_format": "pcm16_16000hz",
               "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500}}  # fmt: skip
     received: list[dict[str, Any]] = []
-    async with websockets.connect(h.pipeline.url(f"/v1/subscribe?session={sid}")) as client:
+    async with h.pipeline.connect(f"/v1/subscribe?session={sid}") as client:
         await client.recv()  # subscribed: the gateway that took the garbage still serves
         await h.redis.xadd(
             h.keys.sessions, {"type": "start", "session": sid, "config": json.dumps(config)}

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import wave
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import websockets
 
-from tests.integration.pipeline import TOKEN, running_pipeline
+from tests.integration.pipeline import TOKEN, running_pipeline, send_paced
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
@@ -30,12 +28,10 @@ async def test_debug_logs_are_json_with_sessions_and_hold_no_audio_or_secrets(
         running_engine(model="local", output_pace=0, api_key=ENGINE_KEY) as engine,
         running_pipeline(redis_url, keys.prefix, engine.endpoint, logs=tmp_path, **env) as pipeline,
     ):
-        url = pipeline.url("/v1/call?session=log1&input=pcm16&rate=16000")
-        async with websockets.connect(url) as call:
+        async with pipeline.connect("/v1/call?session=log1&input=pcm16&rate=16000") as call:
             await call.recv()
-            for start in range(0, len(pcm), 3200):
-                await call.send(pcm[start : start + 3200])
-                await asyncio.sleep(0.02)
+            chunks = [pcm[start : start + 3200] for start in range(0, len(pcm), 3200)]
+            await send_paced(call, chunks, len(pcm) / 32000)
             await call.send(json.dumps({"type": "end"}))
 
             async def ended() -> bool:

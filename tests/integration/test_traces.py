@@ -8,7 +8,6 @@ import wave
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import websockets
 
 from tests.integration.pipeline import running_pipeline
 from tests.otlp_receiver import otlp_receiver
@@ -32,7 +31,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
         async with (
             running_engine(model="local", output_pace=0) as engine,
             running_pipeline(redis_url, keys.prefix, engine.endpoint, **env) as pipeline,
-            websockets.connect(pipeline.url("/v1/subscribe?session=tr1")) as client,
+            pipeline.connect("/v1/subscribe?session=tr1") as client,
         ):
             await client.recv()  # subscribed: a consumer will hear the answer
             await redis.xadd(

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-import websockets
 
 from tests.integration.pipeline import running_pipeline
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, otlp_receiver
@@ -195,7 +194,7 @@ async def live_session(
             OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint, OTEL_BSP_SCHEDULE_DELAY="200",
             OTEL_METRIC_EXPORT_INTERVAL="500",
         ) as pipeline,
-        websockets.connect(pipeline.url(f"/v1/subscribe?session={sid}")) as client,
+        pipeline.connect(f"/v1/subscribe?session={sid}") as client,
     ):  # fmt: skip
         await client.recv()  # subscribed: a consumer hears the answers
         tap = StreamTap(redis_url, keys.events(sid))

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_tls import RedisTLS
 from vlpipe.shared.retention import Retention
 
 
@@ -25,6 +26,17 @@ class ServiceSettings(BaseSettings):
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL: redis:// or rediss://, optionally with ACL user:password.",
+    )
+    redis_ca_file: str | None = Field(
+        default=None,
+        description="With rediss://: the CA certificate(s) that sign the server's certificate "
+        "(PEM); unset, the system's CAs.",
+    )
+    redis_cert_file: str | None = Field(
+        default=None, description="With rediss://: this client's certificate (PEM), if asked."
+    )
+    redis_key_file: str | None = Field(
+        default=None, description="With rediss://: the private key of the client certificate."
     )
     stream_prefix: str = Field(default="vl", description="Prefix of every Redis key.")
     replica_name: str = Field(
@@ -92,6 +104,10 @@ class ServiceSettings(BaseSettings):
     @property
     def keys(self) -> StreamKeys:
         return StreamKeys(self.stream_prefix)
+
+    @property
+    def redis_tls(self) -> RedisTLS:
+        return RedisTLS(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
 
     @property
     def retention(self) -> Retention:

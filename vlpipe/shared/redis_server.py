@@ -13,8 +13,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -36,8 +38,23 @@ def find_redis_server() -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """TLS for a private redis-server: its certificate and key, the CA of its clients'
+    certificates, and whether clients must present one."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    client_cert_file: Path | None = None
+    """A client certificate (and `client_key_file`) for this module's own PING."""
+    client_key_file: Path | None = None
+    auth_clients: bool = True
+
+
 class RedisServer:
-    """A redis-server child process on a loopback port, with AOF on."""
+    """A redis-server child process on a loopback port, with AOF on; optionally TLS only
+    (`tls`) and ACL users from a file (`acl_file`); `extra_args` go to redis-server."""
 
     def __init__(
         self,
@@ -45,6 +62,9 @@ class RedisServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         extra_args: tuple[str, ...] = (),
+        *,
+        tls: ServerTLS | None = None,
+        acl_file: Path | None = None,
     ) -> None:
         binary = find_redis_server()
         if binary is None:
@@ -58,18 +78,31 @@ class RedisServer:
         self.host = host
         self.port = port or free_port(host)
         self.extra_args = extra_args
+        self.tls = tls
+        self.acl_file = acl_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and wait until it answers PING."""
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file),
+                "--tls-auth-clients", "yes" if self.tls.auth_clients else "no",
+            ]  # fmt: skip
+        if self.acl_file is not None:
+            listen += ["--aclfile", str(self.acl_file)]
         args = [
             self.binary,
             "--bind", self.host,
-            "--port", str(self.port),
+            *listen,
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
             "--appendfsync", "always",
@@ -92,11 +125,23 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as raw:
+                s = (
+                    raw
+                    if self.tls is None
+                    else self._tls_context().wrap_socket(raw, server_hostname=self.host)
+                )
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        assert self.tls is not None
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+        if self.tls.client_cert_file and self.tls.client_key_file:
+            context.load_cert_chain(self.tls.client_cert_file, self.tls.client_key_file)
+        return context
 
     def kill(self) -> None:
         """SIGKILL: the server dies as in a crash; AOF keeps what was acknowledged."""

@@ -80,11 +80,14 @@ async def group_positions(redis: aioredis.Redis, key: str) -> list[GroupPosition
     out = []
     for group in groups:
         floor = _id(group["last-delivered-id"])
+        pending = False
         if group["pending"]:
             summary: Any = await redis.xpending(key, group["name"])
-            floor = min(floor, _id(summary["min"]))
+            if summary["min"] is not None:  # else acked since XINFO answered
+                floor = min(floor, _id(summary["min"]))
+                pending = True
         # last-delivered-id is itself delivered: what is older than the next id is read.
-        floor = (floor[0], floor[1] + 1) if not group["pending"] else floor
+        floor = floor if pending else (floor[0], floor[1] + 1)
         read = group.get("entries-read")
         name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
         out.append(GroupPosition(name, floor, int(read) if read is not None else None))

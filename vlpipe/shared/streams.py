@@ -43,6 +43,7 @@ from vlpipe.shared.contracts import ContractError, DeadLetter, encode
 from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.progress import LoopProgress
+from vlpipe.shared.redis_tls import RedisTLS
 
 log = logging.getLogger("vlpipe.streams")
 
@@ -60,9 +61,16 @@ def transient(exc: ResponseError) -> bool:
 
 
 def connect(
-    url: str, *, name: str = "vlpipe", max_connections: int = 64, timeout_s: float = 5.0
+    url: str,
+    *,
+    name: str = "vlpipe",
+    max_connections: int = 64,
+    timeout_s: float = 5.0,
+    tls: RedisTLS | None = None,
 ) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password).
+    """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password); a
+    `rediss://` URL verifies the server with `tls.ca_file` (else the system's CAs) and
+    presents `tls.cert_file` when given.
 
     Responses stay bytes: audio travels as raw field values. The pool blocks when all
     `max_connections` are busy (hundreds of sessions writing at once wait their turn for
@@ -72,6 +80,7 @@ def connect(
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        **(tls or RedisTLS()).client_options(url),
         max_connections=max_connections,
         timeout=timeout_s * 2,
         decode_responses=False,
@@ -499,6 +508,10 @@ class SessionStreamReader:
 
     def __contains__(self, key: str) -> bool:
         return key in self._followed
+
+    def __len__(self) -> int:
+        """How many streams it follows."""
+        return len(self._followed)
 
     def wake(self) -> None:
         """Interrupt the blocking read (after adding a stream, or to notice a stop)."""

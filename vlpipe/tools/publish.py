@@ -17,6 +17,7 @@ import time
 import wave
 from pathlib import Path
 
+from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import (
     InputFormat,
     RawAudio,
@@ -82,7 +83,7 @@ async def publish(
     redis_url: str, keys: StreamKeys, sid: str, chunks: list[RawAudio], seconds: float | None,
     start: SessionStart, pace: float, progress: bool = True,
 ) -> None:  # fmt: skip
-    redis = connect(redis_url, name="vlpipe-publish")
+    redis = connect(redis_url, name="vlpipe-publish", tls=ServiceSettings().redis_tls)
     try:
         await redis.xadd(keys.sessions, encode(start))  # type: ignore[arg-type]
         began = time.monotonic()

@@ -83,7 +83,8 @@ def redis_answers(url: str) -> bool:
     import redis
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        tls = ServiceSettings().redis_tls.client_options(url)
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, **tls)
         return bool(client.ping())
     except Exception:
         return False
@@ -238,7 +239,7 @@ def demo(redis_url: str, prefix: str, out: IO[str]) -> bool:
         await asyncio.wait_for(watcher, timeout=180)
 
     async def answered() -> bool:
-        redis = connect(redis_url)
+        redis = connect(redis_url, tls=ServiceSettings().redis_tls)
         try:
             entries: Any = await redis.xrange(keys.transcript(sid))
         finally:

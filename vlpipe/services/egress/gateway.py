@@ -8,15 +8,22 @@ Endpoints (one port, `VLPIPE_GATEWAY_PORT`):
   one socket, both directions. The gateway announces the session, publishes the binary
   messages it receives to the session's raw audio stream exactly as any producer would
   (ingest normalizes them), and sends back what a subscriber gets.
-* `/twilio` (or `/twilio/TOKEN`): Twilio Media Streams, natively: `connected`, `start`,
-  `media`, `mark`, `stop` in; `media`, `mark`, `clear` out; base64 mu-law at 8 kHz.
-* `/` and `/console.js`: the web console.
+* `/twilio`: Twilio Media Streams, natively: `connected`, `start`, `media`, `mark`, `stop`
+  in; `media`, `mark`, `clear` out; base64 mu-law at 8 kHz.
+* `/` (the web console), `/console/session` (a call token for the console's next call).
+
+Access (`access.py`): every socket needs a token for its session and scope, checked before
+the session is touched (HTTP 401/403 at the handshake; 1008 on the socket for what only
+shows later, such as a listener sending or Twilio's token in `start`), and browsers'
+`Origin` must be allowed. Limits (`limits.py`): inbound audio speed, message rate and
+size per connection, audio waiting in Redis per session; going over closes with 1008
+(1009 for size) and counts in `vlpipe.gateway.refused`. See docs/security.md.
 
 The gateway reads the sessions' output streams (no ownership), so a client may connect to
 any egress replica. One shared XREAD follows every session a client of this process
-watches. A slow client never slows anyone else: each client has a bounded queue, and the
-policy (`VLPIPE_GATEWAY_SLOW_CLIENT`) drops its oldest queued audio and tells it so, or
-disconnects it (1013). The JSON protocol is documented in docs/egress.md.
+watches (`fanout.py`). A slow client never slows anyone else: each client has a bounded
+queue, and the policy (`VLPIPE_GATEWAY_SLOW_CLIENT`) drops its oldest queued audio and
+tells it so, or disconnects it (1013). The JSON protocol is documented in docs/egress.md.
 """
 
 from __future__ import annotations
@@ -24,25 +31,38 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
-from collections import deque
+import weakref
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from opentelemetry.metrics import Observation
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
+from vlpipe.services.egress.access import (
+    SUBPROTOCOL,
+    AccessPolicy,
+    AccessRefused,
+    Grant,
+    OriginPolicy,
+    Scope,
+    basic_password,
+    is_loopback_host,
+    mint_token,
+)
+from vlpipe.services.egress.fanout import Client, OutputFanout, Slow
+from vlpipe.services.egress.limits import ConnectionLimits, LimitExceeded, audio_bytes_per_s
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.audio import AudioFormat, FormatConverter, decode_to_pcm16
@@ -70,78 +90,9 @@ from vlpipe.shared.streams import Entry
 log = logging.getLogger("vlpipe.gateway")
 
 STATIC = Path(__file__).parent / "static"
-MAX_CLIENT_MESSAGE = 1 << 20
-
-
-class Slow(Exception):
-    """A client whose queue is full of messages that cannot be dropped."""
-
-
-@dataclass(eq=False)
-class Client:
-    """One connected socket and its bounded outgoing queue."""
-
-    ws: ServerConnection
-    sid: str
-    audio_format: AudioFormat
-    limit: int
-    policy: str
-    twilio_stream: str | None = None
-    queue: deque[str | bytes] = field(default_factory=deque)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    dropped: int = 0
-    notice_due: bool = False
-    closed: bool = False
-    converter: FormatConverter | None = None
-    converter_response: str | None = None
-
-    def offer(self, message: str | bytes) -> None:
-        """Queue without waiting; apply the slow-client policy when the queue is full."""
-        if self.closed:
-            return
-        if len(self.queue) >= self.limit:
-            if self.policy != "drop_audio":
-                raise Slow("client too slow")
-            for i, queued in enumerate(self.queue):
-                if _is_audio(queued):
-                    del self.queue[i]
-                    self.dropped += 1
-                    self.notice_due = True
-                    break
-            else:
-                raise Slow("client too slow to take its transcripts")
-        self.queue.append(message)
-        self.ready.set()
-
-    async def pump(self) -> None:
-        while not self.closed:
-            await self.ready.wait()
-            self.ready.clear()
-            while self.queue:
-                if self.notice_due:
-                    self.notice_due = False
-                    await self.ws.send(
-                        json.dumps(
-                            {
-                                "type": "notice",
-                                "kind": "audio_dropped",
-                                "chunks": self.dropped,
-                                "message": "this client read too slowly; its oldest audio was dropped",
-                            }
-                        )
-                    )
-                await self.ws.send(self.queue.popleft())
-
-
-def _is_audio(message: str | bytes) -> bool:
-    if isinstance(message, bytes):
-        return True
-    return message.startswith('{"event":"media"')
-
-
-@dataclass
-class Followed:
-    clients: set[Client] = field(default_factory=set)
+ENDPOINTS = {"/v1/subscribe": Scope.LISTEN, "/v1/call": Scope.CALL, "/twilio": Scope.CALL}
+"""Each socket endpoint and the scope its token needs."""
+CONSOLE_PAGES = ("/", "/index.html", "/console/session")
 
 
 class Gateway:
@@ -150,20 +101,46 @@ class Gateway:
         self.settings = settings
         self.redis = ctx.redis
         self.keys = ctx.keys
-        self.tokens = settings.tokens()
-        if not self.tokens and not is_loopback(settings.gateway_host):
+        configured_key = settings.signing_key.get_secret_value() if settings.signing_key else None
+        open_access = configured_key is None and not settings.tokens()
+        if open_access and not is_loopback(settings.gateway_host):
             raise ValueError(
-                "the gateway needs VLPIPE_GATEWAY_TOKENS to listen beyond loopback "
-                f"(VLPIPE_GATEWAY_HOST={settings.gateway_host})"
+                "the gateway needs VLPIPE_GATEWAY_SIGNING_KEY or VLPIPE_GATEWAY_TOKENS to "
+                f"listen beyond loopback (VLPIPE_GATEWAY_HOST={settings.gateway_host})"
             )
-        self.followed: dict[str, Followed] = {}
+        # The console's call tokens are signed with the configured key, else with a key of
+        # this process's own (they then open calls on this replica only).
+        self.console_key = configured_key or secrets.token_urlsafe(32)
+        self.access = AccessPolicy(
+            signing_key=self.console_key, static_tokens=settings.tokens(),
+            audience=settings.audience, allow_url_token=settings.allow_query_token,
+            open_access=open_access,
+        )  # fmt: skip
+        self.origins = OriginPolicy(settings.allowed_origins())
+        self.limits = settings.limits()
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self.reader = session_reader(ctx, settings, purpose="gateway")
         self.server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
         meter = telemetry.meter("gateway")
         self.clients_gauge = meter.create_up_down_counter("vlpipe.gateway.clients")
+        self.fanout = OutputFanout(
+            ctx.redis, ctx.keys, self.reader, self._deliver, on_count=self.clients_gauge.add
+        )
+        meter.create_observable_gauge(
+            "vlpipe.gateway.followed_streams",
+            callbacks=[lambda _: [Observation(len(self.reader))]],
+            description="Output streams the gateway's shared read follows for its clients",
+        )
         self.dropped = meter.create_counter("vlpipe.gateway.dropped_audio")
+        self.refused = meter.create_counter(
+            "vlpipe.gateway.refused",
+            description="Clients refused or closed by the gateway, by reason (token, expired, "
+            "scope, session, origin, url_token, audio_rate, message_rate, message_size, ...)",
+        )
         self.first_audio = meter.create_histogram(
             "vlpipe.turn.first_audio_to_client",
             unit="ms",
@@ -175,8 +152,8 @@ class Gateway:
     async def run(self) -> None:
         self.server = await serve(
             self._connection, self.settings.gateway_host, self.settings.gateway_port,
-            process_request=self._check_request, max_size=MAX_CLIENT_MESSAGE,
-            ping_interval=20, ping_timeout=20,
+            process_request=self._check_request, max_size=self.settings.max_message_bytes,
+            select_subprotocol=_select_subprotocol, ping_interval=20, ping_timeout=20,
         )  # fmt: skip
         self.port = next(iter(self.server.sockets)).getsockname()[1]
         log.info("gateway listening", extra={"host": self.settings.gateway_host, "port": self.port})
@@ -191,34 +168,67 @@ class Gateway:
 
     # ---------------------------------------------------------------- HTTP side
 
-    def _authorized(self, request: Request) -> bool:
-        if not self.tokens:
-            return True
-        query = parse_qs(urlsplit(request.path).query)
-        offered = query.get("token", [""])[0]
-        scheme, _, bearer = (request.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer":
-            offered = offered or bearer.strip()
-        path = urlsplit(request.path).path
-        if path.startswith("/twilio/"):
-            offered = offered or path.removeprefix("/twilio/")
-        return any(hmac.compare_digest(offered, t) for t in self.tokens)
-
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in ("/", "/index.html", "/console.js", "/console.css"):
-            return _static(path)
-        if path == "/healthz":
-            return _text(HTTPStatus.OK, "ok\n")
-        if path not in ("/v1/subscribe", "/v1/call", "/twilio") and not path.startswith("/twilio/"):
-            return _text(
-                HTTPStatus.NOT_FOUND, "unknown path; use /v1/subscribe, /v1/call or /twilio\n"
+        endpoint = "/twilio" if path.startswith("/twilio/") else path
+        try:
+            if self.access.open and not is_loopback_host(request.headers.get("Host")):
+                # Without credentials only this machine is trusted: a page whose own domain
+                # resolves to 127.0.0.1 (DNS rebinding) names that domain, not loopback.
+                raise AccessRefused(
+                    HTTPStatus.FORBIDDEN,
+                    "this gateway has no credentials configured and answers to loopback "
+                    "names only (Host)",
+                    "host",
+                )
+            if path in ("/console.js", "/console.css"):
+                return _static(path)
+            if path == "/healthz":
+                return _text(HTTPStatus.OK, "ok\n")
+            if path in CONSOLE_PAGES:
+                return self._console(request, path)
+            needed = ENDPOINTS.get(endpoint)
+            if needed is None:
+                return _text(
+                    HTTPStatus.NOT_FOUND, "unknown path; use /v1/subscribe, /v1/call or /twilio\n"
+                )
+            self.origins.check(request.headers.get("Origin"), request.headers.get("Host"))
+            token = self.access.offered_token(
+                request.path, request.headers.get("Authorization", ""), _subprotocols(request)
             )
-        if path == "/twilio" and self.tokens:
-            return None  # Twilio sends no headers of ours: the token comes in `start`
-        if not self._authorized(request):
-            return _text(HTTPStatus.UNAUTHORIZED, "missing or wrong token (?token= or Bearer)\n")
-        return None
+            if endpoint == "/twilio" and token is None and not self.access.open:
+                self._grants[conn] = None  # Twilio sends no headers: the token is in `start`
+                return None
+            grant = self.access.grant(token)
+            session = parse_qs(urlsplit(request.path).query).get("session", [None])[0]
+            grant.check(session, needed)
+            self._grants[conn] = grant
+            return None
+        except AccessRefused as exc:
+            self._count_refusal(exc.kind, exc.reason, endpoint)
+            headers = [("WWW-Authenticate", 'Basic realm="vlpipe console"')] if (
+                path in ("/", "/index.html") and exc.status is HTTPStatus.UNAUTHORIZED
+            ) else []  # fmt: skip
+            return _text(exc.status, exc.reason + "\n", headers)
+
+    def _console(self, request: Request, path: str) -> Response:
+        """The console page, and a call token for its next call, the way an app's backend
+        hands its page a token: only to someone with the admin credential (a browser asks
+        for it with HTTP Basic: any user name, the token as password) or on an open gateway."""
+        authorization = request.headers.get("Authorization", "")
+        offered = basic_password(authorization) or self.access.offered_token("/", authorization, [])
+        self.access.grant(offered).check(None, Scope.ADMIN)
+        if path != "/console/session":
+            return _static("/")
+        sid = f"console-{uuid.uuid4().hex[:12]}"
+        token = mint_token(self.console_key, sid, Scope.CALL,
+                           ttl_s=self.settings.console_token_ttl_s, audience=self.settings.audience)  # fmt: skip
+        return _json(HTTPStatus.OK, {"session": sid, "token": token})
+
+    def _count_refusal(self, kind: str, reason: str, endpoint: str) -> None:
+        self.refused.add(1, {"reason": kind})
+        # The reason names the problem, never the token; the endpoint, never the URL.
+        log.info("refused a client", extra={"why": kind, "detail": reason, "endpoint": endpoint})
 
     # ---------------------------------------------------------------- sockets
 
@@ -227,85 +237,84 @@ class Gateway:
         assert request is not None
         parts = urlsplit(request.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        endpoint = "/twilio" if parts.path.startswith("/twilio") else parts.path
+        grant = self._grants.pop(ws, None)
         try:
             if parts.path == "/v1/subscribe":
-                await self._subscribe(ws, query)
+                assert grant is not None
+                await self._subscribe(ws, query, grant)
             elif parts.path == "/v1/call":
-                await self._call(ws, query)
+                assert grant is not None
+                await self._call(ws, query, grant)
             else:
-                # Twilio cannot send headers: a token in the path or query, else in `start`.
-                await self._twilio(ws, authorized=self._authorized(request))
+                await self._twilio(ws, grant)
         except BadRequest as exc:
-            await ws.close(1008, str(exc)[:120])
+            await ws.close(1008, _reason(str(exc)))
+        except AccessRefused as exc:
+            self._count_refusal(exc.kind, exc.reason, endpoint)
+            await ws.close(1008, _reason(exc.reason))
+        except LimitExceeded as exc:
+            self._count_refusal(exc.kind, exc.reason, endpoint)
+            await ws.close(exc.code, _reason(exc.reason))
+        except Slow as exc:  # its queue filled with replies to its own messages
+            await ws.close(1013, str(exc))
         except ConnectionClosed:
-            pass
+            self._count_oversize(ws, endpoint)
+        else:
+            self._count_oversize(ws, endpoint)
 
-    async def _attach(self, client: Client, from_start: bool) -> None:
-        sid = client.sid
-        followed = self.followed.get(sid)
-        streams = (self.keys.transcript(sid), self.keys.audio_out(sid), self.keys.status(sid))
-        if followed is None:
-            followed = self.followed[sid] = Followed()
-            for key in streams:
-                start = "0-0" if from_start else await _last_id(self.redis, key)
-                self.reader.add(key, start, self._on_output)
-        elif from_start:  # catch up on what was written before this client came
-            for key in streams:
-                upto = self.reader.position(key) or "+"
-                backlog: Any = await self.redis.xrange(key, "-", upto)
-                for entry_id, fields in backlog:
-                    self._deliver(client, Entry(key, entry_id.decode(), fields))
-        followed.clients.add(client)
-        self.clients_gauge.add(1)
-
-    def _detach(self, client: Client) -> None:
-        if client.closed:
-            return
-        client.closed = True
-        followed = self.followed.get(client.sid)
-        if followed is None:
-            return
-        followed.clients.discard(client)
-        self.clients_gauge.add(-1)
-        if not followed.clients:
-            del self.followed[client.sid]
-            for key in (self.keys.transcript(client.sid), self.keys.audio_out(client.sid),
-                        self.keys.status(client.sid)):  # fmt: skip
-                self.reader.remove(key)
+    def _count_oversize(self, ws: ServerConnection, endpoint: str) -> None:
+        """websockets itself closes a socket whose message is over max_message_bytes."""
+        sent = ws.protocol.close_sent
+        if sent is not None and sent.code == 1009:
+            self._count_refusal("message_size", sent.reason, endpoint)
 
     async def _serve_client(self, client: Client, inbound: Coroutine[Any, Any, None]) -> None:
-        """Pump the client's queue until it or `inbound` (its messages) ends; the caller,
-        which attached the client, detaches it."""
-        tasks = {asyncio.create_task(client.pump()), asyncio.create_task(inbound)}
+        """Catch the client up and pump its queue until it or `inbound` (its messages)
+        ends; the caller, which attached the client, detaches it."""
+        feeding = asyncio.create_task(self.fanout.feed(client))
+        tasks = {asyncio.create_task(client.pump()), asyncio.create_task(inbound), feeding}
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None and not isinstance(exc, ConnectionClosed):
-                    raise exc
+            running = set(tasks)
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is not None and not isinstance(exc, ConnectionClosed):
+                        raise exc
+                if done != {feeding}:
+                    return  # the socket or its messages ended; catching up alone does not
         finally:
+            # Closed first: a task whose cancellation is swallowed on the way (as a Redis
+            # command may do) still sees that its client is gone and ends.
+            client.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _subscribe(self, ws: ServerConnection, query: dict[str, str]) -> None:
-        sid = _session_id(query.get("session"))
+    async def _subscribe(self, ws: ServerConnection, query: dict[str, str], grant: Grant) -> None:
+        sid = _session_id(query.get("session") or grant.session)
+        grant.check(sid, Scope.LISTEN)
         client = self._client(ws, sid, query)
-        await self._attach(client, from_start=query.get("from") == "start")
+        limits = ConnectionLimits(self.limits, audio_bytes_per_s("pcm16", 16000))
 
         async def listen() -> None:
             async for message in ws:
-                await self._client_message(client, message, call=False)
+                limits.message(time.monotonic())
+                await self._client_message(client, grant, message, call=False)
 
+        self.fanout.attach(client, from_start=query.get("from") == "start")
         try:
+            await self.fanout.joined(client)
             await ws.send(json.dumps({"type": "subscribed", "session": sid,
                                       "format": client.audio_format.value}))  # fmt: skip
             await self._serve_client(client, listen())
         finally:
-            self._detach(client)
+            self.fanout.detach(client)
 
-    async def _call(self, ws: ServerConnection, query: dict[str, str]) -> None:
-        sid = _session_id(query.get("session") or f"call-{uuid.uuid4().hex[:12]}")
+    async def _call(self, ws: ServerConnection, query: dict[str, str], grant: Grant) -> None:
+        sid = _session_id(query.get("session") or grant.session or f"call-{uuid.uuid4().hex[:12]}")
+        grant.check(sid, Scope.CALL)
         client = self._client(ws, sid, query)
         source = query.get("input", "pcm16").lower()
         if source not in ("pcm16", "webm", "ogg"):
@@ -322,104 +331,128 @@ class Gateway:
                                  audio_out=client.audio_format)  # fmt: skip
         except ContractError as exc:
             raise BadRequest(str(exc)) from None
-        await self._attach(client, from_start=True)
-        await self.redis.xadd(self.keys.sessions, encode(start))  # type: ignore[arg-type]
+        limits = ConnectionLimits(self.limits, audio_bytes_per_s(source, audio.rate))
         seq = 0
 
         async def listen() -> None:
             nonlocal seq
             async for message in ws:
+                now = time.monotonic()
+                limits.message(now)
                 if isinstance(message, bytes):
-                    chunk = audio.model_copy(update={"audio": message, "seq": seq})
+                    limits.audio_chunk(len(message), now)
+                    await self._publish_audio(
+                        sid, audio.model_copy(update={"audio": message, "seq": seq})
+                    )
                     seq += 1
-                    await self.redis.xadd(self.keys.audio(sid), encode(chunk))  # type: ignore[arg-type]
-                elif await self._client_message(client, message, call=True):
+                elif await self._client_message(client, grant, message, call=True):
                     break
 
-        try:  # from here on, however the socket goes, the session ends with it
+        self.fanout.attach(client, from_start=True)
+        announced = False
+        try:  # from the announcement on, however the socket goes, the session ends with it
+            await self.redis.xadd(self.keys.sessions, encode(start))  # type: ignore[arg-type]
+            announced = True
+            await self.fanout.joined(client)
             await ws.send(json.dumps({"type": "session", "session": sid,
                                       "format": client.audio_format.value}))  # fmt: skip
             await self._serve_client(client, listen())
         finally:
-            self._detach(client)
-            await self._end(sid, "caller hung up")
+            self.fanout.detach(client)
+            if announced:
+                await self._end(sid, "caller hung up")
 
-    async def _twilio(self, ws: ServerConnection, authorized: bool) -> None:
-        client: Client | None = None
-        sid = ""
+    async def _twilio(self, ws: ServerConnection, grant: Grant | None) -> None:
+        """A Twilio Media Stream. Its token (a `<Parameter name="token">`) comes in `start`,
+        so `start` is the first message acted on: nothing else is accepted before it."""
+        limits = ConnectionLimits(self.limits, audio_bytes_per_s("g711_ulaw", 8000))
+        start: dict[str, Any] | None = None
+        stream_sid = ""
+        async for raw in ws:
+            limits.message(time.monotonic())
+            event, message = _twilio_message(raw)
+            if event == "connected":
+                continue
+            if event != "start":
+                raise BadRequest(f"expected Media Streams `start` first, got {event or raw[:40]!r}")
+            start = _object(message.get("start"))
+            stream_sid = str(message.get("streamSid") or start.get("streamSid"))
+            break
+        if start is None:
+            return  # hung up before `start`
+        params = _object(start.get("customParameters"))
+        if grant is None:
+            token = params.get("token")
+            if not token:
+                raise AccessRefused(
+                    HTTPStatus.UNAUTHORIZED,
+                    'missing token: a <Parameter name="token"> in the <Stream>',
+                    "token",
+                )
+            grant = self.access.grant(str(token))
+        sid = _session_id(
+            params.get("session") or grant.session
+            or f"tw-{start.get('callSid') or uuid.uuid4().hex[:12]}"
+        )  # fmt: skip
+        grant.check(sid, Scope.CALL)
+        instructions = params.get("instructions")
         try:
-            async for raw in ws:
-                try:
-                    message = json.loads(raw)
-                    event = message["event"]
-                except (ValueError, KeyError, TypeError):
-                    await self._status_for(
-                        sid, "error", "twilio: a message that is not Media Streams JSON"
-                    )
-                    continue
-                if event == "start" and client is None:
-                    start = _object(message.get("start"))
-                    params = _object(start.get("customParameters"))
-                    if not authorized and not any(
-                        hmac.compare_digest(str(params.get("token", "")), t) for t in self.tokens
-                    ):
-                        await ws.close(1008, 'missing or wrong token (a <Parameter name="token">)')
-                        return
-                    sid = _session_id(
-                        params.get("session")
-                        or f"tw-{start.get('callSid') or uuid.uuid4().hex[:12]}"
-                    )
-                    instructions = params.get("instructions")
-                    try:
-                        config = validated(
-                            SessionConfig, {"instructions": instructions} if instructions else {}
-                        )
-                    except ContractError as exc:
-                        await ws.close(1008, str(exc)[:120])
-                        return
-                    client = Client(ws, sid, AudioFormat.G711_ULAW, self.settings.client_buffer,
-                                    self.settings.slow_client,
-                                    twilio_stream=str(message.get("streamSid") or start.get("streamSid")))  # fmt: skip
-                    await self._attach(client, from_start=True)
-                    session = SessionStart(
-                        session=sid, config=config, audio_out=AudioFormat.G711_ULAW
-                    )
-                    await self.redis.xadd(self.keys.sessions, encode(session))  # type: ignore[arg-type]
-                    pump = asyncio.create_task(self._pump_until_closed(client))
-                    self._tasks.add(pump)
-                    pump.add_done_callback(self._tasks.discard)
-                elif event == "media" and client is not None:
-                    media = _object(message.get("media"))
-                    if media.get("track", "inbound") != "inbound":
-                        continue
-                    try:
-                        audio = base64.b64decode(media.get("payload", ""), validate=True)
-                    except (binascii.Error, ValueError):
-                        await self._status_for(sid, "error", "twilio: media payload is not base64")
-                        continue
-                    try:
-                        chunk = validated(RawAudio, {"audio": audio, "format": "g711_ulaw",
-                                                     "rate": 8000,
-                                                     "seq": _int(message.get("sequenceNumber"))})  # fmt: skip
-                    except ContractError as exc:
-                        await self._status_for(sid, "error", f"twilio: {exc}")
-                        continue
-                    await self.redis.xadd(self.keys.audio(sid), encode(chunk))  # type: ignore[arg-type]
-                elif event == "mark" and client is not None:
-                    name = str(_object(message.get("mark")).get("name") or "")
-                    response_id, _, played = name.rpartition("|")
-                    if response_id:
-                        await self._played(sid, response_id, playback_ms(played))
-                elif event == "stop":
-                    break
+            config = validated(
+                SessionConfig, {"instructions": instructions} if instructions else {}
+            )
+        except ContractError as exc:
+            raise BadRequest(str(exc)) from None
+        client = Client(ws, sid, AudioFormat.G711_ULAW, self.settings.client_buffer,
+                        self.settings.slow_client, twilio_stream=stream_sid)  # fmt: skip
+        self.fanout.attach(client, from_start=True)
+        announced = False
+        try:
+            session = SessionStart(session=sid, config=config, audio_out=AudioFormat.G711_ULAW)
+            await self.redis.xadd(self.keys.sessions, encode(session))  # type: ignore[arg-type]
+            announced = True
+            await self._serve_client(client, self._twilio_media(ws, sid, limits))
         finally:
-            if client is not None:
-                self._detach(client)
+            self.fanout.detach(client)
+            if announced:
                 await self._end(sid, "call ended")
 
-    async def _pump_until_closed(self, client: Client) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await client.pump()
+    async def _twilio_media(self, ws: ServerConnection, sid: str, limits: ConnectionLimits) -> None:
+        """A Twilio call's messages after `start`, until `stop`."""
+        async for raw in ws:
+            now = time.monotonic()
+            limits.message(now)
+            event, message = _twilio_message(raw)
+            if event is None:
+                await self._status_for(
+                    sid, "error", "twilio: a message that is not Media Streams JSON"
+                )
+                continue
+            if event == "media":
+                media = _object(message.get("media"))
+                if media.get("track", "inbound") != "inbound":
+                    continue
+                try:
+                    audio = base64.b64decode(media.get("payload", ""), validate=True)
+                except (binascii.Error, ValueError):
+                    await self._status_for(sid, "error", "twilio: media payload is not base64")
+                    continue
+                limits.audio_chunk(len(audio), now)
+                try:
+                    # Numbered by `chunk`, which counts media messages only: `sequenceNumber`
+                    # counts every message, mark echoes too, and would leave a hole per mark.
+                    chunk = validated(RawAudio, {"audio": audio, "format": "g711_ulaw",
+                                                 "rate": 8000, "seq": _int(media.get("chunk"))})  # fmt: skip
+                except ContractError as exc:
+                    await self._status_for(sid, "error", f"twilio: {exc}")
+                    continue
+                await self._publish_audio(sid, chunk)
+            elif event == "mark":
+                name = str(_object(message.get("mark")).get("name") or "")
+                response_id, _, played = name.rpartition("|")
+                if response_id:
+                    await self._played(sid, response_id, playback_ms(played))
+            elif event == "stop":
+                return
 
     def _client(self, ws: ServerConnection, sid: str, query: dict[str, str]) -> Client:
         try:
@@ -429,8 +462,11 @@ class Gateway:
                              f"{', '.join(f.value for f in AudioFormat)}") from None  # fmt: skip
         return Client(ws, sid, fmt, self.settings.client_buffer, self.settings.slow_client)
 
-    async def _client_message(self, client: Client, message: str | bytes, call: bool) -> bool:
-        """A JSON message from a client; True when the client ends the call."""
+    async def _client_message(
+        self, client: Client, grant: Grant, message: str | bytes, call: bool
+    ) -> bool:
+        """A JSON message from a client; True when the client ends the call. Anything that
+        writes (a text turn, a played position) needs the `call` scope: AccessRefused."""
         try:
             data = json.loads(message)
             kind = data["type"]
@@ -439,6 +475,8 @@ class Gateway:
                 json.dumps({"type": "error", "message": "expected a JSON object with a type"})
             )
             return False
+        if kind in ("played", "text", "end"):
+            grant.check(client.sid, Scope.CALL)
         if kind == "played":
             await self._played(
                 client.sid, str(data.get("response_id", "")), playback_ms(data.get("ms"))
@@ -456,6 +494,21 @@ class Gateway:
             client.offer(json.dumps({"type": "error", "message": f"unknown message type {kind!r}"}))
         return False
 
+    async def _publish_audio(self, sid: str, chunk: RawAudio) -> None:
+        """Append a caller's chunk to the session's raw audio stream; LimitExceeded when
+        more audio than allowed now waits there for ingest (which trims what it has read)."""
+        key = self.keys.audio(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, encode(chunk))  # type: ignore[arg-type]
+            pipe.xlen(key)
+            _, waiting = await pipe.execute()
+        if waiting > self.settings.max_waiting_audio:
+            raise LimitExceeded(
+                f"{waiting} audio chunks of this session wait in Redis for ingest (limit "
+                f"{self.settings.max_waiting_audio}, VLPIPE_GATEWAY_MAX_WAITING_AUDIO)",
+                "waiting_audio",
+            )
+
     async def _played(self, sid: str, response_id: str, ms: float | None) -> None:
         """A consumer reports how much of a response it played: the broker cuts there."""
         if ms is None or not response_id:
@@ -465,25 +518,14 @@ class Gateway:
             await self.redis.hset(self.keys.playback(sid), "played_ms", round(ms, 1))
 
     async def _end(self, sid: str, reason: str) -> None:
-        if sid:
-            end = SessionEnd(session=sid, reason=reason)
-            await self.redis.xadd(self.keys.sessions, encode(end))  # type: ignore[arg-type]
+        end = SessionEnd(session=sid, reason=reason)
+        await self.redis.xadd(self.keys.sessions, encode(end))  # type: ignore[arg-type]
 
     async def _status_for(self, sid: str, kind: str, message: str) -> None:
-        if sid:
-            status = Status(session=sid, service="gateway", kind=kind, message=message)
-            await self.redis.xadd(self.keys.status(sid), encode(status), maxlen=2000)  # type: ignore[arg-type]
+        status = Status(session=sid, service="gateway", kind=kind, message=message)
+        await self.redis.xadd(self.keys.status(sid), encode(status), maxlen=2000)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- fan-out
-
-    async def _on_output(self, key: str, entries: list[Entry]) -> None:
-        sid = key[key.index("{") + 1 : key.rindex("}")]
-        followed = self.followed.get(sid)
-        if followed is None:
-            return
-        for entry in entries:
-            for client in list(followed.clients):
-                self._deliver(client, entry)
 
     def _deliver(self, client: Client, entry: Entry) -> None:
         dropped = client.dropped
@@ -491,7 +533,7 @@ class Gateway:
             for message in self._render(client, entry):
                 client.offer(message)
         except Slow as exc:
-            self._detach(client)
+            self.fanout.detach(client)
             closing = asyncio.create_task(client.ws.close(1013, str(exc)))
             self._tasks.add(closing)
             closing.add_done_callback(self._tasks.discard)
@@ -555,6 +597,35 @@ class BadRequest(ValueError):
     pass
 
 
+def _select_subprotocol(conn: ServerConnection, offered: Any) -> Subprotocol | None:
+    """Answer `vlpipe` to a browser that offers it (with `vlpipe.bearer.<token>`): a
+    browser fails a socket whose server picks none of the subprotocols it offered."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None
+
+
+def _subprotocols(request: Request) -> list[str]:
+    return [
+        p.strip()
+        for header in request.headers.get_all("Sec-WebSocket-Protocol")
+        for p in header.split(",")
+        if p.strip()
+    ]
+
+
+def _reason(text: str) -> str:
+    """A close frame's reason: at most 123 bytes of UTF-8."""
+    return text.encode()[:123].decode(errors="ignore")
+
+
+def _twilio_message(raw: str | bytes) -> tuple[str | None, dict[str, Any]]:
+    """A Media Streams message's event and body; (None, {}) when it is not one."""
+    try:
+        message = json.loads(raw)
+        return str(message["event"]), message
+    except (ValueError, KeyError, TypeError):
+        return None, {}
+
+
 def _session_id(value: str | None) -> str:
     if not value:
         raise BadRequest("missing session id (?session=...)")
@@ -591,16 +662,19 @@ def _json_object(text: str | None, name: str) -> dict[str, Any]:
     return value
 
 
-async def _last_id(redis: Any, key: str) -> str:
-    reply = await redis.xrevrange(key, count=1)
-    return reply[0][0].decode() if reply else "0-0"
-
-
-def _text(status: HTTPStatus, body: str) -> Response:
+def _text(status: HTTPStatus, body: str, extra: list[tuple[str, str]] | None = None) -> Response:
     data = body.encode()
     headers = Headers(
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
-    )
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data))),
+         *(extra or [])]
+    )  # fmt: skip
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _json(status: HTTPStatus, body: dict[str, Any]) -> Response:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-store")])  # fmt: skip
     return Response(status.value, status.phrase, headers, data)
 
 

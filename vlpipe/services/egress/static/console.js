@@ -1,22 +1,31 @@
 // The vlpipe web console: talk to the pipeline through the gateway's /v1/call socket.
-// Microphone audio goes out as 16 kHz PCM16; the assistant's audio comes back as 24 kHz
-// PCM16 and is played in order; both sides' transcripts and the session's status show live.
+// Microphone audio goes out as 16 kHz PCM16 in 20 ms messages; the assistant's audio comes
+// back as 24 kHz PCM16 and is played in order; both sides' transcripts and the session's
+// status show live. Each call gets its session and call token from the server that serves
+// this page (/console/session), as an app's page gets one from its backend; the token
+// travels as the WebSocket subprotocol `vlpipe.bearer.<token>`, never in the URL.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = { ws: null, mic: null, capture: null, player: null, items: new Map(), played: 0 };
 
+// Collects the 128-sample render quanta into 20 ms messages (320 samples at 16 kHz): one
+// message per quantum would be 125 messages a second.
 const CAPTURE_WORKLET = `
 class Capture extends AudioWorkletProcessor {
+  constructor() { super(); this.pcm = new Int16Array(320); this.filled = 0; }
   process(inputs) {
     const channel = inputs[0][0];
     if (channel) {
-      const pcm = new Int16Array(channel.length);
       for (let i = 0; i < channel.length; i++) {
         const s = Math.max(-1, Math.min(1, channel[i]));
-        pcm[i] = s < 0 ? s * 0x8000 : s * 0x7fff;
+        this.pcm[this.filled++] = s < 0 ? s * 0x8000 : s * 0x7fff;
+        if (this.filled === this.pcm.length) {
+          this.port.postMessage(this.pcm.buffer, [this.pcm.buffer]);
+          this.pcm = new Int16Array(320);
+          this.filled = 0;
+        }
       }
-      this.port.postMessage(pcm.buffer, [pcm.buffer]);
     }
     return true;
   }
@@ -94,11 +103,20 @@ class Player {
 
 async function start() {
   $("start").disabled = true;
-  const params = new URLSearchParams({ input: "pcm16", rate: "16000", format: "pcm16" });
+  let call;
+  try {
+    const reply = await fetch("/console/session", { cache: "no-store" });
+    if (!reply.ok) throw new Error(`${reply.status} ${await reply.text()}`);
+    call = await reply.json();
+  } catch (err) {
+    addStatus(`no call token: ${err.message}`, true);
+    $("start").disabled = false;
+    return;
+  }
+  const params = new URLSearchParams({ session: call.session, input: "pcm16", rate: "16000", format: "pcm16" });
   if ($("instructions").value) params.set("instructions", $("instructions").value);
-  if ($("token").value) params.set("token", $("token").value);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${scheme}://${location.host}/v1/call?${params}`);
+  const ws = new WebSocket(`${scheme}://${location.host}/v1/call?${params}`, ["vlpipe", `vlpipe.bearer.${call.token}`]);
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   state.player = new Player(24000);
@@ -172,7 +190,5 @@ function hangUp() {
   setState("finishing");
 }
 
-const query = new URLSearchParams(location.search);
-if (query.get("token")) $("token").value = query.get("token");
 $("start").onclick = start;
 $("stop").onclick = hangUp;
