@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import wave
@@ -33,7 +35,6 @@ import redis.asyncio as aioredis
 from tests.shared.procs import ROOT
 from vlpipe.shared.contracts import SessionConfig, SessionEnd, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.redis_server import free_port
 from vlpipe.shared.streams import REDIS_DOWN
 
 FAST = {
@@ -57,7 +58,7 @@ class Replica:
     prefix: str
     logs: Path
     env: dict[str, str] = field(default_factory=dict)
-    http_port: int = field(default_factory=free_port)
+    _http_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,7 +69,7 @@ class Replica:
         env = {
             **os.environ, **FAST,
             "VLPIPE_REDIS_URL": self.redis_url, "VLPIPE_STREAM_PREFIX": self.prefix,
-            "VLPIPE_HTTP_HOST": "127.0.0.1", "VLPIPE_HTTP_PORT": str(self.http_port),
+            "VLPIPE_HTTP_HOST": "127.0.0.1", "VLPIPE_HTTP_PORT": "0",
             "VLPIPE_REPLICA_NAME": self.name, **self.env,
         }  # fmt: skip
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -79,11 +80,24 @@ class Replica:
             )  # fmt: skip
         return self
 
+    def http_port(self) -> int:
+        """The health port the replica bound (a free one it picked: a port chosen here and
+        bound there could be taken in between), from its "service started" log line."""
+        deadline = time.monotonic() + 30
+        while not self._http_port:
+            for line in self.log().splitlines():
+                if '"service started"' in line:
+                    self._http_port = int(json.loads(line)["http_port"])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} never logged its health port")
+            time.sleep(0.05)
+        return self._http_port
+
     def health(self, path: str) -> int | None:
         """The HTTP status of `/healthz` or `/readyz`, or None if it does not answer."""
         try:
             # Generous: a loaded machine may take seconds to answer; the status matters.
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port()}{path}", timeout=10):
                 return 200
         except urllib.error.HTTPError as exc:
             return exc.code
