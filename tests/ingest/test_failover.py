@@ -78,8 +78,9 @@ async def test_killing_the_owner_mid_session_leaves_a_continuous_frame_sequence(
         frames = [decode(Frame, f) for _, f in await redis.xrange(keys.frames(sid))]
         seqs = [f.seq for f in frames]
         assert seqs == list(range(len(seqs))), "no frame lost, none duplicated"
-        # The owner died before the end, so the survivor finished and released the session.
-        assert await redis.hget(keys.session_state(sid), "ingest.done") == b"1"
+        # The owner died before the end, so the survivor finished and released the session
+        # (the release is the write after the final frame's).
+        await wait_until(lambda: _done(redis, keys, sid))
         assert replicas[owner].returncode == -signal.SIGKILL
         # 6 s of audio in; a takeover may lose at most the dead owner's partial frame.
         assert abs(len(frames) - 1 - 300) <= 2
@@ -151,8 +152,8 @@ async def test_wav_and_ogg_opus_streams_taken_over_mid_stream_lose_nothing(
 
         for sid, (fmt, _, _) in streams.items():
             await wait_for_final_frame(redis, keys, sid)
+            await wait_until(lambda: _done(redis, keys, sid))  # the write after the final's
             owner = await redis.hget(keys.session_state(sid), "ingest.owner")
-            assert await redis.hget(keys.session_state(sid), "ingest.done") == b"1"
             assert owner is None, "B finished and released it"
             frames = [decode(Frame, f) for _, f in await redis.xrange(keys.frames(sid))]
             assert [f.seq for f in frames] == list(range(len(frames))), "continuous"
@@ -183,3 +184,7 @@ async def test_wav_and_ogg_opus_streams_taken_over_mid_stream_lose_nothing(
 def _tone_pcm(rate: int, seconds: float) -> bytes:
     t = np.arange(int(rate * seconds)) / rate
     return (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2").tobytes()
+
+
+async def _done(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
+    return await redis.hget(keys.session_state(sid), "ingest.done") == b"1"
