@@ -152,7 +152,7 @@ async def test_wav_and_ogg_opus_streams_taken_over_mid_stream_lose_nothing(
 
         for sid, (fmt, _, _) in streams.items():
             await wait_for_final_frame(redis, keys, sid)
-            await wait_until(lambda: _done(redis, keys, sid))  # the write after the final's
+            await wait_until(lambda s=sid: _done(redis, keys, s))  # the write after the final's
             owner = await redis.hget(keys.session_state(sid), "ingest.owner")
             assert owner is None, "B finished and released it"
             frames = [decode(Frame, f) for _, f in await redis.xrange(keys.frames(sid))]
