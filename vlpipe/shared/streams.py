@@ -30,13 +30,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterError, ReadOnlyError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlpipe.shared.contracts import ContractError, DeadLetter, encode
@@ -49,8 +50,13 @@ log = logging.getLogger("vlpipe.streams")
 
 #: Errors after which the runtime waits and tries the same command again: the server is
 #: gone, silent, still loading its data (`BusyLoadingError` is a ConnectionError) or a
-#: replica that was not promoted yet (`READONLY`).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ReadOnlyError)
+#: replica that was not promoted yet (`READONLY`); on a cluster also a slot no master
+#: serves yet (a failover in progress) and redirections that did not settle (a slot
+#: migrating): `ClusterError`, `SlotNotCoveredError`.
+REDIS_DOWN = (
+    RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ReadOnlyError,
+    ClusterError, SlotNotCoveredError,
+)  # fmt: skip
 
 _TRANSIENT = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
@@ -67,17 +73,43 @@ def connect(
     max_connections: int = 64,
     timeout_s: float = 5.0,
     tls: RedisTLS | None = None,
+    cluster: bool = False,
 ) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password); a
     `rediss://` URL verifies the server with `tls.ca_file` (else the system's CAs) and
-    presents `tls.cert_file` when given.
+    presents `tls.cert_file` when given. The one factory of Redis clients.
 
     Responses stay bytes: audio travels as raw field values. The pool blocks when all
     `max_connections` are busy (hundreds of sessions writing at once wait their turn for
     a connection instead of failing). A reply that takes longer than `timeout_s` fails
     the call (a server that stopped answering, a black-holed network): blocking reads
     must block for less than that.
+
+    With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
+    `RedisCluster`: it learns the slots from that node, sends each command to the master
+    of its key's slot, follows MOVED and ASK, and relearns the slots after a connection
+    error. It has the command methods of `Redis`, so it is typed as one here; the few
+    places where a cluster must be handled differently (multi-key reads, the fenced
+    writer's pipelining, scripts) ask `is_cluster()`. Its per-node pools do not block when
+    full but fail (`MaxConnectionsError`, a connection error the loops retry), so each
+    node gets `CLUSTER_CONNECTIONS_FACTOR` times `max_connections`.
     """
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            **(tls or RedisTLS()).client_options(url),
+            max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+            decode_responses=False,
+            health_check_interval=10,
+            socket_keepalive=True,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            client_name=name,
+            # Slots a failed master held stay listed until its replica is promoted; a
+            # slot nobody serves fails only the commands on it, not the whole client.
+            require_full_coverage=False,
+        )
+        return cast(aioredis.Redis, client)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         **(tls or RedisTLS()).client_options(url),
@@ -91,6 +123,14 @@ def connect(
         client_name=name,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+CLUSTER_CONNECTIONS_FACTOR = 4
+
+
+def is_cluster(redis: aioredis.Redis) -> bool:
+    """Whether `redis` (from `connect`) is a Redis Cluster client."""
+    return isinstance(redis, RedisCluster)
 
 
 @dataclass(slots=True)
