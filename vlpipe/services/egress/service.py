@@ -55,7 +55,7 @@ class EgressService:
         self.retention = ctx.retention
         self.sessions: dict[str, SessionEgress] = {}
         self.reader = session_reader(ctx, settings)
-        self.transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts)
+        self.transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts, "seq")
         self.ownership = session_ownership(
             ctx, settings, self.run_session,
             shared_streams=((ctx.keys.transcripts, self.retention.transcripts_cap),),
