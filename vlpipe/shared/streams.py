@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
 
+import redis
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
@@ -378,9 +380,9 @@ class GroupConsumer:
                     if entries:
                         await self._handle_batch(entries)
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
-                if isinstance(exc, ResponseError) and not transient(exc):
-                    if "NOGROUP" not in str(exc):
+            except Exception as exc:
+                if not _redis_down(exc):
+                    if not isinstance(exc, ResponseError) or "NOGROUP" not in str(exc):
                         raise
                     groups_ready = False  # stream deleted, or Redis restarted without data
                 delay = backoff.next_delay()
@@ -497,7 +499,27 @@ class GroupConsumer:
 
 
 def _redis_down(exc: BaseException) -> bool:
-    return isinstance(exc, REDIS_DOWN) or (isinstance(exc, ResponseError) and transient(exc))
+    return (
+        isinstance(exc, REDIS_DOWN)
+        or (isinstance(exc, ResponseError) and transient(exc))
+        or _cut_off_mid_command(exc)
+    )
+
+
+def _cut_off_mid_command(exc: BaseException) -> bool:
+    """redis-py's cluster client closes every connection it has when a node answers
+    CLUSTERDOWN (a failover in progress), including those other tasks are using: a command
+    caught half-way (connecting, or writing) then fails inside redis-py with an
+    AttributeError (the connection's reader or writer is gone). That is the outage too."""
+    if not isinstance(exc, AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and _REDIS_PY in tb.tb_frame.f_code.co_filename
+
+
+_REDIS_PY = os.path.dirname(redis.__file__)
 
 
 T = TypeVar("T")
@@ -648,7 +670,7 @@ class SessionStreamReader:
                         self._followed, self.wake_key, self._wake_id
                     )
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
+            except Exception as exc:
                 if not _redis_down(exc):
                     raise
                 delay = backoff.next_delay()
@@ -715,7 +737,7 @@ class SessionStreamReader:
                     followed = {k: f for k in keys if (f := self._followed.get(k)) is not None}
                     self._slot_wake_ids[slot] = await self._read_once(followed, wake_key, wake_id)
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
+            except Exception as exc:
                 if not _redis_down(exc):
                     raise
                 delay = backoff.next_delay()
