@@ -39,6 +39,8 @@ import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
@@ -55,6 +57,7 @@ from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.progress import LoopProgress
 from vlpipe.shared.redis_tls import RedisTLS
+from vlpipe.shared.routing import send_to_slot
 
 log = logging.getLogger("vlpipe.streams")
 
@@ -123,6 +126,10 @@ def connect(
             # Slots a failed master held stay listed until its replica is promoted; a
             # slot nobody serves fails only the commands on it, not the whole client.
             require_full_coverage=False,
+            # The client retries a failed command at once, relearning the slots each time
+            # (it has no backoff): one retry covers a connection a failover left stale;
+            # past that the runtime's loops retry, backing off, so an outage costs little.
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
         )
         return cast(aioredis.Redis, client)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -141,6 +148,7 @@ def connect(
 
 
 CLUSTER_CONNECTIONS_FACTOR = 4
+CLUSTER_RETRIES = 1
 
 
 def is_cluster(redis: aioredis.Redis) -> bool:
@@ -735,7 +743,9 @@ class SessionStreamReader:
                         if wake_id is None:
                             wake_id = await _last_id(self.redis, wake_key)
                     followed = {k: f for k in keys if (f := self._followed.get(k)) is not None}
-                    self._slot_wake_ids[slot] = await self._read_once(followed, wake_key, wake_id)
+                    self._slot_wake_ids[slot] = await self._read_once(
+                        followed, wake_key, wake_id, slot=slot
+                    )
                 backoff.reset()
             except Exception as exc:
                 if not _redis_down(exc):
@@ -750,15 +760,26 @@ class SessionStreamReader:
                     )
                 await _sleep_or_stop(stop, delay)
 
-    async def _read_once(self, followed: dict[str, _Followed], wake_key: str, wake_id: str) -> str:
+    async def _read_once(
+        self, followed: dict[str, _Followed], wake_key: str, wake_id: str, slot: int | None = None
+    ) -> str:
         """One blocking XREAD of `followed` (each from its position) and `wake_key`, and
-        the delivery of what it returned; returns the wake-up stream's new position."""
+        the delivery of what it returned; returns the wake-up stream's new position. With
+        `slot` (a cluster), the read goes to that slot's master itself (`send_to_slot`:
+        redis-py mishandles ASK while a slot migrates)."""
         now = time.monotonic()
         ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
         ids[wake_key] = wake_id
         block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
-        streams: Any = ids
-        reply: Any = await self.redis.xread(streams, count=self.count, block=block)
+        reply: Any
+        if slot is None:
+            streams: Any = ids
+            reply = await self.redis.xread(streams, count=self.count, block=block)
+        else:
+            command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
+            raw: Any = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
+            by_key = raw.items() if isinstance(raw, dict) else (raw or [])  # RESP3 or 2
+            reply = [(key, [(i, _pairs(f)) for i, f in entries]) for key, entries in by_key]
         deliveries = []
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
@@ -811,6 +832,11 @@ class SessionStreamReader:
             return
         followed.failures = 0
         followed.last_id = entries[-1].id
+
+
+def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """An entry's fields as RESP2 sends them (name, value, name, value...), as a dict."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 _SLOT_TAGS: list[str] = []
