@@ -124,9 +124,16 @@ class LocalCluster:
             "--cluster-config-file", "nodes.conf",  # relative to the node's --dir
             "--cluster-node-timeout", str(node_timeout_ms),
             "--cluster-replica-validity-factor", "0",
+            # A replica's first full sync starts at once, not 5 s later (the default delay
+            # waits for more replicas to share one transfer).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if tls is not None:
             args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+            if tls.client_cert_file and tls.client_key_file:
+                # What a node presents to its peers (bus, replication) as their client.
+                args += ["--tls-client-cert-file", str(tls.client_cert_file),
+                         "--tls-client-key-file", str(tls.client_key_file)]  # fmt: skip
         if password is not None:
             args += ["--masterauth", password]
             if username is not None:
@@ -218,6 +225,47 @@ class LocalCluster:
         if node.server.proc is not None:
             node.server.proc.send_signal(signal.SIGCONT)
 
+    # -- resharding ----------------------------------------------------------------------
+
+    def begin_migration(self, slot: int, target: ClusterNode) -> ClusterNode:
+        """Mark `slot` IMPORTING on `target` and MIGRATING on its master (returned): from
+        now on the master answers ASK for keys of the slot it no longer has."""
+        source = self.master_of_slot(slot)
+        if source is target:
+            raise ValueError(f"slot {slot} is already on {target}")
+        self._call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        self._call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        return source
+
+    def move_keys(self, slot: int, source: ClusterNode, target: ClusterNode) -> int:
+        """MIGRATE every key of `slot` from `source` to `target`; how many moved."""
+        auth: list[str | int] = []
+        if self.password is not None:
+            auth = ["AUTH2", self.username or "default", self.password]
+        moved = 0
+        while True:
+            with self.client(source) as c:
+                keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    return moved
+                c.execute_command(
+                    "MIGRATE", target.host, target.port, "", 0, 10_000, *auth, "KEYS", *keys
+                )
+            moved += len(keys)
+
+    def finish_migration(self, slot: int, source: ClusterNode, target: ClusterNode) -> None:
+        """Give `slot` to `target` (CLUSTER SETSLOT NODE on the target, the source, then the
+        other masters: the order the Redis manual gives)."""
+        others = [n for n in self.masters() if n is not source and n is not target]
+        for node in (target, source, *others):
+            self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+
+    def migrate_slot(self, slot: int, target: ClusterNode) -> None:
+        """Move `slot` and its keys to the master `target`, as an operator resharding does."""
+        source = self.begin_migration(slot, target)
+        self.move_keys(slot, source, target)
+        self.finish_migration(slot, source, target)
+
     # -- the cluster's own view ----------------------------------------------------------
 
     def shards(self) -> list[Shard]:
@@ -300,7 +348,9 @@ class LocalCluster:
                 if "cluster_state:ok" not in info:
                     return False
                 repl = self._call(node, "INFO", "replication").decode()
-                if "role:slave" in repl and "master_link_status:up" not in repl:
+                if "role:slave" in repl and (
+                    "master_link_status:up" not in repl or "master_sync_in_progress:0" not in repl
+                ):
                     return False
                 views.add(self._view(node))
             except redis.RedisError:

@@ -95,6 +95,8 @@ class BrokerSession:
 
     async def run(self) -> None:
         core, svc = self.core, self.svc
+        if self.owned.taken_over:  # tool calls the previous owner wrote but did not relay
+            await svc.relay_tool_calls(self.sid)
         if core.ended:
             return
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
@@ -131,6 +133,8 @@ class BrokerSession:
                     await asyncio.wait_for(writer, timeout=CLOSE_WAIT_S)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._flush())
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(svc.tool_call_outbox.settle(self.sid), CLOSE_WAIT_S)
         log.info("session finished", extra={"session": self.sid, "reason": reason})
 
     async def _upstream_life(self) -> str:
@@ -401,6 +405,8 @@ class BrokerSession:
         self.in_flight = None
         if events:
             self.svc.events_out.add(events)
+        if self.svc.tool_call_outbox.pending_in(write, self.sid):
+            self.svc.tool_call_outbox.relay_soon(self.sid)
 
     def _next_write(self) -> tuple[SessionWrite, int]:
         """The core's events, side entries, checkpoint and trims as one fenced write."""
@@ -411,8 +417,9 @@ class BrokerSession:
             write.xadd(keys.events(self.sid), encode(event))
         for kind, msg in core.take_side():
             if kind == "tool_call":
-                # Trimmed behind its consumer groups by housekeeping, never on write.
-                write.xadd(keys.tool_calls, encode(msg))
+                # Trimmed behind its consumer groups by housekeeping, never on write; on a
+                # cluster through the session's outbox (vlpipe.shared.outbox).
+                self.svc.tool_call_outbox.add(write, self.sid, encode(msg))
             else:
                 write.xadd(keys.status(self.sid), encode(msg), maxlen=keep.status)
         write.checkpoint(core.checkpoint())
