@@ -17,19 +17,23 @@ NO_REWRITE = ("--auto-aof-rewrite-percentage", "0")
 
 
 def started_cluster(base_dir: Path) -> LocalCluster:
-    """A cluster whose replicas have synced and finished the AOF rewrite that follows
-    (a replica restarts its AOF from the synced data, empty here): the AOFs the history
-    reads from hold every write of the test from then on."""
-    cluster = LocalCluster(base_dir, extra_args=NO_REWRITE)
+    """A cluster whose replicas have had their first sync and finished the AOF rewrite that
+    follows it (a replica restarts its AOF from the synced data, empty here): from then on
+    the AOFs the history reads hold every write of the test. (`LocalCluster.wait_ok` does
+    not wait for the replicas' sync yet: /work/notes/faults-to-core.md.) The diskless sync
+    delay is off, so the first sync does not wait 5 s for more replicas."""
+    cluster = LocalCluster(base_dir, extra_args=(*NO_REWRITE, "--repl-diskless-sync-delay", "0"))
     cluster.start()
     deadline = time.monotonic() + 30
     for node in cluster.nodes:
         while True:
             with cluster.client(node) as plain:
-                info = plain.info("persistence")
-            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                info = {**plain.info("replication"), **plain.info("persistence")}
+            synced = info["role"] == "master" or (
+                info["master_link_status"] == "up" and not info["master_sync_in_progress"])  # fmt: skip
+            if synced and not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
                 break
-            assert time.monotonic() < deadline, f"{node}: AOF rewrite never finished"
+            assert time.monotonic() < deadline, f"{node}: no sync or AOF rewrite never ended"
             time.sleep(0.05)
     return cluster
 
