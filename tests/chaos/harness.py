@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from tests.chaos.history import History, aof_base
@@ -170,13 +168,6 @@ def speech_chunks(path: Path, chunk_ms: int = 100) -> tuple[int, list[bytes]]:
     return rate, [pcm[i : i + step] for i in range(0, len(pcm), step)]
 
 
-def producer_client(url: str, *, cluster: bool = False) -> Any:
-    """A producer's client: plain, or redis-py's cluster client seeded with `url`."""
-    if cluster:
-        return RedisCluster.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-    return aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-
-
 async def _until_done(redis: Any, key: str, fields: dict[str, object]) -> None:
     """XADD, retried through outages, failovers and resharding (a retry may add the entry
     twice: readers drop repeats by `seq`)."""
@@ -200,9 +191,9 @@ async def speak(
     cluster: bool = False,
 ) -> None:
     """Announce `sid`, publish the recording (then `tail_s` of silence) at `pace` x real
-    time in 100 ms chunks with producer sequence numbers, and end the session (through a
-    cluster client if `cluster`)."""
-    redis = producer_client(redis_url, cluster=cluster)
+    time in 100 ms chunks with producer sequence numbers, and end the session. `cluster`:
+    `redis_url` names a node of a Redis Cluster."""
+    redis = connect(redis_url, timeout_s=1, cluster=cluster)
     try:
         start = SessionStart(session=sid, config=config or SessionConfig())
         await _until_done(redis, keys.sessions, dict(encode(start)))

@@ -17,7 +17,9 @@ last second, or a replica promoted before it had them): `Regressed`, and the ses
 resumed from what Redis still has.
 
 Every key a write touches is named in KEYS, and a session's keys share a hash tag, so the
-script stays within one Redis Cluster slot.
+script stays within one Redis Cluster slot (so a shared stream is written through the
+session's outbox there, `vlpipe.shared.outbox`). On a cluster the `Writer` sends each
+master the writes of its slots, in one round trip per master.
 """
 
 from __future__ import annotations

@@ -28,9 +28,12 @@ from vlpipe.shared.keys import StreamKeys
 
 ANY = "*"
 
-CONNECTION = ("@connection", "-@admin", "-@dangerous")
+CONNECTION = ("@connection", "-@admin", "-@dangerous", "cluster|slots", "cluster|shards",
+              "asking")  # fmt: skip
 """What a client library sends on connecting (AUTH, HELLO, PING, SELECT, CLIENT SETNAME and,
-from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE."""
+from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE;
+and what a Redis Cluster client needs: the slots (CLUSTER SLOTS, SHARDS), ASKING before a
+command sent to a slot being migrated."""
 READ_STREAMS = ("xread", "xrange", "xrevrange", "xlen", "xinfo|stream")
 GROUPS = ("xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xgroup|create",
           "xgroup|createconsumer", "xgroup|delconsumer", "xinfo|groups", "xinfo|consumers")  # fmt: skip
@@ -73,6 +76,12 @@ class Role:
         return " ".join(parts)
 
 
+def relayed(keys: StreamKeys, shared: str, name: str) -> tuple[str, str]:
+    """On a Redis Cluster, a shared stream's per-session outboxes and relay markers
+    (vlpipe.shared.outbox): written by the service that writes the shared stream."""
+    return keys.outbox(name, ANY), f"{{{shared}}}:relayed:{ANY}"
+
+
 @dataclass(frozen=True, slots=True)
 class AclTable:
     """Every role of a deployment whose keys carry `keys.prefix`."""
@@ -99,7 +108,14 @@ class AclTable:
                 "broker",
                 "reads frames and control, writes events and tool calls (trimmed behind "
                 "their consumer groups)",
-                read_write=(*owner_rw, k.frames(ANY), k.ctl(ANY), k.events(ANY), k.tool_calls),
+                read_write=(
+                    *owner_rw,
+                    k.frames(ANY),
+                    k.ctl(ANY),
+                    k.events(ANY),
+                    k.tool_calls,
+                    *relayed(k, k.tool_calls, "tool-calls"),
+                ),
                 read=(k.playback(ANY),),
                 write=(k.dead,),
                 commands=SERVICE_COMMANDS,
@@ -113,6 +129,7 @@ class AclTable:
                     k.events(ANY),
                     k.transcript(ANY),
                     k.transcripts,
+                    *relayed(k, k.transcripts, "transcripts"),
                     k.audio_out(ANY),
                     k.playback(ANY),
                     k.audio(ANY),

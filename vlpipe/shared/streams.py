@@ -8,8 +8,9 @@ Three readers cover every hop of the pipeline:
   `max_deliveries` failures, reconnect with backoff, and a stop that finishes the batch
   in hand.
 * `SessionStreamReader` follows many per-session streams from their checkpoints with one
-  blocking `XREAD` per process (not one connection per session), and hands each stream's
-  new entries to that session's handler in order.
+  blocking `XREAD` per process (not one connection per session; one per slot in use on a
+  Redis Cluster, which refuses a read across slots), and hands each stream's new entries
+  to that session's handler in order.
 * `DeadLetters` writes what could not be handled to `vl:dead`, with the reason, the
   original stream and id, and the original fields as `orig.<name>`.
 
@@ -315,6 +316,11 @@ class GroupConsumer:
         claim_every_ms: int | None = None,
         progress: LoopProgress | None = None,
     ) -> None:
+        if is_cluster(redis) and len({key_slot(s.encode()) for s in streams}) > 1:
+            # One XREADGROUP names every stream: a cluster refuses keys of several slots.
+            raise ValueError(
+                f"on a Redis Cluster a consumer's streams must share a slot: {streams}"
+            )
         self.redis = redis
         self.streams = streams
         self.group = group
