@@ -25,7 +25,7 @@ from tests.broker.engine_proc import EngineProcess
 from tests.chaos.harness import ChaosRedis, Replica, replicas, speak
 from tests.chaos.history import ended_everywhere, lost_entries
 from tests.waiting import wait_until
-from vlpipe.shared.contracts import Status, decode
+from vlpipe.shared.contracts import DeadLetter, Status, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_cluster import ClusterNode, LocalCluster, session_id_on
 
@@ -43,11 +43,16 @@ LOST_BY = {"audio": "ingest", "frames": "ingest", "events": "broker",
 audio as a gap; each service reports its own lost writes (the write numbers went back)."""
 
 
-def keys_with_sessions_on(slots: Container[int]) -> StreamKeys:
-    """Keys under a fresh prefix whose `vl:sessions` stream lands on `slots` (a shard)."""
+def keys_with_sessions_on(
+    slots: Container[int], transcripts_on: Container[int] | None = None
+) -> StreamKeys:
+    """Keys under a fresh prefix whose `vl:sessions` stream lands on `slots` (a shard), and
+    `vl:transcripts` on `transcripts_on` if given."""
     while True:
         keys = StreamKeys(f"t{uuid.uuid4().hex[:10]}")
-        if key_slot(keys.sessions.encode()) in slots:
+        if key_slot(keys.sessions.encode()) in slots and (
+            transcripts_on is None or key_slot(keys.transcripts.encode()) in transcripts_on
+        ):
             return keys
 
 
@@ -209,6 +214,69 @@ async def test_writes_a_failover_lost_are_reported_and_the_sessions_resume(
                 assert history.speakers(sid) == {"user", "assistant"}, sid
             check_logs(everyone)
         assert all(r.proc is not None and r.proc.returncode == 0 for r in everyone)
+    finally:
+        await redis.aclose()
+        engine.stop()
+
+
+async def test_a_failover_of_the_shared_transcripts_master_loses_no_final_silently(
+    chaos_cluster: LocalCluster, speech_wav: Path, tmp_path: Path
+) -> None:
+    """`vl:transcripts` alone on a master whose replica is cut off; the master dies once it
+    has taken relayed finals its replica never got. The sessions live on the other masters
+    and lose nothing of their own; every final of theirs must still be on `vl:transcripts`
+    afterwards, or its loss reported (a dead letter or a status), never silently gone."""
+    store = ChaosRedis(cluster=chaos_cluster)
+    cluster = chaos_cluster
+    victim, *others = cluster.shards()
+    keys = keys_with_sessions_on(others[0], transcripts_on=victim)
+    sids = [session_id_on(others[0], "fin-a"), session_id_on(others[1], "fin-b")]
+    engine = EngineProcess(model="local").start()
+    redis = store.client()
+    try:
+        async with replicas(store.url, keys.prefix, tmp_path / "logs", engine.endpoint, COUNTS,
+                            **store.env) as procs:  # fmt: skip
+            everyone = [r for group in procs.values() for r in group]
+            talking = [asyncio.create_task(speak(store.url, keys, s, speech_wav, cluster=True))
+                       for s in sids]  # fmt: skip
+            await wait_until(mid_call(redis, keys, sids, frames=100), within=60)
+
+            old, heir = victim.master, victim.replicas[0]
+            with cluster.client(old) as plain:
+                before = plain.xlen(keys.transcripts)
+                cut_off(cluster, old, heir)
+
+                async def relayed_unreplicated() -> bool:
+                    return bool(await asyncio.to_thread(plain.xlen, keys.transcripts) > before)
+
+                try:  # the finals of a phrase come every 2 s or so
+                    await wait_until(relayed_unreplicated, within=5, step=0.02)
+                finally:
+                    cluster.kill(old)
+                    cluster.resume(heir)
+            await asyncio.to_thread(cluster.wait_ok, 30)
+            await asyncio.gather(*talking)
+            await wait_until(lambda: ended(redis, keys, sids), within=120)
+
+            masters = [m.server.data_dir for m in cluster.masters()]
+            lost = lost_entries(old.server.data_dir, masters, keys.prefix)
+            assert keys.transcripts in lost, "no relayed final was lost: the test proved nothing"
+            history = store.history(keys)
+            shared = {(p.session, p.speaker, p.item_id) for p in [
+                decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcripts)]}  # fmt: skip
+            dead = [decode(DeadLetter, f) for _, f in await redis.xrange(keys.dead)]
+            reported = [d for d in dead if d.stream == keys.transcripts] + [
+                s for sid in sids for s in await statuses(redis, keys, sid)
+                if "transcripts" in s.message]  # fmt: skip
+            for sid in sids:
+                history.check(sid)
+                finals = {(sid, p.speaker, p.item_id)
+                          for p in history.sessions[sid].transcript if p.final}  # fmt: skip
+                missing = finals - shared
+                assert not missing or reported, (
+                    f"{sid}: finals gone from {keys.transcripts} unreported: {sorted(missing)}"
+                )
+            check_logs(everyone)
     finally:
         await redis.aclose()
         engine.stop()
