@@ -28,11 +28,12 @@ Printed per run:
   callers' `XADD vl:sessions` (p50 / p99, client side) and what the node that holds it
   does (its commands per second and server µs per command, from `INFO commandstats`). On
   the cluster the prefix is chosen so that `vl:sessions` is alone on its master (the other
-  shared streams and every call's keys are on the two others): that master's CPU above
-  its idle is the slot's own cost, and `1 core / (its CPU per call)` is the session rate one
-  slot could carry at this call length. The refresh of owned entries (`EVALSHA`, the
-  heartbeat's XPENDING + XCLAIM per owned session every 2 s per service) grows with call
-  length, so its share is printed as well.
+  shared streams and every call's keys are on the two others, and redis-py's GETKEYS
+  lookups go to the first): that master's CPU above its idle is the slot's own cost, and
+  `1 core / (its CPU per call)` is the session rate one slot could carry at this call
+  length. The refresh of owned entries (`EVALSHA`, the heartbeat's XPENDING + XCLAIM per
+  owned session every 2 s per service) grows with call length, so its share is printed
+  as well.
 * With `--wait on`, the services run with `VLPIPE_REDIS_WAIT_REPLICAS=1` (a `WAIT 1` after
   checkpoints, if the code under test has it): the same figures show its cost.
 
@@ -142,16 +143,18 @@ def start_store(mode: str, base: Path, replicas: int, appendfsync: str) -> Store
 
 def placed_keys(store: Store) -> tuple[StreamKeys, list[range | Any]]:
     """Keys under a fresh prefix and where calls go. On the cluster, `vl:sessions` alone on
-    the first master (the other shared streams elsewhere) and the calls on the two others,
-    so the first master's work is the sessions stream's alone."""
+    the last master (the other shared streams elsewhere) and the calls on the two others,
+    so that master's work is the sessions stream's alone. (Not the first master: redis-py's
+    cluster client asks its default node, the first master, for the keys of every XREAD
+    and XREADGROUP with COMMAND GETKEYS, which is no cost of the stream's.)"""
     if store.cluster is None:
         return StreamKeys(f"cb{uuid.uuid4().hex[:8]}"), [range(16384)]
-    first, *others = store.cluster.shards()
+    *others, last = store.cluster.shards()
     while True:
         keys = StreamKeys(f"cb{uuid.uuid4().hex[:8]}")
         shared = [keys.transcripts, keys.tool_calls, keys.dead]
-        if key_slot(keys.sessions.encode()) in first and not any(
-            key_slot(k.encode()) in first for k in shared
+        if key_slot(keys.sessions.encode()) in last and not any(
+            key_slot(k.encode()) in last for k in shared
         ):
             return keys, others
 
@@ -516,8 +519,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+WAIT_SETTING = "redis_wait_replicas"
+"""The services' setting for a `WAIT` after checkpoints (`VLPIPE_REDIS_WAIT_REPLICAS`)."""
+
+
 def main() -> None:
     args = parser().parse_args()
+    if args.wait == "on":
+        from vlpipe.shared.config import ServiceSettings
+
+        if WAIT_SETTING not in ServiceSettings.model_fields:
+            raise SystemExit(f"--wait on: the services have no {WAIT_SETTING} setting (no "
+                             "WAIT after checkpoints to measure in this code)")  # fmt: skip
 
     async def guarded() -> None:
         task = asyncio.current_task()
