@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Container
@@ -23,10 +24,18 @@ import pytest
 from redis.crc import key_slot
 
 from tests.broker.engine_proc import EngineProcess
-from tests.chaos.harness import ChaosRedis, Replica, replicas, speak
+from tests.chaos.harness import ChaosRedis, Replica, replicas, speak, speech_chunks
 from tests.chaos.history import ended_everywhere, lost_entries
 from tests.waiting import wait_until
-from vlpipe.shared.contracts import DeadLetter, Status, TranscriptPiece, decode
+from vlpipe.shared.contracts import (
+    DeadLetter,
+    SessionEnd,
+    SessionStart,
+    Status,
+    TranscriptPiece,
+    decode,
+    encode,
+)
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_cluster import ClusterNode, LocalCluster, session_id_on
 
@@ -302,6 +311,64 @@ async def test_a_failover_of_the_shared_transcripts_master_loses_no_final_silent
                 assert not missing or reported, (
                     f"{sid}: finals gone from {keys.transcripts} unreported: {sorted(missing)}"
                 )
+            check_logs(everyone)
+    finally:
+        await redis.aclose()
+        engine.stop()
+
+
+async def test_an_end_announcement_a_failover_lost_still_ends_its_session(
+    chaos_cluster: LocalCluster, speech_wav: Path, tmp_path: Path
+) -> None:
+    """`vl:sessions` on a master whose replica is cut off; a producer's end announcement
+    reaches that master only (the services are paused and their connections to it closed,
+    so none has read it: a blocked XREADGROUP would be served into a paused reader's socket
+    and read on resume), then the master dies. The promoted replica never had the end: the session must still end (the
+    broker ends a session without input for `VLPIPE_SESSION_IDLE_S`), with `idle` as its
+    end reason for whoever looks, and nothing lost or twice in its history."""
+    store = ChaosRedis(cluster=chaos_cluster)
+    cluster = chaos_cluster
+    victim, *others = cluster.shards()
+    keys = keys_with_sessions_on(victim)
+    quiet, live = session_id_on(others[0], "quiet-"), session_id_on(others[1], "live-")
+    engine = EngineProcess(model="local").start()
+    redis = store.client()
+    try:
+        async with replicas(store.url, keys.prefix, tmp_path / "logs", engine.endpoint, COUNTS,
+                            VLPIPE_SESSION_IDLE_S="3", **store.env) as procs:  # fmt: skip
+            everyone = [r for group in procs.values() for r in group]
+            talking = asyncio.create_task(speak(store.url, keys, live, speech_wav, cluster=True))
+            await redis.xadd(keys.sessions, dict(encode(SessionStart(session=quiet))))
+            rate, chunks = speech_chunks(speech_wav)
+            for seq, chunk in enumerate(chunks[:20]):  # 2 s of speech, then nothing
+                fields = {"format": "pcm16", "rate": rate, "seq": seq, "audio": chunk}
+                await redis.xadd(keys.audio(quiet), fields)
+            await wait_until(mid_call(redis, keys, [quiet], frames=100), within=60)
+
+            old, heir = victim.master, victim.replicas[0]
+            for replica in everyone:
+                replica.signal(signal.SIGSTOP)
+            try:
+                cut_off(cluster, old, heir)
+                with cluster.client(old) as plain:
+                    plain.execute_command("CLIENT", "KILL", "TYPE", "normal")  # not itself
+                    end = plain.xadd(keys.sessions, dict(encode(SessionEnd(session=quiet))))  # type: ignore[arg-type]
+                cluster.kill(old)
+                cluster.resume(heir)
+            finally:
+                for replica in everyone:
+                    replica.signal(signal.SIGCONT)
+            await asyncio.to_thread(cluster.wait_ok, 30)
+            lost = lost_entries(old.server.data_dir, [heir.server.data_dir], keys.prefix)
+            assert end in lost.get(keys.sessions, []), lost
+
+            await talking
+            await wait_until(lambda: ended(redis, keys, [quiet, live]), within=120)
+            assert await redis.hget(keys.session_state(quiet), "end_reason") == b"idle"
+            history = store.history(keys)
+            for sid in (quiet, live):
+                history.check(sid)
+            assert history.speakers(live) == {"user", "assistant"}
             check_logs(everyone)
     finally:
         await redis.aclose()
