@@ -38,7 +38,13 @@ from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ClusterError, ReadOnlyError, ResponseError, SlotNotCoveredError
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -61,11 +67,16 @@ REDIS_DOWN = (
 )  # fmt: skip
 
 _TRANSIENT = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+_TRANSIENT_CLASSES = (ClusterError, TryAgainError, ReadOnlyError)
 
 
 def transient(exc: ResponseError) -> bool:
-    """A reply that means "not now" (failover, loading), not "never": retry later."""
-    return str(exc).startswith(_TRANSIENT)
+    """A reply that means "not now" (failover, loading), not "never": retry later.
+
+    redis-py raises its own class for some replies and cuts the code off the message
+    (CLUSTERDOWN -> `ClusterDownError("The cluster is down")`, TRYAGAIN, MASTERDOWN,
+    READONLY), so those are known by class."""
+    return isinstance(exc, _TRANSIENT_CLASSES) or str(exc).startswith(_TRANSIENT)
 
 
 def connect(
