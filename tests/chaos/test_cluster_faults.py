@@ -1,5 +1,6 @@
-"""Faults of a Redis Cluster under live sessions: a master killed (and restarted as a
-replica), a failover that loses acknowledged writes, a slot migrated mid-session.
+"""Faults of a Redis Cluster under live sessions: a master killed (replaced by its replica,
+or crash-restarted at once), a failover that loses acknowledged writes of the sessions, of
+`vl:transcripts`, or a producer's end announcement, and a slot migrated mid-session.
 
 Each test runs the whole pipeline (ingest, broker, egress as real processes on the cluster
 client, the local engine) with sessions placed on chosen masters (`session_id_on`), then
@@ -89,7 +90,7 @@ async def unreported_losses(
         kind, _, tag = key[len(keys.prefix) + 1 :].partition(":")
         service = LOST_BY.get(kind)
         if service is None:
-            continue  # a status, state or control entry: reported by no one (see below)
+            continue  # not a session's input or output (status, state, shared streams)
         sid = tag.strip("{}")
         seen = await statuses(redis, keys, sid)
         if kind == "audio":
