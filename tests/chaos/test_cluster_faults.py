@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Container
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,8 @@ async def test_a_failover_of_the_shared_transcripts_master_loses_no_final_silent
     """`vl:transcripts` alone on a master whose replica is cut off; the master dies once it
     has taken relayed finals its replica never got. The sessions live on the other masters
     and lose nothing of their own; every final of theirs must still be on `vl:transcripts`
-    afterwards, or its loss reported (a dead letter or a status), never silently gone."""
+    afterwards, or its loss reported (a dead letter or a status), never silently gone; and
+    none twice."""
     store = ChaosRedis(cluster=chaos_cluster)
     cluster = chaos_cluster
     victim, *others = cluster.shards()
@@ -298,8 +300,10 @@ async def test_a_failover_of_the_shared_transcripts_master_loses_no_final_silent
             lost = lost_entries(old.server.data_dir, masters, keys.prefix)
             assert keys.transcripts in lost, "no relayed final was lost: the test proved nothing"
             history = store.history(keys)
-            shared = {(p.session, p.speaker, p.item_id) for p in [
-                decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcripts)]}  # fmt: skip
+            relayed = Counter((p.session, p.speaker, p.item_id) for p in [
+                decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcripts)])  # fmt: skip
+            assert all(n == 1 for n in relayed.values()), f"relayed twice: {relayed}"
+            shared = set(relayed)
             dead = [decode(DeadLetter, f) for _, f in await redis.xrange(keys.dead)]
             reported = [d for d in dead if d.stream == keys.transcripts] + [
                 s for sid in sids for s in await statuses(redis, keys, sid)
