@@ -255,8 +255,9 @@ class Writer:
         all masters at once. A master that fails its round trip fails only its writes
         (connection errors: the callers retry them, exactly) and makes the client relearn
         the slots; a write redirected (MOVED or ASK: a failover, a slot migrating) or told
-        to try again is sent once more through the cluster client, which follows the
-        redirection. Nothing is applied twice: a redirected write was not run."""
+        to try again is sent once more where the cluster says (`routing.send_to_slot`,
+        ASKING on the same connection). Nothing is applied twice: a redirected write was
+        not run."""
         await cluster.initialize()  # a no-op unless the client must (re)learn the slots
         by_node: dict[ClusterNode, list[int]] = {}
         for i, command in enumerate(commands):
