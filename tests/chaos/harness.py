@@ -7,6 +7,9 @@
 * `speak()`: a producer that publishes a recording in real time, chunk by chunk, and
   keeps going through Redis outages (retrying a chunk with the same `seq`).
 * `cpu_seconds()`: a process's CPU time, to bound what it burns during an outage.
+* `ChaosRedis`: where a test's services keep their streams, one redis-server or a Redis
+  Cluster (`VLPIPE_REDIS_CLUSTER=true`), with the client and the history for either, so
+  a chaos test runs against both by taking the `chaos_store` fixture.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
-import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException, RedisError
 
+from tests.chaos.history import History, aof_base
 from tests.shared.procs import ROOT
 from vlpipe.shared.contracts import SessionConfig, SessionEnd, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_cluster import LocalCluster
+from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import REDIS_DOWN, connect
 
 FAST = {
@@ -161,14 +168,14 @@ def speech_chunks(path: Path, chunk_ms: int = 100) -> tuple[int, list[bytes]]:
     return rate, [pcm[i : i + step] for i in range(0, len(pcm), step)]
 
 
-async def _until_done(redis: aioredis.Redis, key: str, fields: dict[str, object]) -> None:
-    """XADD, retried through outages (a retry may add the entry twice: readers drop
-    repeats by `seq`)."""
+async def _until_done(redis: Any, key: str, fields: dict[str, object]) -> None:
+    """XADD, retried through outages, failovers and resharding (a retry may add the entry
+    twice: readers drop repeats by `seq`)."""
     while True:
         try:
-            await redis.xadd(key, fields)  # type: ignore[arg-type]
+            await redis.xadd(key, fields)
             return
-        except (*REDIS_DOWN, aioredis.ResponseError):
+        except (*REDIS_DOWN, RedisError, RedisClusterException):
             await asyncio.sleep(0.1)
 
 
@@ -283,3 +290,59 @@ class TcpProxy:
         clients have given up on them)."""
         self.drop_all()
         self._open.set()
+
+
+@dataclass
+class ChaosRedis:
+    """Where a chaos test's services keep their streams: one redis-server (`server`) or a
+    Redis Cluster (`cluster`), both with AOF `appendfsync always` and no automatic rewrite.
+
+    `bases` are the AOF base files when the test began: `history()` refuses to read an AOF
+    that was rewritten since (its commands before the rewrite would be missing)."""
+
+    server: RedisServer | None = None
+    cluster: LocalCluster | None = None
+    bases: dict[Path, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.bases = {path: aof_base(path) for path in self.data_dirs()}
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster is not None
+
+    @property
+    def url(self) -> str:
+        if self.cluster is not None:
+            return self.cluster.url
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What the services need to use it."""
+        return {"VLPIPE_REDIS_CLUSTER": "true"} if self.cluster is not None else {}
+
+    def client(self) -> Any:
+        """The test's own client (bytes; a cluster client on a cluster)."""
+        return connect(self.url, timeout_s=2, cluster=self.is_cluster)
+
+    def data_dirs(self) -> list[Path]:
+        """Every node's data directory (a cluster's in node order)."""
+        if self.cluster is not None:
+            return [node.server.data_dir for node in self.cluster.nodes]
+        assert self.server is not None
+        return [self.server.data_dir]
+
+    def history(self, keys: StreamKeys, data_dirs: list[Path] | None = None) -> History:
+        """The history of the test so far: the server's AOF, or the AOFs of `data_dirs` (by
+        default the cluster's masters now: a promoted replica's AOF stands for its dead
+        master's, less what it never got)."""
+        if data_dirs is None:
+            if self.cluster is not None:
+                data_dirs = [m.server.data_dir for m in self.cluster.masters()]
+            else:
+                data_dirs = self.data_dirs()
+        for path in data_dirs:
+            assert aof_base(path) == self.bases.get(path), f"{path}: AOF rewritten mid-test"
+        return History.read(data_dirs, keys)

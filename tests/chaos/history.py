@@ -14,11 +14,23 @@ asserts, per session:
   stream is numbered 0..k with no gap or duplicate;
 * no service's checkpoint ever moved backwards;
 * the session ended in every service.
+
+On a Redis Cluster each master has an AOF of its own. A replica's AOF holds what its
+master replicated to it (Redis writes the replication stream to it), so once promoted it
+holds the slot's history as the cluster kept it, without what its dead master had
+acknowledged but not yet replicated. `History.read` takes the data directories of the
+masters in an order where a slot's earlier owner comes first (the source of a migration
+before its target: a migrated key arrives as a RESTORE, which is skipped, and its later
+writes follow in the target's AOF). `lost_entries` lists what a crashed master had and
+the survivors do not: Redis's own record of the acknowledged writes a failover lost.
+An AOF rewrite folds the history into a snapshot this module cannot read: `aof_base`
+names the snapshot file, so a test can check it did not change under it.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +61,39 @@ def aof_commands(data_dir: Path) -> list[list[bytes]]:
     for path in files:
         commands += _parse_resp(path.read_bytes())
     return commands
+
+
+def aof_base(data_dir: Path) -> str | None:
+    """The name of the AOF's base file (its snapshot), None for a single-file AOF. A new
+    name means the AOF was rewritten: commands before the rewrite are no longer in it."""
+    manifest = data_dir / "appendonlydir" / "appendonly.aof.manifest"
+    if not manifest.exists():
+        return None
+    return next((ln.split()[1] for ln in manifest.read_text().splitlines() if " type b" in ln),
+                None)  # fmt: skip
+
+
+def stream_entries(data_dir: Path, prefix: str) -> set[tuple[str, bytes]]:
+    """(key, entry id) of every XADD to a key under `prefix` in the node's AOF."""
+    out = set()
+    for command in aof_commands(data_dir):
+        if command[0].upper() == b"XADD" and command[1].startswith(f"{prefix}:".encode()):
+            out.add((command[1].decode(), _entry_id(command)))
+    return out
+
+
+def lost_entries(crashed: Path, survivors: Sequence[Path], prefix: str) -> dict[str, list[bytes]]:
+    """Per key, the ids of the entries the crashed master's AOF has and no survivor's has:
+    writes it acknowledged that a failover lost (a promoted replica had not got them).
+    Entry ids are the ms time of the master that added them, so an entry added after the
+    promotion never takes the id of a lost one (the promotion takes seconds)."""
+    kept: set[tuple[str, bytes]] = set()
+    for path in survivors:
+        kept |= stream_entries(path, prefix)
+    lost: dict[str, list[bytes]] = defaultdict(list)
+    for key, entry_id in sorted(stream_entries(crashed, prefix) - kept):
+        lost[key].append(entry_id)
+    return dict(lost)
 
 
 def _parse_resp(data: bytes) -> list[list[bytes]]:
@@ -87,9 +132,13 @@ class History:
     sessions: dict[str, SessionHistory] = field(default_factory=lambda: defaultdict(SessionHistory))
 
     @classmethod
-    def read(cls, data_dir: Path, keys: StreamKeys) -> History:
+    def read(cls, data_dirs: Path | Sequence[Path], keys: StreamKeys) -> History:
+        """The history in the AOF of one server, or of a cluster's masters (a slot's
+        earlier owner first; see the module's docstring)."""
         history = cls(keys)
-        for command in aof_commands(data_dir):
+        dirs = [data_dirs] if isinstance(data_dirs, Path) else list(data_dirs)
+        commands = [command for path in dirs for command in aof_commands(path)]
+        for command in commands:
             name = command[0].upper()
             if name == b"XADD":
                 history._added(command[1].decode(), _fields(command))
@@ -155,16 +204,24 @@ class History:
         return {p.speaker for p in self.sessions[sid].transcript if p.final}
 
 
-def _fields(command: list[bytes]) -> dict[bytes, bytes]:
-    """The fields of an XADD as the AOF has it: `XADD key [options] id f v ...`; the id is
-    the first argument that looks like one."""
-    args = command[2:]
-    for i, arg in enumerate(args):
-        ms, dash, seq = arg.partition(b"-")
+def _id_index(command: list[bytes]) -> int:
+    """Where the entry id is in an XADD as the AOF has it (`XADD key [options] id f v
+    ...`): the first argument that looks like one."""
+    for i in range(2, len(command)):
+        ms, dash, seq = command[i].partition(b"-")
         if dash and ms.isdigit() and seq.isdigit():
-            rest = args[i + 1 :]
-            return {rest[j]: rest[j + 1] for j in range(0, len(rest), 2)}
+            return i
     raise AssertionError(f"no entry id in {command[:4]}")
+
+
+def _entry_id(command: list[bytes]) -> bytes:
+    return command[_id_index(command)]
+
+
+def _fields(command: list[bytes]) -> dict[bytes, bytes]:
+    """The fields of an XADD as the AOF has it."""
+    rest = command[_id_index(command) + 1 :]
+    return {rest[j]: rest[j + 1] for j in range(0, len(rest), 2)}
 
 
 def _gaps(numbers: list[int]) -> str:

@@ -8,7 +8,7 @@ owns it, or closes the engine's socket with 1011. The second session's user tran
 must match the first's within Whisper's own variance (WER <= 0.05), the phrase in flight
 must be answered ("You said: Fail better."; the earlier answers are cut short by the next
 phrase, as a caller who speaks on would), and the history must show nothing lost and
-nothing twice.
+nothing twice. Each runs on one redis-server and on a Redis Cluster (`chaos_store`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ from pathlib import Path
 import jiwer
 import pytest
 
-from tests.chaos.harness import replicas, speak
-from tests.chaos.history import History, ended_everywhere
+from tests.chaos.harness import ChaosRedis, replicas, speak
+from tests.chaos.history import ended_everywhere
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.redis_server import RedisServer
-from vlpipe.shared.streams import connect
 
 MID_UTTERANCE_S = 8.4
 IN_FLIGHT = "fail better"
@@ -40,18 +38,22 @@ def words(text: str) -> str:
 
 @pytest.mark.parametrize("fault", ["broker", "ingest", "egress", "upstream"])
 async def test_the_utterance_in_flight_survives(
-    fault: str, chaos_redis: RedisServer, keys: StreamKeys, speech_wav: Path, tmp_path: Path
+    fault: str, chaos_store: ChaosRedis, keys: StreamKeys, speech_wav: Path, tmp_path: Path
 ) -> None:
-    redis = connect(chaos_redis.url, timeout_s=2)
+    store = chaos_store
+    redis = store.client()
     counts = {"ingest": 1, "broker": 1, "egress": 1}
     if fault != "upstream":
         counts[fault] = 2
     try:
         async with (
             running_engine(model="local", output_pace=0) as engine,
-            replicas(chaos_redis.url, keys.prefix, tmp_path, engine.endpoint, counts) as procs,
+            replicas(
+                store.url, keys.prefix, tmp_path, engine.endpoint, counts, **store.env
+            ) as procs,  # fmt: skip
         ):
-            await speak(chaos_redis.url, keys, "untouched", speech_wav)
+            cluster = store.is_cluster
+            await speak(store.url, keys, "untouched", speech_wav, cluster=cluster)
 
             async def untouched_ended() -> bool:
                 return await ended_everywhere(redis, keys, "untouched")
@@ -59,7 +61,8 @@ async def test_the_utterance_in_flight_survives(
             await wait_until(untouched_ended, within=60)
 
             began = time.monotonic()
-            talking = asyncio.create_task(speak(chaos_redis.url, keys, "victim", speech_wav))
+            talking = asyncio.create_task(
+                speak(store.url, keys, "victim", speech_wav, cluster=cluster))  # fmt: skip
             await asyncio.sleep(MID_UTTERANCE_S - (time.monotonic() - began))
             if fault == "upstream":
                 assert engine._server is not None
@@ -76,7 +79,7 @@ async def test_the_utterance_in_flight_survives(
                 return await ended_everywhere(redis, keys, "victim")
 
             await wait_until(victim_ended, within=90)
-        history = History.read(chaos_redis.data_dir, keys)
+        history = store.history(keys)
         said: dict[str, str] = {}
         for sid in ("untouched", "victim"):
             history.check(sid)

@@ -1,12 +1,13 @@
-"""Takeover behind hundreds of live sessions: the claim scan follows XAUTOCLAIM's cursor."""
+"""Takeover behind hundreds of live sessions: the claim scan follows XAUTOCLAIM's cursor;
+on one redis-server and on a Redis Cluster (the sessions' state spread over the masters)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
-import redis.asyncio as aioredis
-
+from tests.chaos.harness import ChaosRedis
 from tests.shared.procs import start_worker
 from tests.waiting import wait_until
 from vlpipe.shared.contracts import SessionStart, encode
@@ -16,15 +17,17 @@ LIVE = 420
 """More than XAUTOCLAIM looks at in one call of the ownership's batch (10 x 32)."""
 
 
-async def _claims(redis: aioredis.Redis, keys: StreamKeys) -> list[list[str]]:
+async def _claims(redis: Any, keys: StreamKeys) -> list[list[str]]:
     return [c.decode().split(":") for c in await redis.lrange(f"{keys.prefix}:claims", 0, -1)]
 
 
 async def test_a_dead_replicas_newest_sessions_are_taken_over_behind_hundreds_of_live_ones(
-    redis: aioredis.Redis, redis_url: str, keys: StreamKeys
+    chaos_store: ChaosRedis, keys: StreamKeys
 ) -> None:
+    redis_url, env = chaos_store.url, chaos_store.env
+    redis = chaos_store.client()
     # A owns LIVE sessions and stays alive; B owns the five newest, then dies.
-    a = start_worker("own", redis_url, keys.prefix, "A", "200", "3000", "1.0")
+    a = start_worker("own", redis_url, keys.prefix, "A", "200", "3000", "1.0", env=env)
     b = None
     try:
         await asyncio.sleep(1.0)
@@ -37,7 +40,7 @@ async def test_a_dead_replicas_newest_sessions_are_taken_over_behind_hundreds_of
             return len(await _claims(redis, keys)) >= LIVE
 
         await wait_until(a_owns_all, within=60)
-        b = start_worker("own", redis_url, keys.prefix, "B", "200", "3000", "1.0")
+        b = start_worker("own", redis_url, keys.prefix, "B", "200", "3000", "1.0", env=env)
 
         async def b_reads() -> bool:
             consumers = await redis.xinfo_consumers(keys.sessions, "worker")
@@ -77,3 +80,4 @@ async def test_a_dead_replicas_newest_sessions_are_taken_over_behind_hundreds_of
                 p.send_signal(signal.SIGCONT)
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+        await redis.aclose()

@@ -1,4 +1,5 @@
-"""A zombie owner: a replica stopped past the claim time, taken over, then resumed."""
+"""A zombie owner: a replica stopped past the claim time, taken over, then resumed; on one
+redis-server and on a Redis Cluster (`chaos_store`)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,26 @@ from pathlib import Path
 import pytest
 
 from tests.broker.engine_proc import EngineProcess
-from tests.chaos.harness import replicas, speak
-from tests.chaos.history import History, ended_everywhere
+from tests.chaos.harness import ChaosRedis, replicas, speak
+from tests.chaos.history import ended_everywhere
 from tests.waiting import wait_until
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.redis_server import RedisServer
-from vlpipe.shared.streams import connect
 
 
 @pytest.mark.parametrize("service", ["ingest", "broker", "egress"])
 async def test_a_stalled_owner_that_was_taken_over_writes_nothing_and_lets_go(
-    service: str, chaos_redis: RedisServer, keys: StreamKeys, speech_wav: Path, tmp_path: Path
+    service: str, chaos_store: ChaosRedis, keys: StreamKeys, speech_wav: Path, tmp_path: Path
 ) -> None:
+    store = chaos_store
     engine = EngineProcess(model="local").start()
-    redis = connect(chaos_redis.url, timeout_s=2)
+    redis = store.client()
     counts = {"ingest": 1, "broker": 1, "egress": 1, service: 2}
     sids = ["z1", "z2"]
     try:
-        async with replicas(chaos_redis.url, keys.prefix, tmp_path, engine.endpoint,
-                            counts) as procs:  # fmt: skip
-            talking = [asyncio.create_task(speak(chaos_redis.url, keys, s, speech_wav))
+        async with replicas(store.url, keys.prefix, tmp_path, engine.endpoint,
+                            counts, **store.env) as procs:  # fmt: skip
+            talking = [asyncio.create_task(speak(store.url, keys, s, speech_wav,
+                                                 cluster=store.is_cluster))
                        for s in sids]  # fmt: skip
             state = keys.session_state("z1")
 
@@ -57,7 +58,7 @@ async def test_a_stalled_owner_that_was_taken_over_writes_nothing_and_lets_go(
 
             await wait_until(all_ended, within=120)
             assert int(await redis.hget(state, f"{service}.epoch")) == epoch  # no steal-back
-            history = History.read(chaos_redis.data_dir, keys)
+            history = store.history(keys)
             for sid in sids:
                 history.check(sid)
                 assert history.speakers(sid) == {"user", "assistant"}, sid
