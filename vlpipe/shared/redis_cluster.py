@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.crc import key_slot
@@ -347,9 +348,10 @@ class LocalCluster:
                 info = self._call(node, "CLUSTER", "INFO").decode()
                 if "cluster_state:ok" not in info:
                     return False
-                repl = self._call(node, "INFO", "replication").decode()
-                if "role:slave" in repl and (
-                    "master_link_status:up" not in repl or "master_sync_in_progress:0" not in repl
+                with self.client(node) as c:
+                    repl: dict[str, Any] = c.info("replication")
+                if repl.get("role") == "slave" and (
+                    repl.get("master_link_status") != "up" or repl.get("master_sync_in_progress")
                 ):
                     return False
                 views.add(self._view(node))
