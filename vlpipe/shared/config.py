@@ -43,6 +43,16 @@ class ServiceSettings(BaseSettings):
     redis_key_file: str | None = Field(
         default=None, description="With rediss://: the private key of the client certificate."
     )
+    redis_wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="After each batch of fenced writes (outputs and checkpoints), wait until "
+        "this many replicas have it (WAIT), up to redis_wait_ms; 0: do not wait. Narrows "
+        "what a failover can lose; costs a replica round trip per batch.",
+    )
+    redis_wait_ms: int = Field(
+        default=100, ge=1, description="The longest a batch of writes waits for its replicas."
+    )
     stream_prefix: str = Field(default="vl", description="Prefix of every Redis key.")
     replica_name: str = Field(
         default="",

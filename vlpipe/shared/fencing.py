@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,8 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from vlpipe.shared.routing import REDIRECTED, relearn_slots, send_pipelined, send_to_slot
+
+log = logging.getLogger("vlpipe.fencing")
 
 # KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
 # ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
@@ -163,14 +167,29 @@ class SessionWrite:
         return bool(self.ops)
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait after each batch of writes until `replicas` replicas have it (Redis's `WAIT`,
+    on the batch's own connection), at most `timeout_ms`. A batch a replica did not confirm
+    in time still stands (Redis cannot take it back): it is counted (`Writer.unconfirmed`)
+    and logged, and a failover may lose it, as without waiting."""
+
+    replicas: int
+    timeout_ms: int = 100
+
+
 class Writer:
     """Applies `SessionWrite`s for one process, in batches: while one round trip is in
     flight, the writes of every other session queue up and go together in the next (the
     script calls pipelined on one connection), so hundreds of sessions cost a round trip
     per loop turn, not one each. Each write is still checked and applied on its own."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, wait: Wait | None = None) -> None:
         self.redis = redis
+        self.wait = wait
+        self.unconfirmed = 0
+        """Batches (per master) that `wait.replicas` replicas did not confirm in time."""
+        self._warned_at = 0.0
         self._sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -296,11 +315,13 @@ class Writer:
         standalone server; a node without the script loads it and gets those again."""
         connection = node.acquire_connection()
         try:
-            replies = await send_pipelined(connection, commands)
+            replies = self._waited(await send_pipelined(connection, self._with_wait(commands)))
             missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if missing:
                 await send_pipelined(connection, [("SCRIPT", "LOAD", _APPLY)])
-                again = await send_pipelined(connection, [commands[i] for i in missing])
+                again = self._waited(await send_pipelined(
+                    connection, self._with_wait([commands[i] for i in missing])
+                ))  # fmt: skip
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
             return replies
@@ -318,9 +339,33 @@ class Writer:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return await send_pipelined(connection, commands)
+            return self._waited(await send_pipelined(connection, self._with_wait(commands)))
         finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
             await pool.release(connection)
+
+    def _with_wait(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """`commands`, then the WAIT for them on the same connection (pipelined: no extra
+        round trip to the master, only the replicas' own)."""
+        if self.wait is None:
+            return commands
+        return [*commands, ("WAIT", self.wait.replicas, self.wait.timeout_ms)]
+
+    def _waited(self, replies: list[Any]) -> list[Any]:
+        """The commands' replies, the WAIT's taken off and checked."""
+        if self.wait is None:
+            return replies
+        confirmed = replies.pop()
+        if isinstance(confirmed, int) and confirmed >= self.wait.replicas:
+            return replies
+        self.unconfirmed += 1
+        now = time.monotonic()
+        if now - self._warned_at >= 10:
+            self._warned_at = now
+            log.warning("writes not confirmed by replicas in time", extra={
+                "wanted": self.wait.replicas, "confirmed": repr(confirmed),
+                "timeout_ms": self.wait.timeout_ms, "unconfirmed_batches": self.unconfirmed,
+            })  # fmt: skip
+        return replies
 
 
 def _encode(key: str | bytes) -> bytes:

@@ -57,6 +57,7 @@ from vlpipe.shared.fencing import (
     Regressed,
     SessionLost,
     SessionWrite,
+    Wait,
     Writer,
     epoch_field,
 )
@@ -157,6 +158,7 @@ class SessionOwnership:
         shared_streams: tuple[tuple[str, int], ...] = (),
         consumer_idle_ms: int = 3_600_000,
         progress: tuple[LoopProgress, LoopProgress] | None = None,
+        wait: Wait | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -172,7 +174,7 @@ class SessionOwnership:
         self.shared_streams = shared_streams
         self.consumer_idle_ms = consumer_idle_ms
         self.owned: dict[str, OwnedSession] = {}
-        self.writer = Writer(redis)
+        self.writer = Writer(redis, wait)
         self._stop: asyncio.Event | None = None
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")

@@ -13,6 +13,7 @@ from opentelemetry.metrics import Observation
 
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import Status
+from vlpipe.shared.fencing import Wait
 from vlpipe.shared.ownership import SessionOwnership, SessionRunner
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.streams import Entry, SessionStreamReader, publish
@@ -46,6 +47,8 @@ def session_ownership(
         max_failures=settings.max_deliveries, retention=ctx.retention,
         shared_streams=shared_streams, consumer_idle_ms=int(settings.consumer_idle_s * 1000),
         progress=(ctx.watchdog.loop("claims"), ctx.watchdog.loop("heartbeat")),
+        wait=Wait(settings.redis_wait_replicas, settings.redis_wait_ms)
+        if settings.redis_wait_replicas else None,
     )  # fmt: skip
 
 
