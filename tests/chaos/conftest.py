@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.chaos.harness import ChaosRedis
 from vlpipe.shared.redis_cluster import LocalCluster
@@ -80,3 +82,23 @@ def chaos_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chao
             for node in cluster.nodes:
                 cluster.resume(node)
             cluster.stop()
+
+
+@dataclass(frozen=True)
+class Store:
+    """A test's Redis as the services see it: a client, a URL, the services' extra env."""
+
+    redis: aioredis.Redis
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """The run's redis-server, or the run's Redis Cluster (shared with other tests: for
+    tests that kill and move nothing)."""
+    if request.param == "standalone":
+        return Store(request.getfixturevalue("redis"), request.getfixturevalue("redis_url"), {})
+    cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+    client: aioredis.Redis = request.getfixturevalue("cluster_redis")
+    return Store(client, cluster.url, {"VLPIPE_REDIS_CLUSTER": "true"})

@@ -1,4 +1,5 @@
-"""Shared streams are trimmed behind their slowest group; leftovers of dead replicas go."""
+"""Shared streams are trimmed behind their slowest group (on one redis-server and on a Redis
+Cluster); leftovers of dead replicas go."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from tests.chaos.conftest import Store
 from tests.chaos.harness import Replica
 from tests.waiting import wait_until
 from vlpipe.shared.contracts import DeadLetter, TranscriptPiece, decode, encode
@@ -20,13 +22,14 @@ def _final(n: int) -> dict[str, object]:
 
 
 async def test_a_slow_group_on_transcripts_loses_nothing_within_the_budget_and_overflow_is_reported(
-    redis: aioredis.Redis, redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: Store, keys: StreamKeys, tmp_path: Path
 ) -> None:
+    redis, redis_url = store.redis, store.url
     stream = keys.transcripts
     await redis.xgroup_create(stream, "store", id="0", mkstream=True)  # slow: a DB that is down
     await redis.xgroup_create(stream, "search", id="0")  # keeps up
     egress = Replica("egress", "egress-0", redis_url, keys.prefix, tmp_path,
-                     {"VLPIPE_TRANSCRIPTS_MAX_ENTRIES": str(CAP)}).start()  # fmt: skip
+                     {"VLPIPE_TRANSCRIPTS_MAX_ENTRIES": str(CAP), **store.env}).start()  # fmt: skip
     try:
         ids = [await redis.xadd(stream, _final(n)) for n in range(400)]
         await redis.xreadgroup("store", "db-1", {stream: ">"}, count=300)

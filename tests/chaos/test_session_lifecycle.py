@@ -1,12 +1,12 @@
 """Sessions whose producer vanished end by themselves; refused announcements are reported
-on the session's own status stream, where its producer looks."""
+on the session's own status stream, where its producer looks. On one redis-server and on a
+Redis Cluster (`store`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
+from tests.chaos.conftest import Store
 from tests.chaos.harness import replicas
 from tests.chaos.history import ended_everywhere
 from tests.waiting import wait_until
@@ -18,12 +18,19 @@ COUNTS = {"ingest": 1, "broker": 1, "egress": 1}
 
 
 async def test_a_session_without_input_for_the_idle_time_ends_as_idle_and_its_keys_expire(
-    redis: aioredis.Redis, redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: Store, keys: StreamKeys, tmp_path: Path
 ) -> None:
+    redis = store.redis
     async with (
         running_engine(model="echo", output_pace=0) as engine,
         replicas(
-            redis_url, keys.prefix, tmp_path, engine.endpoint, COUNTS, VLPIPE_SESSION_IDLE_S="2"
+            store.url,
+            keys.prefix,
+            tmp_path,
+            engine.endpoint,
+            COUNTS,
+            VLPIPE_SESSION_IDLE_S="2",
+            **store.env,
         ),  # fmt: skip
     ):
         # A producer (or a gateway pod) that announced a call, sent a little audio and died.
@@ -45,11 +52,12 @@ async def test_a_session_without_input_for_the_idle_time_ends_as_idle_and_its_ke
 
 
 async def test_refused_starts_and_ends_are_reported_on_the_sessions_status_stream(
-    redis: aioredis.Redis, redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: Store, keys: StreamKeys, tmp_path: Path
 ) -> None:
+    redis = store.redis
     async with (
         running_engine(model="echo", output_pace=0) as engine,
-        replicas(redis_url, keys.prefix, tmp_path, engine.endpoint, COUNTS),
+        replicas(store.url, keys.prefix, tmp_path, engine.endpoint, COUNTS, **store.env),
     ):
         await redis.xadd(keys.sessions, encode(SessionStart(session="live")))  # type: ignore[arg-type]
 
