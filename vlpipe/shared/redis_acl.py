@@ -31,6 +31,17 @@ ANY = "*"
 CONNECTION = ("@connection", "-@admin", "-@dangerous")
 """What a client library sends on connecting (AUTH, HELLO, PING, SELECT, CLIENT SETNAME and,
 from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE."""
+CLUSTER_CLIENT = (
+    "cluster|slots",
+    "cluster|shards",
+    "cluster|nodes",
+    "cluster|info",
+    "cluster|myid",
+)
+"""What a cluster client reads to learn which node serves which slot (redis-py and go-redis,
+which KEDA's scaler uses: CLUSTER SLOTS; others CLUSTER SHARDS or NODES), none of which
+@connection holds; it holds READONLY, READWRITE, ASKING and COMMAND (GETKEYS, which
+redis-py's cluster client asks for XREAD's keys). Harmless on a standalone Redis."""
 READ_STREAMS = ("xread", "xrange", "xrevrange", "xlen", "xinfo|stream")
 GROUPS = ("xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xgroup|create",
           "xgroup|createconsumer", "xgroup|delconsumer", "xinfo|groups", "xinfo|consumers")  # fmt: skip
@@ -39,7 +50,7 @@ HASHES = ("hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby")
 KEYSPACE = ("exists", "expire")
 SCRIPTS = ("eval", "evalsha", "script|load", "script|exists")
 TRANSACTIONS = ("multi", "exec", "discard")
-SERVICE_COMMANDS = (*CONNECTION, *READ_STREAMS, *GROUPS, *WRITE_STREAMS, *HASHES, *KEYSPACE,
+SERVICE_COMMANDS = (*CONNECTION, *CLUSTER_CLIENT, *READ_STREAMS, *GROUPS, *WRITE_STREAMS, *HASHES, *KEYSPACE,
                     *SCRIPTS, *TRANSACTIONS)  # fmt: skip
 
 
@@ -126,7 +137,7 @@ class AclTable:
                 "producer",
                 "announces sessions, appends raw audio and control (tool results)",
                 write=(k.sessions, k.audio(ANY), k.ctl(ANY)),
-                commands=(*CONNECTION, "xadd"),
+                commands=(*CONNECTION, *CLUSTER_CLIENT, "xadd"),
             ),
             Role(
                 "consumer",
@@ -134,7 +145,7 @@ class AclTable:
                 "every final transcript and on tool calls",
                 read=(k.transcript(ANY), k.audio_out(ANY), k.status(ANY)),
                 read_write=(k.transcripts, k.tool_calls),
-                commands=(*CONNECTION, *READ_STREAMS, *GROUPS),
+                commands=(*CONNECTION, *CLUSTER_CLIENT, *READ_STREAMS, *GROUPS),
             ),
             Role(
                 "monitor",
@@ -143,6 +154,7 @@ class AclTable:
                 read=(f"{k.prefix}:*",),
                 commands=(
                     *CONNECTION,
+                    *CLUSTER_CLIENT,
                     *READ_STREAMS,
                     "xinfo|groups",
                     "xinfo|consumers",
