@@ -89,8 +89,15 @@ class AclTable:
     """Every role of a deployment whose keys carry `keys.prefix`."""
 
     keys: StreamKeys = field(default_factory=StreamKeys)
+    cluster: bool = False
+    """Also the users a self-run Redis Cluster needs (`replica`, `operator`); a managed one
+    (Azure Managed Redis) replicates and reshards by itself."""
 
     def roles(self) -> tuple[Role, ...]:
+        """Every user of the file, in order."""
+        return (*self.service_roles(), *(self.cluster_roles() if self.cluster else ()))
+
+    def service_roles(self) -> tuple[Role, ...]:
         k = self.keys
         wake = f"{k.prefix}:wake:*"
         # What every per-session service does: session ownership through its consumer group
@@ -164,6 +171,34 @@ class AclTable:
                     "hgetall",
                     "exists",
                     "info",
+                ),
+            ),
+        )
+
+    def cluster_roles(self) -> tuple[Role, ...]:
+        """A self-run cluster's own users. Its replicas sync from their master as `replica`
+        (`masteruser replica` and `masterauth` in every node's config: the default user only
+        pings). `operator` builds the cluster and changes it (`redis-cli --cluster create`,
+        `reshard`, CLUSTER FAILOVER); MIGRATE moves keys of any name, so it has every key."""
+        return (
+            Role(
+                "replica",
+                "a replica syncing from its master",
+                commands=("psync", "replconf", "ping"),
+            ),
+            Role(
+                "operator",
+                "creates the cluster, moves slots, fails masters over; reads no stream",
+                read_write=(ANY,),
+                commands=(
+                    *CONNECTION,
+                    "cluster",
+                    "info",
+                    "role",
+                    "config|get",
+                    "wait",
+                    "migrate",
+                    "restore-asking",
                 ),
             ),
         )
