@@ -214,6 +214,43 @@ def kustomize(overlay: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
+def keda_metadata(address: tuple[str, ...]) -> dict[str, Any]:
+    """A Redis Streams trigger's metadata as KEDA documents it (keda.sh/docs/2.16/scalers/
+    redis-streams, redis-cluster-streams): `address` names the connection fields, which
+    differ between the two forms; a key KEDA does not know is refused (it would ignore it)."""
+    known = {"stream", "consumerGroup", "pendingEntriesCount", "streamLength", "lagCount",
+             "activationLagCount", "enableTLS", "unsafeSsl", "databaseIndex",
+             "usernameFromEnv", "passwordFromEnv", *address}  # fmt: skip
+    count = {"type": "string", "pattern": "^[0-9]+$"}
+    return {
+        "type": "object",
+        "required": ["stream", "consumerGroup"],
+        "propertyNames": {"enum": sorted(known)},
+        "additionalProperties": {"type": "string"},
+        "properties": {
+            **{key: count for key in ("pendingEntriesCount", "lagCount", "activationLagCount")},
+            "enableTLS": {"enum": ["true", "false"]},
+        },
+        "anyOf": [{"required": [key]} for key in address if not key.startswith("port")],
+        # Lag-based scaling (XINFO GROUPS) says when to wake up; it replaces the pending count.
+        "dependentRequired": {"lagCount": ["activationLagCount"]},
+        "not": {"required": ["lagCount", "pendingEntriesCount"]},
+    }
+
+
+KEDA_TRIGGER = {
+    "type": "object",
+    "required": ["type", "metadata", "authenticationRef"],
+    "oneOf": [
+        {"properties": {"type": {"const": "redis-streams"},
+                        "metadata": keda_metadata(("address", "addressFromEnv", "host",
+                                                   "hostFromEnv", "port", "portFromEnv"))}},
+        {"properties": {"type": {"const": "redis-cluster-streams"},
+                        "metadata": keda_metadata(("addresses", "addressesFromEnv", "hosts",
+                                                   "hostsFromEnv", "ports", "portsFromEnv"))}},
+    ],
+}  # fmt: skip
+
 KEDA_SCALED_OBJECT = {
     "type": "object",
     "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -226,20 +263,61 @@ KEDA_SCALED_OBJECT = {
                 "scaleTargetRef": {"type": "object", "required": ["name"]},
                 "minReplicaCount": {"type": "integer", "minimum": 1},
                 "maxReplicaCount": {"type": "integer"},
-                "triggers": {
+                "triggers": {"type": "array", "minItems": 1, "items": KEDA_TRIGGER},
+            },
+        },
+    },
+}  # fmt: skip
+
+KEDA_TRIGGER_AUTHENTICATION = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "spec": {
+            "type": "object",
+            "required": ["secretTargetRef"],
+            "properties": {
+                "secretTargetRef": {
                     "type": "array", "minItems": 1,
                     "items": {
-                        "type": "object", "required": ["type", "metadata"],
-                        "properties": {
-                            "type": {"const": "redis-streams"},
-                            "metadata": {"type": "object", "required": ["stream", "consumerGroup"]},
-                        },
+                        "type": "object", "required": ["parameter", "name", "key"],
+                        "properties": {"parameter": {"enum": ["username", "password", "tls",
+                                                              "ca", "cert", "key",
+                                                              "keyPassword"]}},
                     },
                 },
             },
         },
     },
 }  # fmt: skip
+
+
+def test_the_keda_schemas_refuse_what_keda_would_not_understand() -> None:
+    import jsonschema
+
+    good = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {},
+            "spec": {"scaleTargetRef": {"name": "x"}, "triggers": [{
+                "type": "redis-cluster-streams", "authenticationRef": {"name": "a"},
+                "metadata": {"addressesFromEnv": "A", "stream": "s", "consumerGroup": "g",
+                             "lagCount": "5", "activationLagCount": "1",
+                             "enableTLS": "true"}}]}}  # fmt: skip
+    jsonschema.validate(good, KEDA_SCALED_OBJECT)
+    trigger = good["spec"]["triggers"][0]  # type: ignore[index]
+    for broken in (
+        {"addressFromEnv": "A"},  # the standalone form's field: the scaler ignores it
+        {"activationLagCount": None},  # lagCount alone
+        {"pendingEntriesCount": "100"},  # with lagCount
+        {"enableTLS": "yes"},
+        {"lagCount": 5},  # not a string
+    ):
+        metadata = {**trigger["metadata"], **broken}
+        if broken.get("addressFromEnv"):
+            del metadata["addressesFromEnv"]
+        metadata = {k: v for k, v in metadata.items() if v is not None}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**good, "spec": {**good["spec"],  # type: ignore[dict-item]
+                "triggers": [{**trigger, "metadata": metadata}]}}, KEDA_SCALED_OBJECT)  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["dev", "prod"])
@@ -253,8 +331,9 @@ def test_every_object_is_valid_for_kubernetes(manifests: tuple[str, list[dict[st
     _, docs = manifests
     for doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
-            if doc["kind"] == "ScaledObject":
-                jsonschema.validate(doc, KEDA_SCALED_OBJECT)
+            schema = {"ScaledObject": KEDA_SCALED_OBJECT,
+                      "TriggerAuthentication": KEDA_TRIGGER_AUTHENTICATION}[doc["kind"]]  # fmt: skip
+            jsonschema.validate(doc, schema)
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -304,11 +383,35 @@ def test_traffic_is_denied_unless_allowed_and_scaling_follows_the_streams(
     scaled = by_kind(docs, "ScaledObject")
     deployments = by_kind(docs, "Deployment")
     assert set(scaled) == {"vlpipe-ingest", "vlpipe-egress", "vlpipe-broker"}
+    auths = by_kind(docs, "TriggerAuthentication")
     for name, obj in scaled.items():
-        assert obj["spec"]["scaleTargetRef"]["name"] in deployments
-        trigger = obj["spec"]["triggers"][0]["metadata"]
-        assert trigger["stream"] == "vl:sessions"
-        assert trigger["consumerGroup"] == name.removeprefix("vlpipe-")
+        target = deployments[obj["spec"]["scaleTargetRef"]["name"]]
+        container = target["spec"]["template"]["spec"]["containers"][0]
+        defined = {e["name"] for e in container["env"]}
+        for trigger in obj["spec"]["triggers"]:
+            metadata = trigger["metadata"]
+            assert metadata["stream"] == "vl:sessions"
+            assert metadata["consumerGroup"] == name.removeprefix("vlpipe-")
+            # KEDA reads the address from the scale target's environment.
+            assert metadata.get("addressFromEnv", metadata.get("addressesFromEnv")) in defined
+            auth = auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]
+            assert {ref["parameter"] for ref in auth} >= {"username", "password"}
+            if metadata.get("enableTLS") == "true":  # KEDA refuses both ways of asking TLS
+                assert "tls" not in {ref["parameter"] for ref in auth}
+            if overlay == "prod":  # on the cluster, over TLS, lag-based where it can be
+                assert trigger["type"] == "redis-cluster-streams"
+                assert metadata["enableTLS"] == "true"
+            else:
+                assert trigger["type"] == "redis-streams"
+        lag = [t["metadata"] for t in obj["spec"]["triggers"] if "lagCount" in t["metadata"]]
+        assert lag or overlay == "dev", name
+        if name == "vlpipe-broker":  # the sessions its replicas own, 100 a replica
+            assert any(t["metadata"].get("pendingEntriesCount") == "100"
+                       for t in obj["spec"]["triggers"])  # fmt: skip
+    configs = by_kind(docs, "ConfigMap")
+    for service in ("ingest", "broker", "egress"):
+        cluster = configs[f"vlpipe-{service}"]["data"].get("VLPIPE_REDIS_CLUSTER", "false")
+        assert cluster == ("true" if overlay == "prod" else "false"), service
     broker = deployments["vlpipe-broker"]["spec"]["template"]
     env = {e["name"]: e for e in broker["spec"]["containers"][0]["env"]}
     if overlay == "prod":
@@ -518,7 +621,8 @@ async def test_the_compose_cluster_recipe_builds_a_cluster_every_service_user_wo
         try:
             for sid in sessions:
                 await service.xadd(keys.status(sid), {"type": role})
-                [[_, entries]] = await service.xread({keys.status(sid): "0"}, count=10)
+                read: Any = await service.xread({keys.status(sid): "0"}, count=10)
+                [[_, entries]] = read
                 assert entries[-1][1] == {"type": role}
         finally:
             await service.aclose()

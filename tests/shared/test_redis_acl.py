@@ -154,7 +154,8 @@ def cluster_nodes(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
         # learn it from CLUSTER SLOTS.
         wait_for(lambda: len(master.execute_command("CLUSTER", "SLOTS")[0]) == 4,
                  "the replica in CLUSTER SLOTS")  # fmt: skip
-        master.close(), replica.close()
+        master.close()
+        replica.close()
         yield nodes[0], nodes[1]
     finally:
         for node in nodes:
