@@ -1,4 +1,5 @@
-"""The test harness: a real redis-server for the run, and per-test key prefixes."""
+"""The test harness: a real redis-server (and, for cluster tests, a real Redis Cluster) for
+the run, and per-test key prefixes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_cluster import LocalCluster
 from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import connect
 
@@ -24,6 +26,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One real Redis Cluster for the whole run: 3 masters, 3 replicas, 1 s node timeout.
+    Tests that kill or move things leave it ok again (`wait_ok`); a test that must break it
+    for good starts a `LocalCluster` of its own."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
