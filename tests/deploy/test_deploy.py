@@ -143,7 +143,9 @@ def test_profile_cluster_runs_three_masters_and_replicas_on_the_standalones_acl_
         assert node["image"] == services["redis"]["image"]
         mounts = dict(v.split(":")[:2] for v in node["volumes"])
         assert mounts[acl_volume] == "/acl"  # the very file the standalone redis loads
-        assert mounts["./deploy/redis/cluster.conf"] in node["command"][-1]
+        script = node["command"][-1]
+        assert script.startswith("exec docker-entrypoint.sh redis-server ")  # not as root
+        assert mounts["./deploy/redis/cluster.conf"] in script
         assert mounts[f"{name}-data"] == "/data" and f"{name}-data" in data["volumes"]
         assert node_conf["cluster-config-file"].startswith("/data/")
         # Replicas authenticate as `replica`, with the password the ACL file hashed.
