@@ -68,6 +68,15 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+@pytest.fixture
+async def cluster_redis(redis_cluster: LocalCluster) -> AsyncIterator[aioredis.Redis]:
+    """A cluster client (`connect(..., cluster=True)`) of the run's Redis Cluster."""
+    redis_cluster.wait_ok()  # an earlier test may have killed or moved something
+    client = connect(redis_cluster.url, cluster=True)
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def speech_wav() -> Path:
     assert SPEECH_WAV.exists(), f"test recording missing: {SPEECH_WAV}"

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from tests.shared.procs import ROOT
 from vlpipe.shared.contracts import SessionConfig, SessionEnd, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.streams import REDIS_DOWN
+from vlpipe.shared.streams import REDIS_DOWN, connect
 
 FAST = {
     "VLPIPE_HEARTBEAT_MS": "200",
@@ -181,10 +181,12 @@ async def speak(
     pace: float = 1.0,
     tail_s: float = 1.5,
     config: SessionConfig | None = None,
+    cluster: bool = False,
 ) -> None:
     """Announce `sid`, publish the recording (then `tail_s` of silence) at `pace` x real
-    time in 100 ms chunks with producer sequence numbers, and end the session."""
-    redis = aioredis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    time in 100 ms chunks with producer sequence numbers, and end the session. `cluster`:
+    `redis_url` names a node of a Redis Cluster."""
+    redis = connect(redis_url, timeout_s=1, cluster=cluster)
     try:
         start = SessionStart(session=sid, config=config or SessionConfig())
         await _until_done(redis, keys.sessions, dict(encode(start)))

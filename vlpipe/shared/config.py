@@ -27,6 +27,11 @@ class ServiceSettings(BaseSettings):
         default=SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL: redis:// or rediss://, optionally with ACL user:password.",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="Redis Cluster: VLPIPE_REDIS_URL names any node (a seed), and every "
+        "client follows the cluster's slots (redis-py's cluster client).",
+    )
     redis_ca_file: str | None = Field(
         default=None,
         description="With rediss://: the CA certificate(s) that sign the server's certificate "

@@ -17,12 +17,15 @@ last second, or a replica promoted before it had them): `Regressed`, and the ses
 resumed from what Redis still has.
 
 Every key a write touches is named in KEYS, and a session's keys share a hash tag, so the
-script stays within one Redis Cluster slot.
+script stays within one Redis Cluster slot (so a shared stream is written through the
+session's outbox there, `vlpipe.shared.outbox`). On a cluster the `Writer` sends each
+master the writes of its slots, in one round trip per master.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +33,16 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 
 # KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
 # ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
@@ -231,6 +243,8 @@ class Writer:
         self.round_trips += 1
         self.writes += len(batch)
         commands = [("EVALSHA", self._sha, *args) for args, _ in batch]
+        if isinstance(self.redis, RedisCluster):
+            return await self._run_on_cluster(self.redis, commands)
         for attempt in range(2):
             replies = await self._send(commands)
             if attempt or not any(isinstance(r, NoScriptError) for r in replies):
@@ -240,6 +254,73 @@ class Writer:
             await self.redis.script_load(_APPLY)
         raise AssertionError("unreachable")
 
+    async def _run_on_cluster(
+        self, cluster: RedisCluster, commands: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """The batch on a Redis Cluster: the writes grouped by the master of their slot
+        (the state key's; a write's keys share it), one pipelined round trip per master,
+        all masters at once. A master that fails its round trip fails only its writes
+        (connection errors: the callers retry them, exactly) and makes the client relearn
+        the slots; a write redirected (MOVED or ASK: a failover, a slot migrating) or told
+        to try again is sent once more through the cluster client, which follows the
+        redirection. Nothing is applied twice: a redirected write was not run."""
+        await cluster.initialize()  # a no-op unless the client must (re)learn the slots
+        by_node: dict[ClusterNode, list[int]] = {}
+        for i, command in enumerate(commands):
+            node = cluster.nodes_manager.get_node_from_slot(key_slot(_encode(command[3])))
+            by_node.setdefault(node, []).append(i)
+        replies: list[Any] = [None] * len(commands)
+        sent = await asyncio.gather(
+            *(self._send_to(node, [commands[i] for i in idx]) for node, idx in by_node.items()),
+            return_exceptions=True,
+        )
+        relearn = False
+        for idx, outcome in zip(by_node.values(), sent, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                relearn = True
+                for i in idx:
+                    replies[i] = outcome
+                continue
+            for i, reply in zip(idx, outcome, strict=True):
+                replies[i] = reply
+        redirected = [i for i, r in enumerate(replies) if isinstance(r, _REDIRECTED)]
+        if redirected:
+            again = await asyncio.gather(
+                *(self._send_routed(cluster, commands[i]) for i in redirected),
+                return_exceptions=True,
+            )
+            for i, reply in zip(redirected, again, strict=True):
+                replies[i] = reply
+        if relearn:
+            with contextlib.suppress(Exception):  # the next batch tries again
+                await cluster.nodes_manager.initialize()
+        return replies
+
+    async def _send_to(self, node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The commands on one connection of one cluster node, as `_send` does on a
+        standalone server; a node without the script loads it and gets those again."""
+        connection = node.acquire_connection()
+        try:
+            replies = await _round_trip(connection, commands)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if missing:
+                await _round_trip(connection, [("SCRIPT", "LOAD", _APPLY)])
+                again = await _round_trip(connection, [commands[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+            return replies
+        finally:
+            node.release(connection)
+
+    async def _send_routed(self, cluster: RedisCluster, command: tuple[Any, ...]) -> Any:
+        try:
+            return await cluster.execute_command(*command)
+        except NoScriptError:
+            await cluster.script_load(_APPLY)  # on every master
+            return await cluster.execute_command(*command)
+
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The commands on one pooled connection, packed by hiredis; their replies in
         order, an error reply as its exception. redis-py's pipeline packs each argument in
@@ -247,13 +328,29 @@ class Writer:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # this command's reply; the others follow it
-                    replies.append(exc)
-            return replies
+            return await _round_trip(connection, commands)
         finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
             await pool.release(connection)
+
+
+async def _round_trip(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send the commands packed by hiredis, read their replies in order; an error reply is
+    its exception, in its place."""
+    await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:  # this command's reply; the others follow it
+            replies.append(exc)
+    return replies
+
+
+def _encode(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+#: Replies that mean "not run here, send it where the cluster says": a slot that moved
+#: (failover, resharding), a slot migrating (ASK), keys split by a migration (TRYAGAIN),
+#: a master that is failing over (CLUSTERDOWN).
+_REDIRECTED = (AskError, TryAgainError, ClusterDownError)

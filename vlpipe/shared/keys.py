@@ -87,6 +87,11 @@ class StreamKeys:
         """Hash: how much of the current response egress delivered / the consumer played."""
         return f"{self.prefix}:playback:{{{sid}}}"
 
+    def outbox(self, shared: str, sid: str) -> str:
+        """On a Redis Cluster: the session's entries for a shared stream (`transcripts`,
+        `tool-calls`), relayed to it exactly once (`vlpipe.shared.outbox`)."""
+        return f"{self.prefix}:outbox:{shared}:{{{sid}}}"
+
     def session_streams(self, sid: str) -> list[str]:
         """All per-session keys, for expiry after the session ends."""
         return [
@@ -99,4 +104,6 @@ class StreamKeys:
             self.status(sid),
             self.session_state(sid),
             self.playback(sid),
+            self.outbox("transcripts", sid),
+            self.outbox("tool-calls", sid),
         ]

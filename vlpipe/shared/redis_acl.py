@@ -28,20 +28,15 @@ from vlpipe.shared.keys import StreamKeys
 
 ANY = "*"
 
-CONNECTION = ("@connection", "-@admin", "-@dangerous")
+CONNECTION = ("@connection", "-@admin", "-@dangerous", "cluster|slots", "cluster|shards",
+              "cluster|nodes", "cluster|info", "cluster|myid")  # fmt: skip
 """What a client library sends on connecting (AUTH, HELLO, PING, SELECT, CLIENT SETNAME and,
-from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE."""
-CLUSTER_CLIENT = (
-    "cluster|slots",
-    "cluster|shards",
-    "cluster|nodes",
-    "cluster|info",
-    "cluster|myid",
-)
-"""What a cluster client reads to learn which node serves which slot (redis-py and go-redis,
-which KEDA's scaler uses: CLUSTER SLOTS; others CLUSTER SHARDS or NODES), none of which
-@connection holds; it holds READONLY, READWRITE, ASKING and COMMAND (GETKEYS, which
-redis-py's cluster client asks for XREAD's keys). Harmless on a standalone Redis."""
+from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE;
+and what a Redis Cluster client needs to learn which node serves which slot: CLUSTER SLOTS
+(redis-py, and go-redis, which KEDA's scaler uses), SHARDS or NODES (other clients), INFO
+and MYID. @connection holds READONLY, READWRITE, ASKING (before a command sent to a slot
+being migrated) and COMMAND (GETKEYS, which redis-py's cluster client asks for XREAD's
+keys). Harmless on a standalone Redis."""
 READ_STREAMS = ("xread", "xrange", "xrevrange", "xlen", "xinfo|stream")
 GROUPS = ("xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xgroup|create",
           "xgroup|createconsumer", "xgroup|delconsumer", "xinfo|groups", "xinfo|consumers")  # fmt: skip
@@ -50,7 +45,7 @@ HASHES = ("hget", "hmget", "hgetall", "hset", "hsetnx", "hdel", "hincrby")
 KEYSPACE = ("exists", "expire")
 SCRIPTS = ("eval", "evalsha", "script|load", "script|exists")
 TRANSACTIONS = ("multi", "exec", "discard")
-SERVICE_COMMANDS = (*CONNECTION, *CLUSTER_CLIENT, *READ_STREAMS, *GROUPS, *WRITE_STREAMS, *HASHES, *KEYSPACE,
+SERVICE_COMMANDS = (*CONNECTION, *READ_STREAMS, *GROUPS, *WRITE_STREAMS, *HASHES, *KEYSPACE,
                     *SCRIPTS, *TRANSACTIONS)  # fmt: skip
 
 
@@ -82,6 +77,12 @@ class Role:
             parts.append("(" + " ".join([*(f"~{k}" for k in keys),
                                          *(f"+{c}" for c in commands)]) + ")")  # fmt: skip
         return " ".join(parts)
+
+
+def relayed(keys: StreamKeys, shared: str, name: str) -> tuple[str, str]:
+    """On a Redis Cluster, a shared stream's per-session outboxes and relay markers
+    (vlpipe.shared.outbox): written by the service that writes the shared stream."""
+    return keys.outbox(name, ANY), f"{{{shared}}}:relayed:{ANY}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +118,14 @@ class AclTable:
                 "broker",
                 "reads frames and control, writes events and tool calls (trimmed behind "
                 "their consumer groups)",
-                read_write=(*owner_rw, k.frames(ANY), k.ctl(ANY), k.events(ANY), k.tool_calls),
+                read_write=(
+                    *owner_rw,
+                    k.frames(ANY),
+                    k.ctl(ANY),
+                    k.events(ANY),
+                    k.tool_calls,
+                    *relayed(k, k.tool_calls, "tool-calls"),
+                ),
                 read=(k.playback(ANY),),
                 write=(k.dead,),
                 commands=SERVICE_COMMANDS,
@@ -131,6 +139,7 @@ class AclTable:
                     k.events(ANY),
                     k.transcript(ANY),
                     k.transcripts,
+                    *relayed(k, k.transcripts, "transcripts"),
                     k.audio_out(ANY),
                     k.playback(ANY),
                     k.audio(ANY),
@@ -144,7 +153,7 @@ class AclTable:
                 "producer",
                 "announces sessions, appends raw audio and control (tool results)",
                 write=(k.sessions, k.audio(ANY), k.ctl(ANY)),
-                commands=(*CONNECTION, *CLUSTER_CLIENT, "xadd"),
+                commands=(*CONNECTION, "xadd"),
             ),
             Role(
                 "consumer",
@@ -152,7 +161,7 @@ class AclTable:
                 "every final transcript and on tool calls",
                 read=(k.transcript(ANY), k.audio_out(ANY), k.status(ANY)),
                 read_write=(k.transcripts, k.tool_calls),
-                commands=(*CONNECTION, *CLUSTER_CLIENT, *READ_STREAMS, *GROUPS),
+                commands=(*CONNECTION, *READ_STREAMS, *GROUPS),
             ),
             Role(
                 "monitor",
@@ -161,7 +170,6 @@ class AclTable:
                 read=(f"{k.prefix}:*",),
                 commands=(
                     *CONNECTION,
-                    *CLUSTER_CLIENT,
                     *READ_STREAMS,
                     "xinfo|groups",
                     "xinfo|consumers",

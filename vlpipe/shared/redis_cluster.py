@@ -218,6 +218,47 @@ class LocalCluster:
         if node.server.proc is not None:
             node.server.proc.send_signal(signal.SIGCONT)
 
+    # -- resharding ----------------------------------------------------------------------
+
+    def begin_migration(self, slot: int, target: ClusterNode) -> ClusterNode:
+        """Mark `slot` IMPORTING on `target` and MIGRATING on its master (returned): from
+        now on the master answers ASK for keys of the slot it no longer has."""
+        source = self.master_of_slot(slot)
+        if source is target:
+            raise ValueError(f"slot {slot} is already on {target}")
+        self._call(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        self._call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        return source
+
+    def move_keys(self, slot: int, source: ClusterNode, target: ClusterNode) -> int:
+        """MIGRATE every key of `slot` from `source` to `target`; how many moved."""
+        auth: list[str | int] = []
+        if self.password is not None:
+            auth = ["AUTH2", self.username or "default", self.password]
+        moved = 0
+        while True:
+            with self.client(source) as c:
+                keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    return moved
+                c.execute_command(
+                    "MIGRATE", target.host, target.port, "", 0, 10_000, *auth, "KEYS", *keys
+                )
+            moved += len(keys)
+
+    def finish_migration(self, slot: int, source: ClusterNode, target: ClusterNode) -> None:
+        """Give `slot` to `target` (CLUSTER SETSLOT NODE on the target, the source, then the
+        other masters: the order the Redis manual gives)."""
+        others = [n for n in self.masters() if n is not source and n is not target]
+        for node in (target, source, *others):
+            self._call(node, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+
+    def migrate_slot(self, slot: int, target: ClusterNode) -> None:
+        """Move `slot` and its keys to the master `target`, as an operator resharding does."""
+        source = self.begin_migration(slot, target)
+        self.move_keys(slot, source, target)
+        self.finish_migration(slot, source, target)
+
     # -- the cluster's own view ----------------------------------------------------------
 
     def shards(self) -> list[Shard]:

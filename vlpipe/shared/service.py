@@ -147,6 +147,7 @@ async def run_service(
         name=f"vlpipe-{name}",
         timeout_s=settings.redis_timeout_s,
         tls=settings.redis_tls,
+        cluster=settings.redis_cluster,
     )
     keys = settings.keys
     ctx = ServiceContext(

@@ -8,8 +8,9 @@ Three readers cover every hop of the pipeline:
   `max_deliveries` failures, reconnect with backoff, and a stop that finishes the batch
   in hand.
 * `SessionStreamReader` follows many per-session streams from their checkpoints with one
-  blocking `XREAD` per process (not one connection per session), and hands each stream's
-  new entries to that session's handler in order.
+  blocking `XREAD` per process (not one connection per session; one per slot in use on a
+  Redis Cluster, which refuses a read across slots), and hands each stream's new entries
+  to that session's handler in order.
 * `DeadLetters` writes what could not be handled to `vl:dead`, with the reason, the
   original stream and id, and the original fields as `orig.<name>`.
 
@@ -30,13 +31,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import ClusterError, ReadOnlyError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from vlpipe.shared.contracts import ContractError, DeadLetter, encode
@@ -49,8 +52,13 @@ log = logging.getLogger("vlpipe.streams")
 
 #: Errors after which the runtime waits and tries the same command again: the server is
 #: gone, silent, still loading its data (`BusyLoadingError` is a ConnectionError) or a
-#: replica that was not promoted yet (`READONLY`).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ReadOnlyError)
+#: replica that was not promoted yet (`READONLY`); on a cluster also a slot no master
+#: serves yet (a failover in progress) and redirections that did not settle (a slot
+#: migrating): `ClusterError`, `SlotNotCoveredError`.
+REDIS_DOWN = (
+    RedisConnectionError, RedisTimeoutError, ConnectionError, OSError, ReadOnlyError,
+    ClusterError, SlotNotCoveredError,
+)  # fmt: skip
 
 _TRANSIENT = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 
@@ -67,17 +75,43 @@ def connect(
     max_connections: int = 64,
     timeout_s: float = 5.0,
     tls: RedisTLS | None = None,
+    cluster: bool = False,
 ) -> aioredis.Redis:
     """An asyncio Redis client for `url` (redis://, rediss://, with ACL user:password); a
     `rediss://` URL verifies the server with `tls.ca_file` (else the system's CAs) and
-    presents `tls.cert_file` when given.
+    presents `tls.cert_file` when given. The one factory of Redis clients.
 
     Responses stay bytes: audio travels as raw field values. The pool blocks when all
     `max_connections` are busy (hundreds of sessions writing at once wait their turn for
     a connection instead of failing). A reply that takes longer than `timeout_s` fails
     the call (a server that stopped answering, a black-holed network): blocking reads
     must block for less than that.
+
+    With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
+    `RedisCluster`: it learns the slots from that node, sends each command to the master
+    of its key's slot, follows MOVED and ASK, and relearns the slots after a connection
+    error. It has the command methods of `Redis`, so it is typed as one here; the few
+    places where a cluster must be handled differently (multi-key reads, the fenced
+    writer's pipelining, scripts) ask `is_cluster()`. Its per-node pools do not block when
+    full but fail (`MaxConnectionsError`, a connection error the loops retry), so each
+    node gets `CLUSTER_CONNECTIONS_FACTOR` times `max_connections`.
     """
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            **(tls or RedisTLS()).client_options(url),
+            max_connections=max_connections * CLUSTER_CONNECTIONS_FACTOR,
+            decode_responses=False,
+            health_check_interval=10,
+            socket_keepalive=True,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            client_name=name,
+            # Slots a failed master held stay listed until its replica is promoted; a
+            # slot nobody serves fails only the commands on it, not the whole client.
+            require_full_coverage=False,
+        )
+        return cast(aioredis.Redis, client)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         **(tls or RedisTLS()).client_options(url),
@@ -91,6 +125,14 @@ def connect(
         client_name=name,
     )
     return aioredis.Redis.from_pool(pool)
+
+
+CLUSTER_CONNECTIONS_FACTOR = 4
+
+
+def is_cluster(redis: aioredis.Redis) -> bool:
+    """Whether `redis` (from `connect`) is a Redis Cluster client."""
+    return isinstance(redis, RedisCluster)
 
 
 @dataclass(slots=True)
@@ -274,6 +316,11 @@ class GroupConsumer:
         claim_every_ms: int | None = None,
         progress: LoopProgress | None = None,
     ) -> None:
+        if is_cluster(redis) and len({key_slot(s.encode()) for s in streams}) > 1:
+            # One XREADGROUP names every stream: a cluster refuses keys of several slots.
+            raise ValueError(
+                f"on a Redis Cluster a consumer's streams must share a slot: {streams}"
+            )
         self.redis = redis
         self.streams = streams
         self.group = group
@@ -471,7 +518,8 @@ class _Followed:
 
 @dataclass(slots=True)
 class SessionStreamReader:
-    """Follows many per-session streams with one blocking XREAD.
+    """Follows many per-session streams with one blocking XREAD (one per slot in use on a
+    Redis Cluster).
 
     `add(key, last_id, handler)` starts following `key` after `last_id` (a checkpoint,
     or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
@@ -482,6 +530,17 @@ class SessionStreamReader:
     raises is retried with the same entries; after `max_deliveries` failures the first
     entry is dead-lettered and skipped. A handler that raises `SessionLost` is no longer
     followed.
+
+    On a Redis Cluster one XREAD may only name keys of one slot (CROSSSLOT otherwise, even
+    when two slots sit on one node), so a read per node cannot be: the followed keys are
+    grouped by slot (a session's keys share one, through their hash tag) and each slot in
+    use has its own loop, with its own blocking XREAD and its own wake-up stream (a key
+    whose hash tag hashes to that slot), all running at once. A key's slot never changes:
+    when the slot moves to another master (resharding, failover), the cluster client
+    follows MOVED and ASK and the next read goes to the new master, and a read refused
+    meanwhile (TRYAGAIN while the slot's keys are split between two masters) is retried;
+    each stream's position is its own (`position(key)`), so nothing is skipped or read
+    twice. The cost: one connection per slot in use while its read blocks.
     """
 
     redis: aioredis.Redis
@@ -493,13 +552,36 @@ class SessionStreamReader:
     progress: LoopProgress = field(default_factory=lambda: LoopProgress("session reader"))
     _followed: dict[str, _Followed] = field(default_factory=dict)
     _wake_id: str = "$"
+    # Cluster mode: the followed keys of each slot, and each slot's wake-up position.
+    _by_slot: dict[int, set[str]] = field(default_factory=dict)
+    _slot_wake_ids: dict[int, str] = field(default_factory=dict)
+    _reading: set[int] = field(default_factory=set)
+    _slots_changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
         self._followed[key] = _Followed(last_id, handler)
-        self.wake()
+        if not is_cluster(self.redis):
+            self.wake()
+            return
+        slot = key_slot(key.encode())
+        self._by_slot.setdefault(slot, set()).add(key)
+        if slot in self._reading:
+            self._wake_slots([slot])
+        else:
+            self._slots_changed.set()  # the slot's loop starts, reading the key at once
 
     def remove(self, key: str) -> None:
         self._followed.pop(key, None)
+        self._unindex(key)
+
+    def _unindex(self, key: str) -> None:
+        if self._by_slot:
+            slot = key_slot(key.encode())
+            keys = self._by_slot.get(slot)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_slot[slot]
 
     def position(self, key: str) -> str | None:
         """The id of the last entry handed to `key`'s handler."""
@@ -515,23 +597,44 @@ class SessionStreamReader:
 
     def wake(self) -> None:
         """Interrupt the blocking read (after adding a stream, or to notice a stop)."""
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._wake())
+        if is_cluster(self.redis):
+            self._slots_changed.set()
+            self._wake_slots(sorted(self._reading))
+            return
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
+            self._wake([self.wake_key])
+        )
         task.add_done_callback(_ignore_result)
 
-    async def _wake(self) -> None:
+    def _wake_slots(self, slots: list[int]) -> None:
+        if slots:
+            keys = [self._slot_wake_key(slot) for slot in slots]
+            task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._wake(keys))
+            task.add_done_callback(_ignore_result)
+
+    async def _wake(self, keys: list[str]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=False)
-            pipe.expire(self.wake_key, WAKE_TTL_S)
+            for key in keys:
+                pipe.xadd(key, {"w": "1"}, maxlen=16, approximate=False)
+                pipe.expire(key, WAKE_TTL_S)
             await pipe.execute()
 
+    def _slot_wake_key(self, slot: int) -> str:
+        return f"{self.wake_key}:{{{slot_tag(slot)}}}"
+
     async def run(self, stop: asyncio.Event) -> None:
+        if is_cluster(self.redis):
+            await self._run_slots(stop)
+            return
         backoff = Backoff()
         while not stop.is_set():
             try:
                 with self.progress.turn():
                     if self._wake_id == "$":
                         self._wake_id = await _last_id(self.redis, self.wake_key)
-                    await self._read_once()
+                    self._wake_id = await self._read_once(
+                        self._followed, self.wake_key, self._wake_id
+                    )
                 backoff.reset()
             except (*REDIS_DOWN, ResponseError) as exc:
                 if not _redis_down(exc):
@@ -543,25 +646,94 @@ class SessionStreamReader:
                 )
                 await _sleep_or_stop(stop, delay)
 
-    async def _read_once(self) -> None:
+    async def _run_slots(self, stop: asyncio.Event) -> None:
+        """Cluster mode: a loop per slot in use, started when a key of a new slot is added
+        and ending when its slot has no key left; returns once every loop noticed `stop`."""
+        loops: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                self._slots_changed.clear()
+                for slot in self._by_slot.keys() - loops.keys():
+                    if not stop.is_set():
+                        self._reading.add(slot)
+                        loops[slot] = asyncio.create_task(self._follow_slot(slot, stop))
+                if not loops:
+                    if stop.is_set():
+                        return
+                changed = asyncio.create_task(self._slots_changed.wait())
+                stopping = asyncio.create_task(stop.wait())
+                waiting: set[asyncio.Future[Any]] = {changed, stopping, *loops.values()}
+                try:
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                    stopping.cancel()
+                if stop.is_set() and loops:
+                    # Each loop returns once its read does (at most `block_ms`).
+                    await asyncio.wait(loops.values())
+                for slot, loop in list(loops.items()):
+                    if loop.done():
+                        del loops[slot]
+                        self._reading.discard(slot)
+                        loop.result()  # a failure that is not Redis being down
+        finally:
+            for loop in loops.values():
+                loop.cancel()
+            await asyncio.gather(*loops.values(), return_exceptions=True)
+            self._reading.clear()
+
+    async def _follow_slot(self, slot: int, stop: asyncio.Event) -> None:
+        wake_key = self._slot_wake_key(slot)
+        backoff = Backoff()
+        refresh_at = 0.0
+        while not stop.is_set():
+            keys = self._by_slot.get(slot)
+            if not keys:
+                return
+            try:
+                with self.progress.turn():
+                    wake_id = self._slot_wake_ids.get(slot)
+                    if wake_id is None or time.monotonic() >= refresh_at:
+                        # The wake-up stream must exist: while a slot migrates, a read
+                        # naming a key that does not is refused (TRYAGAIN) until it ends.
+                        await self._wake([wake_key])
+                        refresh_at = time.monotonic() + WAKE_TTL_S / 4
+                        if wake_id is None:
+                            wake_id = await _last_id(self.redis, wake_key)
+                    followed = {k: f for k in keys if (f := self._followed.get(k)) is not None}
+                    self._slot_wake_ids[slot] = await self._read_once(followed, wake_key, wake_id)
+                backoff.reset()
+            except (*REDIS_DOWN, ResponseError) as exc:
+                if not _redis_down(exc):
+                    raise
+                delay = backoff.next_delay()
+                log.warning(
+                    "redis unavailable, retrying",
+                    extra={"slot": slot, "error": str(exc), "retry_in_s": round(delay, 3)},
+                )
+                await _sleep_or_stop(stop, delay)
+
+    async def _read_once(self, followed: dict[str, _Followed], wake_key: str, wake_id: str) -> str:
+        """One blocking XREAD of `followed` (each from its position) and `wake_key`, and
+        the delivery of what it returned; returns the wake-up stream's new position."""
         now = time.monotonic()
-        ids = {key: f.last_id for key, f in self._followed.items() if f.retry_at <= now}
-        ids[self.wake_key] = self._wake_id
-        block = self.block_ms if len(ids) == len(self._followed) + 1 else min(self.block_ms, 100)
+        ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
+        ids[wake_key] = wake_id
+        block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
         streams: Any = ids
         reply: Any = await self.redis.xread(streams, count=self.count, block=block)
         deliveries = []
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
-            if key == self.wake_key:
-                self._wake_id = _s(raw[-1][0])
+            if key == wake_key:
+                wake_id = _s(raw[-1][0])
                 continue
-            followed = self._followed.get(key)
-            if followed is None:
+            current = self._followed.get(key)
+            if current is None:
                 continue
             entries = _entries(key, raw)
             if entries:
-                deliveries.append(self._deliver(key, followed, entries))
+                deliveries.append(self._deliver(key, current, entries))
         # Each stream appears once per reply, so its batches stay in order; different
         # sessions' handlers (each usually one Redis round trip) overlap instead of queueing.
         if len(deliveries) == 1:
@@ -571,6 +743,7 @@ class SessionStreamReader:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+        return wake_id
 
     async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
         try:
@@ -578,6 +751,7 @@ class SessionStreamReader:
         except SessionLost:
             if self._followed.get(key) is followed:
                 del self._followed[key]
+                self._unindex(key)
             return
         except Exception as exc:
             if _redis_down(exc):
@@ -600,6 +774,26 @@ class SessionStreamReader:
             return
         followed.failures = 0
         followed.last_id = entries[-1].id
+
+
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short hash tag whose keys land on `slot` (`key_slot("{tag}") == slot`): found
+    once for every slot (a few hundred thousand CRC16s, tens of milliseconds)."""
+    if not _SLOT_TAGS:
+        tags: list[str | None] = [None] * 16384
+        missing, n = 16384, 0
+        while missing:
+            tag = format(n, "x")
+            slot_of = key_slot(tag.encode())
+            if tags[slot_of] is None:
+                tags[slot_of] = tag
+                missing -= 1
+            n += 1
+        _SLOT_TAGS.extend(t for t in tags if t is not None)
+    return _SLOT_TAGS[slot]
 
 
 WAKE_TTL_S = 3600

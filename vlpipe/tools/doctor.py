@@ -24,7 +24,9 @@ OK, WARN, FAIL = "ok", "warning", "problem"
 
 async def check_redis(settings: BrokerSettings) -> tuple[str, str]:
     url = settings.redis_url.get_secret_value()
-    redis = connect(url, name="vlpipe-doctor", tls=settings.redis_tls)
+    redis = connect(
+        url, name="vlpipe-doctor", tls=settings.redis_tls, cluster=settings.redis_cluster
+    )
     try:
         info: Any = await asyncio.wait_for(redis.info(), timeout=5)
     except Exception as exc:

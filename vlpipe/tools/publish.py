@@ -17,7 +17,6 @@ import time
 import wave
 from pathlib import Path
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import (
     InputFormat,
     RawAudio,
@@ -27,8 +26,7 @@ from vlpipe.shared.contracts import (
     encode,
 )
 from vlpipe.shared.keys import StreamKeys, check_session_id
-from vlpipe.shared.streams import connect
-from vlpipe.tools.target import add_redis_options, redis_target
+from vlpipe.tools.target import add_redis_options, redis_client, redis_target
 
 CHUNK_MS = 100
 _EXTENSIONS = {".ogg": "ogg", ".opus": "ogg", ".webm": "webm", ".mp3": "mp3",
@@ -83,7 +81,7 @@ async def publish(
     redis_url: str, keys: StreamKeys, sid: str, chunks: list[RawAudio], seconds: float | None,
     start: SessionStart, pace: float, progress: bool = True,
 ) -> None:  # fmt: skip
-    redis = connect(redis_url, name="vlpipe-publish", tls=ServiceSettings().redis_tls)
+    redis = redis_client(redis_url, "vlpipe-publish")
     try:
         await redis.xadd(keys.sessions, encode(start))  # type: ignore[arg-type]
         began = time.monotonic()

@@ -12,16 +12,14 @@ import asyncio
 import json
 from typing import Any
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.streams import connect
-from vlpipe.tools.target import add_redis_options, redis_target
+from vlpipe.tools.target import add_redis_options, redis_client, redis_target
 
 SERVICES = ("ingest", "broker", "egress")
 
 
 async def live_sessions(url: str, keys: StreamKeys) -> list[dict[str, Any]]:
-    redis = connect(url, name="vlpipe-sessions", tls=ServiceSettings().redis_tls)
+    redis = redis_client(url, "vlpipe-sessions")
     try:
         owners: dict[str, dict[str, Any]] = {}
         groups: Any = (

@@ -13,18 +13,16 @@ import json
 import sys
 from typing import Any
 
-from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.contracts import ContractError, Status, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys, check_session_id
-from vlpipe.shared.streams import connect
-from vlpipe.tools.target import add_redis_options, redis_target
+from vlpipe.tools.target import add_redis_options, redis_client, redis_target
 
 SPEAKERS = {"user": "user     ", "assistant": "assistant"}
 
 
 async def tail(url: str, keys: StreamKeys, sid: str, as_json: bool, follow: bool,
                from_start: bool) -> None:  # fmt: skip
-    redis = connect(url, name="vlpipe-tail", tls=ServiceSettings().redis_tls)
+    redis = redis_client(url, "vlpipe-tail")
     streams = {keys.transcript(sid): "0-0", keys.status(sid): "0-0"}
     if not from_start:  # only what comes from now on
         for key in streams:

@@ -234,9 +234,9 @@ def demo(redis_url: str, prefix: str, out: IO[str]) -> bool:
 
     from vlpipe.shared.contracts import SessionStart
     from vlpipe.shared.keys import StreamKeys
-    from vlpipe.shared.streams import connect
     from vlpipe.tools.publish import publish, wav_chunks
     from vlpipe.tools.tail import tail
+    from vlpipe.tools.target import redis_client
 
     sample = Path(__file__).resolve().parents[2] / "samples" / "speech-16k-beckett.wav"
     if not sample.exists():
@@ -262,7 +262,7 @@ def demo(redis_url: str, prefix: str, out: IO[str]) -> bool:
         await asyncio.wait_for(watcher, timeout=180)
 
     async def answered() -> bool:
-        redis = connect(redis_url, tls=ServiceSettings().redis_tls)
+        redis = redis_client(redis_url, "vlpipe-up")
         try:
             entries: Any = await redis.xrange(keys.transcript(sid))
         finally:

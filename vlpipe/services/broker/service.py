@@ -21,10 +21,11 @@ from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Control, Frame, Message, decode
+from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import REDIS_DOWN, Entry
+from vlpipe.shared.streams import REDIS_DOWN, Entry, through_outages
 
 log = logging.getLogger("vlpipe.broker")
 
@@ -44,6 +45,7 @@ class BrokerService:
         self.auth: Auth = make_auth(settings, credential)
         self.sessions: dict[str, BrokerSession] = {}
         self.reader = session_reader(ctx, settings)
+        self.tool_call_outbox = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.tool_calls)
         self.ownership = session_ownership(
             ctx, settings, self.run_session,
             shared_streams=((ctx.keys.tool_calls, self.retention.tool_calls_cap),),
@@ -101,6 +103,11 @@ class BrokerService:
             for session in list(self.sessions.values()):
                 session.due = True
                 session.work.set()
+
+    async def relay_tool_calls(self, sid: str) -> None:
+        """The session's outbox to `vl:tool-calls` (a Redis Cluster only; exactly once,
+        so retried through outages)."""
+        await through_outages(lambda: self.tool_call_outbox.relay(sid), "relay tool calls")
 
     async def run_session(self, owned: OwnedSession) -> None:
         session = BrokerSession(self, owned)

@@ -97,6 +97,8 @@ class BrokerSession:
         core, svc = self.core, self.svc
         if core.ended:
             return
+        if self.owned.taken_over:  # tool calls the previous owner wrote but did not relay
+            await svc.relay_tool_calls(self.sid)
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
         svc.reader.add(svc.keys.ctl(self.sid), core.ctl_id, svc.on_ctl)
         self._read_frames()
@@ -401,6 +403,8 @@ class BrokerSession:
         self.in_flight = None
         if events:
             self.svc.events_out.add(events)
+        if self.svc.tool_call_outbox.pending_in(write, self.sid):
+            await self.svc.relay_tool_calls(self.sid)
 
     def _next_write(self) -> tuple[SessionWrite, int]:
         """The core's events, side entries, checkpoint and trims as one fenced write."""
@@ -411,8 +415,9 @@ class BrokerSession:
             write.xadd(keys.events(self.sid), encode(event))
         for kind, msg in core.take_side():
             if kind == "tool_call":
-                # Trimmed behind its consumer groups by housekeeping, never on write.
-                write.xadd(keys.tool_calls, encode(msg))
+                # Trimmed behind its consumer groups by housekeeping, never on write; on a
+                # cluster through the session's outbox (vlpipe.shared.outbox).
+                self.svc.tool_call_outbox.add(write, self.sid, encode(msg))
             else:
                 write.xadd(keys.status(self.sid), encode(msg), maxlen=keep.status)
         write.checkpoint(core.checkpoint())

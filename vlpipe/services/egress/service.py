@@ -8,7 +8,9 @@ write (`SessionOwnership.commit`), so a replica that takes the session over cont
 both output streams with no entry lost or written twice, and a stalled replica that lost
 the session writes nothing. A failed write is retried unchanged until it is applied. The
 write that carries `vlpipe.session.ended` also sets the session's keys to expire; then
-the session is released.
+the session is released. Final transcripts also go to the shared `vl:transcripts`: in the
+same write on one Redis, through the session's outbox and a relay on a Redis Cluster
+(`vlpipe.shared.outbox`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Event, decode, encode
+from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
-from vlpipe.shared.streams import Entry
+from vlpipe.shared.streams import Entry, through_outages
 
 log = logging.getLogger("vlpipe.egress")
 
@@ -52,6 +55,7 @@ class EgressService:
         self.retention = ctx.retention
         self.sessions: dict[str, SessionEgress] = {}
         self.reader = session_reader(ctx, settings)
+        self.transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts)
         self.ownership = session_ownership(
             ctx, settings, self.run_session,
             shared_streams=((ctx.keys.transcripts, self.retention.transcripts_cap),),
@@ -91,6 +95,8 @@ class EgressService:
             checkpointed={k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint},
         )  # fmt: skip
         self.sessions[owned.sid] = state
+        if owned.taken_over:  # finals the previous owner wrote but did not relay
+            await self._relay(owned.sid)
         key = self.keys.events(owned.sid)
         self.reader.add(key, checkpoint.get("events_id", "0-0"), self._on_events)
         try:
@@ -133,8 +139,9 @@ class EgressService:
         for piece in out.transcripts:
             write.xadd(keys.transcript(sid), encode(piece), maxlen=keep.transcript)
             if piece.final:
-                # Trimmed behind its consumer groups by housekeeping, never on write.
-                write.xadd(keys.transcripts, encode(piece))
+                # Trimmed behind its consumer groups by housekeeping, never on write; on a
+                # cluster through the session's outbox (vlpipe.shared.outbox).
+                self.transcripts.add(write, sid, encode(piece))
         for chunk in out.audio:
             write.xadd(keys.audio_out(sid), encode(chunk), maxlen=keep.audio_out)
         for status in out.status:
@@ -161,9 +168,16 @@ class EgressService:
                 write.expire(key, keep.session_ttl_s)
         await self.ownership.commit(state.owned, write)
         state.checkpointed = values
+        if self.transcripts.pending_in(write, sid):
+            await self._relay(sid)
         self._trace(sid, out)
         self.totals["audio_chunks"] += len(out.audio)
         self.totals["transcripts"] += len(out.transcripts)
+
+    async def _relay(self, sid: str) -> None:
+        """The session's outbox to `vl:transcripts` (a Redis Cluster only; exactly once,
+        so retried through outages)."""
+        await through_outages(lambda: self.transcripts.relay(sid), "relay transcripts")
 
     def _trace(self, sid: str, out: Outputs) -> None:
         """Spans in the turn's trace (the event's traceparent): first audio, finals."""
