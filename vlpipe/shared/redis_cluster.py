@@ -127,6 +127,10 @@ class LocalCluster:
         ]  # fmt: skip
         if tls is not None:
             args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+            if tls.client_cert_file and tls.client_key_file:
+                # What a node presents to its peers (bus, replication) as their client.
+                args += ["--tls-client-cert-file", str(tls.client_cert_file),
+                         "--tls-client-key-file", str(tls.client_key_file)]  # fmt: skip
         if password is not None:
             args += ["--masterauth", password]
             if username is not None:
