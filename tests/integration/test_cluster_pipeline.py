@@ -6,13 +6,19 @@ stream (relayed from the sessions' outboxes) gets each session's finals exactly 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
 import redis.asyncio as aioredis
+import websockets
+from websockets.typing import Subprotocol
 
 from tests.chaos.harness import replicas, speak
 from tests.chaos.history import ended_everywhere
+from tests.integration.pipeline import running_pipeline, send_paced
+from tests.integration.test_calls import LAST_REPLY, browser_upload
+from tests.integration.test_calls import words as call_words
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.contracts import TranscriptPiece, decode
@@ -66,3 +72,44 @@ async def test_sessions_on_every_master_get_both_transcripts_and_each_final_is_s
         assert [p.seq for p in shared] == [p.seq for p in finals], sid
         assert [p.text for p in shared] == [p.text for p in finals], sid
         assert await cluster_redis.xlen(keys.outbox("transcripts", sid)) == 0
+
+
+async def test_a_browser_call_through_the_gateway_on_a_cluster_is_answered(
+    redis_cluster: LocalCluster, cluster_redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path
+) -> None:
+    sid = session_id_on(redis_cluster.shards()[1], prefix="web-")
+    query, upload, seconds = browser_upload(speech_wav, "pcm16")
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_pipeline(redis_cluster.url, keys.prefix, engine.endpoint, **CLUSTER) as pipeline,
+    ):
+        url = pipeline.url(f"/v1/call?session={sid}&{query}&format=pcm16_16000hz")
+        protocols = [Subprotocol("vlpipe"), Subprotocol(f"vlpipe.bearer.{pipeline.token(sid)}")]
+        async with websockets.connect(url, subprotocols=protocols) as browser:
+            await browser.recv()  # the session message
+            await send_paced(browser, upload, seconds)
+            texts: list[dict[str, object]] = []
+
+            async def until_answered() -> None:
+                async for message in browser:
+                    if isinstance(message, bytes):
+                        continue
+                    data = json.loads(message)
+                    texts.append(data)
+                    if data["type"] == "transcript" and data["final"] and (
+                        call_words(data["text"]) == call_words(LAST_REPLY)):  # fmt: skip
+                        return
+
+            await asyncio.wait_for(until_answered(), timeout=90)
+            await browser.send(json.dumps({"type": "end"}))
+
+            async def ended() -> bool:
+                return await ended_everywhere(cluster_redis, keys, sid)
+
+            await wait_until(ended, within=60)
+    heard = " ".join(str(t["text"]) for t in texts
+                     if t["type"] == "transcript" and t["final"] and t["speaker"] == "user")  # fmt: skip
+    assert "fail better" in heard.lower()
+    shared = await _finals(cluster_redis, keys.transcripts, sid)
+    finals = await _finals(cluster_redis, keys.transcript(sid), sid)
+    assert [p.seq for p in shared] == [p.seq for p in finals] and finals

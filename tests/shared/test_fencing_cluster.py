@@ -13,7 +13,7 @@ from tests.shared.test_fencing import _claim, _frames_write
 from vlpipe.shared.fencing import Fenced, Regressed, Writer
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_cluster import LocalCluster, session_id_on
-from vlpipe.shared.streams import is_cluster
+from vlpipe.shared.streams import _redis_down, is_cluster
 
 
 def _sessions_on_every_master(cluster: LocalCluster, per_master: int, tag: str) -> list[str]:
@@ -119,3 +119,47 @@ async def test_masters_that_lost_their_scripts_get_them_again(
         *(writer.apply(_frames_write(keys, s, 1, 1), fences[s]) for s in sids)
     )
     assert again == [[2]] * len(sids)
+
+
+async def test_writes_go_on_after_their_master_is_killed_and_none_is_applied_twice(
+    redis_cluster: LocalCluster, cluster_redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    writer = Writer(cluster_redis)
+    shard = redis_cluster.shards()[0]
+    sid, other = session_id_on(shard, prefix="kill-"), session_id_on(
+        redis_cluster.shards()[2], prefix="calm-")  # fmt: skip
+    fences = {s: await _claim(cluster_redis, keys, s) for s in (sid, other)}
+    errors: list[str] = []
+
+    async def write_on(s: str, n: int) -> None:
+        """As `SessionOwnership.commit` does: the same write until it is applied."""
+        write = _frames_write(keys, s, n, 1)
+        while True:
+            try:
+                await writer.apply(write, fences[s])
+                return
+            except Regressed:
+                raise
+            except Exception as exc:  # the master is down or failing over
+                if not _redis_down(exc):
+                    raise
+                errors.append(type(exc).__name__)
+                await asyncio.sleep(0.1)
+
+    for n in range(5):
+        await asyncio.gather(write_on(sid, n), write_on(other, n))
+    redis_cluster.kill(shard.master)
+    try:
+        for n in range(5, 15):
+            await asyncio.gather(write_on(sid, n), write_on(other, n))
+    except Regressed:
+        pytest.skip("the replica was promoted without a write it had acknowledged")
+    finally:
+        redis_cluster.restart(shard.master)
+        redis_cluster.wait_ok()
+    assert errors  # the writes did meet the dead master
+    for s in (sid, other):
+        state = await cluster_redis.hget(keys.session_state(s), "svc.written")
+        assert int(state) == fences[s].written == 15
+        # Each numbered write added its one entry exactly once.
+        assert await cluster_redis.xlen(keys.frames(s)) == 15

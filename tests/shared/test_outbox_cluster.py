@@ -106,3 +106,26 @@ async def test_a_relay_whose_reply_was_lost_is_retried_without_a_repeat(
         assert await cluster_redis.xlen(outbox.outbox(sid)) == 0
     finally:
         await impatient.aclose()
+
+
+async def test_entries_numbered_by_the_session_are_recognised_when_written_again(
+    redis_cluster: LocalCluster, cluster_redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    # Egress numbers its outputs (`seq`): after a failover lost acknowledged writes, the
+    # owner resumes from an older checkpoint and writes the same finals again, into new
+    # outbox entries. The relay knows them by their number.
+    outbox = SharedOutbox(cluster_redis, keys, keys.transcripts, "seq")
+    sid = _session_away_from(redis_cluster, keys.transcripts, "oq-")
+    writer, fence = Writer(cluster_redis), await _claim(cluster_redis, keys, sid)
+
+    async def finals(numbered: list[tuple[int, str]]) -> None:
+        write = SessionWrite(keys.session_state(sid), "svc")
+        for seq, text in numbered:
+            outbox.add(write, sid, {"session": sid, "text": text, "seq": seq})
+        await writer.apply(write, fence)
+
+    await finals([(0, "zero"), (1, "one")])
+    assert await outbox.relay(sid) == 2
+    await finals([(1, "one"), (2, "two")])  # "one" again, as after the resume
+    assert await outbox.relay(sid) == 1
+    assert await _shared_texts(cluster_redis, keys.transcripts, sid) == ["zero", "one", "two"]

@@ -17,10 +17,16 @@ marker after each relay (only relayed entries go). The owner relays after each w
 filled the outbox, and when it takes a session over (what a dead owner wrote but did not
 relay). The marker expires `RELAYED_TTL_S` after its last use.
 
+Entries are ordered by their outbox id, or by a number they carry (`order_field`: a
+final transcript's `seq`, the session's output number). With a number, an entry written
+again after a failover lost acknowledged writes of the session (reported, `Regressed`:
+its owner resumes from an older checkpoint and writes the same outputs again, into new
+outbox entries) is recognised as relayed; without one (tool calls) it is relayed again.
+
 What a consumer group of the shared stream sees on a cluster: each entry once, a little
 later than on one Redis (the relay's round trips), sessions' entries interleaved as their
-relays run. One case may repeat an entry: a failover that loses acknowledged writes of a
-session (reported, `Regressed`) makes its owner write them again, into new outbox entries.
+relays run. What the shared stream's own master loses in a failover (its asynchronous
+replication) is lost there as on one Redis with its replica.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ RELAYED_TTL_S = 7 * 24 * 3600
 RELAY_BATCH = 100
 
 # KEYS[1]: the shared stream; KEYS[2]: the session's relay marker (a hash, `last`).
-# ARGV[1]: the marker's expiry (s); then per outbox entry: its id, 2 x fields, the fields.
+# ARGV[1]: the marker's expiry (s); then per outbox entry: its place in the session's
+# order ("<a>-<b>", compared as a pair: the outbox id, or "<seq>-0"), 2 x fields, the fields.
 _RELAY = """
 local function later(a, b)
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
@@ -69,10 +76,13 @@ class SharedOutbox:
     sessions' fenced writes: `add()` in the write, `relay()` after it (a no-op on one
     Redis, where `add()` wrote the shared stream itself)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: StreamKeys, shared: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: StreamKeys, shared: str, order_field: str | None = None
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.shared = shared
+        self.order_field = order_field.encode() if order_field else None
         self.cluster = is_cluster(redis)
         self.name = shared.removeprefix(f"{keys.prefix}:")
         self._relay = redis.register_script(_RELAY)
@@ -106,15 +116,23 @@ class SharedOutbox:
             args: list[Any] = [RELAYED_TTL_S]
             for entry_id, fields in entries:
                 flat = [x for pair in fields.items() for x in pair]
-                args += [entry_id, len(flat), *flat]
+                args += [self._place(entry_id, fields), len(flat), *flat]
             reply: Any = await self._relay(keys=[self.shared, self.marker(sid)], args=args)
-            relayed, last = int(reply[0]), _text(reply[1])
-            ms, _, seq = last.partition("-")
+            relayed = int(reply[0])
+            # Every entry sent is on the shared stream now (by this call or an earlier one).
+            ms, _, seq = _text(entries[-1][0]).partition("-")
             await self.redis.xtrim(outbox, minid=f"{ms}-{int(seq) + 1}", approximate=False)
             total += relayed
             self.relayed += relayed
             if len(entries) < RELAY_BATCH:
                 return total
+
+    def _place(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
+        """An entry's place in the session's order: its number (`order_field`) when the
+        entries carry one, else its outbox id."""
+        if self.order_field is not None and self.order_field in fields:
+            return f"{int(fields[self.order_field]) + 1}-0"  # after the marker's "0-0"
+        return _text(entry_id)
 
 
 def _text(value: bytes | str) -> str:

@@ -17,18 +17,27 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class LoopProgress:
-    """One loop's turn in progress, if any (monotonic seconds since it began)."""
+    """One loop's turn in progress, if any (monotonic seconds since it began). Loops that
+    run side by side under one name (the session reader's loop per slot on a Redis
+    Cluster) may share it: `busy_since` is then when the oldest turn in progress began."""
 
     name: str
     busy_since: float | None = None
+    _turns: dict[int, float] = field(default_factory=dict)
+    _next: int = 0
 
     @contextmanager
     def turn(self) -> Iterator[None]:
-        self.busy_since = time.monotonic()
+        token, self._next = self._next, self._next + 1
+        self._turns[token] = now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since = now
         try:
             yield
         finally:
-            self.busy_since = None
+            del self._turns[token]
+            # Turns are kept in the order they began: the first is the oldest.
+            self.busy_since = next(iter(self._turns.values()), None)
 
 
 @dataclass(slots=True)

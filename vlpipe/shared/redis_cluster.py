@@ -124,6 +124,9 @@ class LocalCluster:
             "--cluster-config-file", "nodes.conf",  # relative to the node's --dir
             "--cluster-node-timeout", str(node_timeout_ms),
             "--cluster-replica-validity-factor", "0",
+            # A replica's first full sync starts at once, not 5 s later (the default delay
+            # waits for more replicas to share one transfer).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if tls is not None:
             args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
@@ -345,7 +348,9 @@ class LocalCluster:
                 if "cluster_state:ok" not in info:
                     return False
                 repl = self._call(node, "INFO", "replication").decode()
-                if "role:slave" in repl and "master_link_status:up" not in repl:
+                if "role:slave" in repl and (
+                    "master_link_status:up" not in repl or "master_sync_in_progress:0" not in repl
+                ):
                     return False
                 views.add(self._view(node))
             except redis.RedisError:

@@ -95,10 +95,10 @@ class BrokerSession:
 
     async def run(self) -> None:
         core, svc = self.core, self.svc
-        if core.ended:
-            return
         if self.owned.taken_over:  # tool calls the previous owner wrote but did not relay
             await svc.relay_tool_calls(self.sid)
+        if core.ended:
+            return
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
         svc.reader.add(svc.keys.ctl(self.sid), core.ctl_id, svc.on_ctl)
         self._read_frames()

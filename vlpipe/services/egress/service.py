@@ -55,7 +55,7 @@ class EgressService:
         self.retention = ctx.retention
         self.sessions: dict[str, SessionEgress] = {}
         self.reader = session_reader(ctx, settings)
-        self.transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts)
+        self.transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts, "seq")
         self.ownership = session_ownership(
             ctx, settings, self.run_session,
             shared_streams=((ctx.keys.transcripts, self.retention.transcripts_cap),),
@@ -83,6 +83,8 @@ class EgressService:
 
     async def run_session(self, owned: OwnedSession) -> None:
         checkpoint = owned.checkpoint
+        if owned.taken_over:  # finals the previous owner wrote but did not relay
+            await self._relay(owned.sid)
         if checkpoint.get("ended") == "1":
             return
         config = owned.start.config
@@ -95,8 +97,6 @@ class EgressService:
             checkpointed={k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint},
         )  # fmt: skip
         self.sessions[owned.sid] = state
-        if owned.taken_over:  # finals the previous owner wrote but did not relay
-            await self._relay(owned.sid)
         key = self.keys.events(owned.sid)
         self.reader.add(key, checkpoint.get("events_id", "0-0"), self._on_events)
         try:
