@@ -69,7 +69,7 @@ async def running_broker(
         redis_url=redis_url, stream_prefix=keys.prefix, endpoint=endpoint,
         **{**FAST, **settings},
     )  # fmt: skip
-    redis = connect(redis_url)
+    redis = connect(redis_url, cluster=config.redis_cluster)
     stop = asyncio.Event()
     ctx = ServiceContext(
         name="broker", settings=config, redis=redis, keys=keys, replica="broker-test",

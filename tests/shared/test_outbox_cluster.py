@@ -129,3 +129,46 @@ async def test_entries_numbered_by_the_session_are_recognised_when_written_again
     await finals([(1, "one"), (2, "two")])  # "one" again, as after the resume
     assert await outbox.relay(sid) == 1
     assert await _shared_texts(cluster_redis, keys.transcripts, sid) == ["zero", "one", "two"]
+
+
+async def test_relayed_entries_the_shared_streams_master_lost_in_a_failover_are_relayed_again(
+    redis_cluster: LocalCluster, cluster_redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    outbox = SharedOutbox(cluster_redis, keys, keys.transcripts, "seq")
+    home = redis_cluster.master_of_key(keys.transcripts)
+    shard = next(s for s in redis_cluster.shards() if s.master is home)
+    old, heir = shard.master, shard.replicas[0]
+    sid = _session_away_from(redis_cluster, keys.transcripts, "olost-")
+    writer, fence = Writer(cluster_redis), await _claim(cluster_redis, keys, sid)
+
+    async def finals(numbered: list[tuple[int, str]]) -> None:
+        write = SessionWrite(keys.session_state(sid), "svc")
+        for seq, text in numbered:
+            outbox.add(write, sid, {"session": sid, "text": text, "seq": seq})
+        await writer.apply(write, fence)
+
+    await finals([(0, "kept")])
+    assert await outbox.relay(sid) == 1 and sid not in outbox.unsettled  # replicated
+    # The heir stops getting anything from the old master (paused, its link dropped).
+    redis_cluster.pause(heir)
+    with redis_cluster.client(old) as plain:
+        assert plain.execute_command("CLIENT", "KILL", "TYPE", "replica") >= 1
+    try:
+        await finals([(1, "at risk")])
+        assert await outbox.relay(sid) == 1  # on the old master, unconfirmed
+        assert sid in outbox.unsettled
+        assert await cluster_redis.xlen(outbox.outbox(sid)) >= 1  # so kept in the outbox
+        redis_cluster.kill(old)
+    finally:
+        redis_cluster.resume(heir)
+    try:
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)
+        assert redis_cluster.master_of_key(keys.transcripts) is heir
+        assert await _shared_texts(cluster_redis, keys.transcripts, sid) == ["kept"]  # lost
+        await finals([(2, "after")])
+        await outbox.settle(sid)  # relays until the new master's replica confirms
+        assert await _shared_texts(cluster_redis, keys.transcripts, sid) == [
+            "kept", "at risk", "after"]  # fmt: skip
+    finally:
+        redis_cluster.restart(old)
+        await asyncio.to_thread(redis_cluster.wait_ok, 30)

@@ -119,8 +119,11 @@ async def test_a_followed_stream_whose_slot_moves_to_another_master_loses_and_re
     finally:
         producing = False
         await producer
-    await wait_until(lambda: _true(len(got[key]) == written and len(got[other]) == written),
-                     within=10)  # fmt: skip
+    try:
+        await wait_until(lambda: _true(len(got[key]) >= written and len(got[other]) >= written),
+                         within=15)  # fmt: skip
+    except AssertionError:
+        pass  # the comparison below says what is missing
     assert got[key] == list(range(written))  # nothing lost, nothing twice, in order
     assert got[other] == list(range(written))
     stop.set()

@@ -285,7 +285,7 @@ class Writer:
                 continue
             for i, reply in zip(idx, outcome, strict=True):
                 replies[i] = reply
-        redirected = [i for i, r in enumerate(replies) if isinstance(r, _REDIRECTED)]
+        redirected = [i for i, r in enumerate(replies) if isinstance(r, REDIRECTED)]
         if redirected:
             again = await asyncio.gather(
                 *(self._send_routed(cluster, commands[i]) for i in redirected),
@@ -303,11 +303,11 @@ class Writer:
         standalone server; a node without the script loads it and gets those again."""
         connection = node.acquire_connection()
         try:
-            replies = await _round_trip(connection, commands)
+            replies = await send_pipelined(connection, commands)
             missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if missing:
-                await _round_trip(connection, [("SCRIPT", "LOAD", _APPLY)])
-                again = await _round_trip(connection, [commands[i] for i in missing])
+                await send_pipelined(connection, [("SCRIPT", "LOAD", _APPLY)])
+                again = await send_pipelined(connection, [commands[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
             return replies
@@ -328,14 +328,14 @@ class Writer:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return await _round_trip(connection, commands)
+            return await send_pipelined(connection, commands)
         finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
             await pool.release(connection)
 
 
-async def _round_trip(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send the commands packed by hiredis, read their replies in order; an error reply is
-    its exception, in its place."""
+async def send_pipelined(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send the commands on `connection` packed by hiredis, read their replies in order; an
+    error reply is its exception, in its place."""
     await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
     replies: list[Any] = []
     for _ in commands:
@@ -353,4 +353,4 @@ def _encode(key: str | bytes) -> bytes:
 #: Replies that mean "not run here, send it where the cluster says": a slot that moved
 #: (failover, resharding), a slot migrating (ASK), keys split by a migration (TRYAGAIN),
 #: a master that is failing over (CLUSTERDOWN).
-_REDIRECTED = (AskError, TryAgainError, ClusterDownError)
+REDIRECTED = (AskError, TryAgainError, ClusterDownError)

@@ -12,10 +12,16 @@ stream's slot. That script keeps, in a marker hash whose hash tag is the shared 
 whole name (`{vl:transcripts}:relayed:<sid>`, same slot as `vl:transcripts`), the id of
 the last outbox entry relayed, and adds only entries after it: a relay retried after a
 lost reply, a second relay of the same entries by a replica that lost the session (a
-zombie), or one racing the owner's, adds nothing twice. The outbox is trimmed up to the
-marker after each relay (only relayed entries go). The owner relays after each write that
-filled the outbox, and when it takes a session over (what a dead owner wrote but did not
-relay). The marker expires `RELAYED_TTL_S` after its last use.
+zombie), or one racing the owner's, adds nothing twice. The outbox is trimmed after a
+relay only once a replica of the shared stream's master has the relay's writes (`WAIT 1`
+on the script's connection): if that master fails before, its promoted replica lacks the
+entries and the marker, and the next relay adds them again from the outbox.
+
+The owner relays in the background after each write that filled the outbox
+(`relay_soon`: the session's outputs never wait for the shared stream's master), with the
+session's last write until a replica confirms (`settle`, a few tries), and when it takes
+a session over (what a dead owner wrote but did not relay). The marker expires
+`RELAYED_TTL_S` after its last use.
 
 Entries are ordered by their outbox id, or by a number they carry (`order_field`: a
 final transcript's `seq`, the session's output number). With a number, an entry written
@@ -25,22 +31,34 @@ outbox entries) is recognised as relayed; without one (tool calls) it is relayed
 
 What a consumer group of the shared stream sees on a cluster: each entry once, a little
 later than on one Redis (the relay's round trips), sessions' entries interleaved as their
-relays run. What the shared stream's own master loses in a failover (its asynchronous
-replication) is lost there as on one Redis with its replica.
+relays run. An entry can still be lost from the shared stream when its master fails
+after the last relay of a session whose writes no replica confirmed (the shared master's
+replica down for longer than `settle` tries; the outbox then keeps the entry until the
+session's keys expire, and each such relay is logged).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
-from vlpipe.shared.fencing import SessionWrite
+from vlpipe.shared.fencing import REDIRECTED, SessionWrite, send_pipelined
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.streams import is_cluster
+from vlpipe.shared.streams import is_cluster, through_outages
 
 RELAYED_TTL_S = 7 * 24 * 3600
 RELAY_BATCH = 100
+RELAY_WAIT_MS = 500
+"""How long a relay waits for a replica of the shared stream's master to have its writes
+(usually well under a millisecond)."""
+
+log = logging.getLogger("vlpipe.outbox")
 
 # KEYS[1]: the shared stream; KEYS[2]: the session's relay marker (a hash, `last`).
 # ARGV[1]: the marker's expiry (s); then per outbox entry: its place in the session's
@@ -87,6 +105,51 @@ class SharedOutbox:
         self.name = shared.removeprefix(f"{keys.prefix}:")
         self._relay = redis.register_script(_RELAY)
         self.relayed = 0
+        self.unsettled: set[str] = set()
+        """Sessions whose outbox keeps relayed entries no replica has confirmed yet."""
+        self._relaying: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    def relay_soon(self, sid: str) -> None:
+        """Relay the session's outbox in the background (one relay at a time per session;
+        a request during one makes it go again): a session's outputs never wait for the
+        shared stream's master, or for its replica to confirm."""
+        if not self.cluster:
+            return
+        running = self._relaying.get(sid)
+        if running is not None and not running.done():
+            self._again.add(sid)
+            return
+        self._relaying[sid] = asyncio.create_task(self._relay_while_asked(sid))
+
+    async def _relay_while_asked(self, sid: str) -> None:
+        try:
+            while True:
+                self._again.discard(sid)
+                await through_outages(lambda: self.relay(sid), f"relay {self.name}")
+                if sid not in self._again:
+                    return
+        except Exception:  # the next write's relay, or a takeover's, tries again
+            log.exception("relay failed", extra={"stream": self.shared, "session": sid})
+        finally:
+            if self._relaying.get(sid) is asyncio.current_task():
+                del self._relaying[sid]
+
+    async def settle(self, sid: str, attempts: int = 5) -> None:
+        """At a session's end, when no later relay would add what the shared stream's
+        master lost: wait for the session's relays, and relay again (a few times, backing
+        off) until a replica confirms them; then forget the session."""
+        if not self.cluster:
+            return
+        running = self._relaying.get(sid)
+        if running is not None:
+            await asyncio.gather(running, return_exceptions=True)
+        for attempt in range(attempts):
+            await through_outages(lambda: self.relay(sid), f"relay {self.name}")
+            if sid not in self.unsettled:
+                return
+            await asyncio.sleep(0.2 * (attempt + 1))
+        self.unsettled.discard(sid)  # given up: each relay logged it
 
     def outbox(self, sid: str) -> str:
         return self.keys.outbox(self.name, sid)
@@ -117,15 +180,54 @@ class SharedOutbox:
             for entry_id, fields in entries:
                 flat = [x for pair in fields.items() for x in pair]
                 args += [self._place(entry_id, fields), len(flat), *flat]
-            reply: Any = await self._relay(keys=[self.shared, self.marker(sid)], args=args)
-            relayed = int(reply[0])
-            # Every entry sent is on the shared stream now (by this call or an earlier one).
-            ms, _, seq = _text(entries[-1][0]).partition("-")
-            await self.redis.xtrim(outbox, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+            relayed, replicated = await self._relay_replicated(sid, args)
             total += relayed
             self.relayed += relayed
-            if len(entries) < RELAY_BATCH:
+            if not replicated:
+                # Kept in the outbox: if the shared stream's master fails before its replica
+                # has them, the next relay (the next write's, or a takeover's) adds them again.
+                self.unsettled.add(sid)
+                log.warning("relayed entries not replicated yet; kept in the outbox",
+                            extra={"stream": self.shared, "session": sid})  # fmt: skip
                 return total
+            # Every entry sent is on the shared stream and its replica now (by this call or
+            # an earlier one): the outbox may let them go.
+            ms, _, seq = _text(entries[-1][0]).partition("-")
+            await self.redis.xtrim(outbox, minid=f"{ms}-{int(seq) + 1}", approximate=False)
+            if len(entries) < RELAY_BATCH:
+                self.unsettled.discard(sid)
+                return total
+
+    async def _relay_replicated(self, sid: str, args: list[Any]) -> tuple[int, bool]:
+        """The relay script on the shared stream's master, then `WAIT 1` on the same
+        connection (WAIT counts that connection's writes): how many entries it added, and
+        whether a replica has them (or the master has none)."""
+        cluster = cast(RedisCluster, self.redis)
+        await cluster.initialize()
+        slot = key_slot(self.shared.encode())
+        node = cluster.nodes_manager.get_node_from_slot(slot)
+        no_replicas = len(cluster.nodes_manager.slots_cache.get(slot, [node])) <= 1
+        script = ("EVALSHA", self._relay.sha, 2, self.shared, self.marker(sid), *args)
+        wait = ("WAIT", 1, RELAY_WAIT_MS)
+        connection = node.acquire_connection()
+        try:
+            replies = await send_pipelined(connection, [script, wait])
+            if isinstance(replies[0], NoScriptError):
+                await send_pipelined(connection, [("SCRIPT", "LOAD", _RELAY)])
+                replies = await send_pipelined(connection, [script, wait])
+        finally:
+            node.release(connection)
+        if isinstance(replies[0], REDIRECTED):  # the slot moved or moves: follow it
+            try:
+                reply: Any = await cluster.execute_command(*script)
+            except NoScriptError:
+                await cluster.script_load(_RELAY)
+                reply = await cluster.execute_command(*script)
+            return int(reply[0]), no_replicas  # not confirmed: kept for the next relay
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        acked = replies[1] if isinstance(replies[1], int) else 0
+        return int(replies[0][0]), acked >= 1 or no_replicas
 
     def _place(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
         """An entry's place in the session's order: its number (`order_field`) when the

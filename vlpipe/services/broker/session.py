@@ -133,6 +133,8 @@ class BrokerSession:
                     await asyncio.wait_for(writer, timeout=CLOSE_WAIT_S)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._flush())
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(svc.tool_call_outbox.settle(self.sid), CLOSE_WAIT_S)
         log.info("session finished", extra={"session": self.sid, "reason": reason})
 
     async def _upstream_life(self) -> str:
@@ -404,7 +406,7 @@ class BrokerSession:
         if events:
             self.svc.events_out.add(events)
         if self.svc.tool_call_outbox.pending_in(write, self.sid):
-            await self.svc.relay_tool_calls(self.sid)
+            self.svc.tool_call_outbox.relay_soon(self.sid)
 
     def _next_write(self) -> tuple[SessionWrite, int]:
         """The core's events, side entries, checkpoint and trims as one fenced write."""

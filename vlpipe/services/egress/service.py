@@ -168,8 +168,10 @@ class EgressService:
                 write.expire(key, keep.session_ttl_s)
         await self.ownership.commit(state.owned, write)
         state.checkpointed = values
-        if self.transcripts.pending_in(write, sid):
-            await self._relay(sid)
+        if out.ended:  # the last relay: no later one would add what the relay lost
+            await self.transcripts.settle(sid)
+        elif self.transcripts.pending_in(write, sid):
+            self.transcripts.relay_soon(sid)
         self._trace(sid, out)
         self.totals["audio_chunks"] += len(out.audio)
         self.totals["transcripts"] += len(out.transcripts)
