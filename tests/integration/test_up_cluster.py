@@ -48,6 +48,8 @@ def test_up_on_a_redis_cluster_answers_a_call_and_stops_every_node(
             assert ready in output, output
         started = next(x for x in lines if "started a Redis Cluster" in x)
         seed = started.split("): ", 1)[1].split()[0]
+        # It tells how to reach the cluster from another shell.
+        assert f"export VLPIPE_REDIS_CLUSTER=true VLPIPE_REDIS_URL={seed}" in output
         cluster = RedisCluster.from_url(seed)
         shards = cluster.cluster_shards()
         assert len(shards) == 3 and all(len(s["nodes"]) == 2 for s in shards), shards

@@ -204,7 +204,13 @@ def main(argv: list[str]) -> int:
         console = gateway.env.get("VLPIPE_GATEWAY_PORT") if gateway else None
         out.write(
             "   up | pipeline ready.\n"
-            f"   up |   publish audio:   vlpipe publish FILE.wav --session ID   "
+            + (
+                f"   up |   in another shell: export VLPIPE_REDIS_CLUSTER=true "
+                f"VLPIPE_REDIS_URL={redis_url}   (redis-cli: -c)\n"
+                if args.redis_cluster
+                else ""
+            )
+            + f"   up |   publish audio:   vlpipe publish FILE.wav --session ID   "
             f"(or XADD {prefix}:sessions * type start session ID, then XADD {prefix}:audio:{{ID}} "
             "* audio <bytes> format pcm16 rate 16000)\n"
             f"   up |   read transcripts: vlpipe tail --session ID   (or XREAD STREAMS "
