@@ -88,3 +88,10 @@ def test_up_on_a_redis_cluster_answers_a_call_and_stops_every_node(
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_up_refuses_a_redis_url_with_a_cluster_of_its_own() -> None:
+    refused = vlpipe("up", "--redis-cluster", "--redis-url", "redis://127.0.0.1:1/0",
+                     env=dict(os.environ), timeout=30)  # fmt: skip
+    assert refused.returncode == 2
+    assert "--redis-cluster starts a cluster of its own" in refused.stderr
