@@ -6,6 +6,7 @@ import base64
 import signal
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,8 @@ from tests.egress.helpers import (
 from tests.waiting import wait_until
 from vlpipe.shared.audio import ulaw_to_pcm16
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import RedisServer
+from vlpipe.shared.streams import connect
 
 
 @pytest.fixture
@@ -220,3 +223,62 @@ async def test_a_killed_replica_is_taken_over_with_continuous_outputs(
     pieces = await transcript(redis, keys, "f1")
     assert [p.text for p in pieces] == [f"answer {n}" for n in range(6)]
     assert [p.seq for p in pieces] == list(range(6))
+
+
+async def test_a_write_refused_by_redis_is_retried_with_its_outputs_not_dropped(
+    fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    """A fenced write that fails with an error other than Redis being down (here OOM: the
+    server is over `maxmemory`) fails the batch; its retry must carry the same outputs,
+    not skip the events as already handled."""
+    redis = connect(fresh_redis_server.url)
+    proc = start_egress(fresh_redis_server.url, keys.prefix)
+    try:
+        await announce(redis, keys, "m1")
+        feed = EventFeed(redis, keys, "m1")
+        await feed.start()
+
+        async def started() -> bool:
+            return await redis.hget(keys.session_state("m1"), "egress.events_id") is not None
+
+        await wait_until(started, within=30)
+        proc.send_signal(signal.SIGSTOP)  # the next events wait for it, then meet a full Redis
+        for delta in tone_deltas("resp_0", "item_0", hz=500, seconds=0.5):
+            await feed.send(delta)
+        await feed.send({"type": "response.audio_transcript.done", "response_id": "resp_0",
+                         "item_id": "item_0", "transcript": "answer 0"})  # fmt: skip
+        await feed.send(response_events("resp_0", "item_0"))
+        await feed.end()
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        try:
+            proc.send_signal(signal.SIGCONT)
+
+            async def refused() -> bool:
+                stats: Any = await redis.info("errorstats")
+                return int(stats.get("errorstat_OOM", {}).get("count", 0)) > 0
+
+            await wait_until(refused, within=30)
+        finally:
+            await redis.config_set("maxmemory", "0")
+
+        async def done() -> bool:
+            return await redis.hget(keys.session_state("m1"), "egress.done") == b"1"
+
+        await wait_until(done, within=30)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    pieces = await transcript(redis, keys, "m1")
+    assert [(p.seq, p.text, p.final) for p in pieces if p.final] == [
+        (len(pieces) - 1, "answer 0", True)
+    ]
+    assert [p.seq for p in pieces] == list(range(len(pieces)))
+    chunks = await audio_out(redis, keys, "m1")
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert sum(len(c.audio) for c in chunks) == 0.5 * 24000 * 2
+    assert [f[b"text"] for _, f in await redis.xrange(keys.transcripts)] == [b"answer 0"]
+    assert await redis.xlen(keys.dead) == 0
+    await redis.aclose()

@@ -18,8 +18,10 @@ import redis.asyncio as aioredis
 from tests.shared.procs import ROOT
 from tests.waiting import wait_until
 from vlpipe.shared.audio import pcm16_to_ulaw
-from vlpipe.shared.contracts import Frame, decode
+from vlpipe.shared.contracts import Frame, Status, decode
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.redis_server import RedisServer
+from vlpipe.shared.streams import connect
 
 
 def start_ingest(
@@ -361,3 +363,56 @@ async def _all_owned(redis: aioredis.Redis, keys: StreamKeys, sids: list[str]) -
 async def _logged(path: Path, message: str, sid: str) -> bool:
     text = await asyncio.to_thread(path.read_text)
     return any(message in line and f'"{sid}"' in line for line in text.splitlines())
+
+
+async def test_a_write_refused_by_redis_is_retried_with_its_frames_not_dropped(
+    fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    """A fenced write that fails with an error other than Redis being down (here OOM: the
+    server is over `maxmemory`) fails the batch; its retry must write the same frames, not
+    drop the chunks as stale."""
+    redis = connect(fresh_redis_server.url)
+    proc = start_ingest(fresh_redis_server.url, keys.prefix)
+    sid = "oom-1"
+    try:
+        await redis.xadd(keys.sessions, {"type": "start", "session": sid,
+                                         "config": '{"input_audio_format": "pcm16_16000hz"}'})  # fmt: skip
+        audio = tone(16000, 1.0)
+        chunks = [audio[i : i + 3200] for i in range(0, len(audio), 3200)]  # 100 ms each
+        await redis.xadd(keys.audio(sid), {"audio": chunks[0], "format": "pcm16",
+                                           "rate": "16000", "seq": "0"})  # fmt: skip
+
+        async def started() -> bool:
+            return await redis.xlen(keys.frames(sid)) == 5
+
+        await wait_until(started, within=30)
+        proc.send_signal(signal.SIGSTOP)  # the next chunks wait for it, then meet a full Redis
+        for n, chunk in enumerate(chunks[1:], start=1):
+            await redis.xadd(keys.audio(sid), {"audio": chunk, "format": "pcm16",
+                                               "rate": "16000", "seq": str(n)})  # fmt: skip
+        await redis.xadd(keys.sessions, {"type": "end", "session": sid})
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")
+        try:
+            proc.send_signal(signal.SIGCONT)
+
+            async def refused() -> bool:
+                stats: Any = await redis.info("errorstats")
+                return int(stats.get("errorstat_OOM", {}).get("count", 0)) > 0
+
+            await wait_until(refused, within=30)
+        finally:
+            await redis.config_set("maxmemory", "0")
+        await wait_for_final_frame(redis, keys, sid)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    frames = await frames_of(redis, keys, sid)
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert b"".join(f.audio for f in frames) == audio
+    kinds = [decode(Status, f).kind for _, f in await redis.xrange(keys.status(sid))]
+    assert "stale" not in kinds and "gap" not in kinds
+    assert await redis.xlen(keys.dead) == 0
+    await redis.aclose()

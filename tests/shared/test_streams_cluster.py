@@ -98,10 +98,19 @@ async def test_a_followed_stream_whose_slot_moves_to_another_master_loses_and_re
     producing = True
 
     async def produce() -> None:
+        """As a producer does: each entry retried until added (redis-py's own XADD may
+        give up on ASK while the slot migrates: "TTL exhausted")."""
         nonlocal written
         while producing:
-            await cluster_redis.xadd(key, {"n": written})
-            await cluster_redis.xadd(other, {"n": written})
+            for stream in (key, other):
+                while True:
+                    try:
+                        await cluster_redis.xadd(stream, {"n": written})
+                        break
+                    except Exception as exc:
+                        if not _redis_down(exc):
+                            raise
+                        await asyncio.sleep(0.05)
             written += 1
             await asyncio.sleep(0.005)
 

@@ -25,24 +25,17 @@ master the writes of its slots, in one round trip per master.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection
 from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    NoScriptError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import NoScriptError
+
+from vlpipe.shared.routing import REDIRECTED, relearn_slots, send_pipelined, send_to_slot
 
 # KEYS[1]: the session's state hash; KEYS[2..]: the other keys the write touches.
 # ARGV[1]: epoch field, ARGV[2]: the caller's epoch, ARGV[3]: write-number field,
@@ -262,8 +255,9 @@ class Writer:
         all masters at once. A master that fails its round trip fails only its writes
         (connection errors: the callers retry them, exactly) and makes the client relearn
         the slots; a write redirected (MOVED or ASK: a failover, a slot migrating) or told
-        to try again is sent once more through the cluster client, which follows the
-        redirection. Nothing is applied twice: a redirected write was not run."""
+        to try again is sent once more where the cluster says (`routing.send_to_slot`,
+        ASKING on the same connection). Nothing is applied twice: a redirected write was
+        not run."""
         await cluster.initialize()  # a no-op unless the client must (re)learn the slots
         by_node: dict[ClusterNode, list[int]] = {}
         for i, command in enumerate(commands):
@@ -294,8 +288,7 @@ class Writer:
             for i, reply in zip(redirected, again, strict=True):
                 replies[i] = reply
         if relearn:
-            with contextlib.suppress(Exception):  # the next batch tries again
-                await cluster.nodes_manager.initialize()
+            await relearn_slots(cluster)
         return replies
 
     async def _send_to(self, node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -315,11 +308,8 @@ class Writer:
             node.release(connection)
 
     async def _send_routed(self, cluster: RedisCluster, command: tuple[Any, ...]) -> Any:
-        try:
-            return await cluster.execute_command(*command)
-        except NoScriptError:
-            await cluster.script_load(_APPLY)  # on every master
-            return await cluster.execute_command(*command)
+        """A write that was redirected, sent where the cluster says (MOVED, ASK)."""
+        return await send_to_slot(cluster, key_slot(_encode(command[3])), command, script=_APPLY)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The commands on one pooled connection, packed by hiredis; their replies in
@@ -333,24 +323,5 @@ class Writer:
             await pool.release(connection)
 
 
-async def send_pipelined(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send the commands on `connection` packed by hiredis, read their replies in order; an
-    error reply is its exception, in its place."""
-    await connection.send_packed_command(b"".join(map(hiredis.pack_command, commands)))
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await connection.read_response())
-        except ResponseError as exc:  # this command's reply; the others follow it
-            replies.append(exc)
-    return replies
-
-
 def _encode(key: str | bytes) -> bytes:
     return key.encode() if isinstance(key, str) else key
-
-
-#: Replies that mean "not run here, send it where the cluster says": a slot that moved
-#: (failover, resharding), a slot migrating (ASK), keys split by a migration (TRYAGAIN),
-#: a master that is failing over (CLUSTERDOWN).
-REDIRECTED = (AskError, TryAgainError, ClusterDownError)

@@ -48,8 +48,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from vlpipe.shared.fencing import REDIRECTED, SessionWrite, send_pipelined
+from vlpipe.shared.fencing import SessionWrite
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.routing import REDIRECTED, on_node, relearn_slots, send_to_slot
 from vlpipe.shared.streams import is_cluster, through_outages
 
 RELAYED_TTL_S = 7 * 24 * 3600
@@ -209,20 +210,16 @@ class SharedOutbox:
         no_replicas = len(cluster.nodes_manager.slots_cache.get(slot, [node])) <= 1
         script = ("EVALSHA", self._relay.sha, 2, self.shared, self.marker(sid), *args)
         wait = ("WAIT", 1, RELAY_WAIT_MS)
-        connection = node.acquire_connection()
         try:
-            replies = await send_pipelined(connection, [script, wait])
-            if isinstance(replies[0], NoScriptError):
-                await send_pipelined(connection, [("SCRIPT", "LOAD", _RELAY)])
-                replies = await send_pipelined(connection, [script, wait])
-        finally:
-            node.release(connection)
+            replies = await on_node(node, [script, wait])
+        except Exception:
+            await relearn_slots(cluster)
+            raise
+        if isinstance(replies[0], NoScriptError):
+            replies = await on_node(node, [("SCRIPT", "LOAD", _RELAY), script, wait])
+            replies = replies[1:]
         if isinstance(replies[0], REDIRECTED):  # the slot moved or moves: follow it
-            try:
-                reply: Any = await cluster.execute_command(*script)
-            except NoScriptError:
-                await cluster.script_load(_RELAY)
-                reply = await cluster.execute_command(*script)
+            reply: Any = await send_to_slot(cluster, slot, script, script=_RELAY)
             return int(reply[0]), no_replicas  # not confirmed: kept for the next relay
         if isinstance(replies[0], Exception):
             raise replies[0]

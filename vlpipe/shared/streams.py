@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -33,12 +34,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
 
+import redis
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterError, ReadOnlyError, ResponseError, SlotNotCoveredError
+from redis.exceptions import (
+    ClusterError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -47,6 +57,7 @@ from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.progress import LoopProgress
 from vlpipe.shared.redis_tls import RedisTLS
+from vlpipe.shared.routing import send_to_slot
 
 log = logging.getLogger("vlpipe.streams")
 
@@ -61,11 +72,16 @@ REDIS_DOWN = (
 )  # fmt: skip
 
 _TRANSIENT = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
+_TRANSIENT_CLASSES = (ClusterError, TryAgainError, ReadOnlyError)
 
 
 def transient(exc: ResponseError) -> bool:
-    """A reply that means "not now" (failover, loading), not "never": retry later."""
-    return str(exc).startswith(_TRANSIENT)
+    """A reply that means "not now" (failover, loading), not "never": retry later.
+
+    redis-py raises its own class for some replies and cuts the code off the message
+    (CLUSTERDOWN -> `ClusterDownError("The cluster is down")`, TRYAGAIN, MASTERDOWN,
+    READONLY), so those are known by class."""
+    return isinstance(exc, _TRANSIENT_CLASSES) or str(exc).startswith(_TRANSIENT)
 
 
 def connect(
@@ -110,6 +126,10 @@ def connect(
             # Slots a failed master held stay listed until its replica is promoted; a
             # slot nobody serves fails only the commands on it, not the whole client.
             require_full_coverage=False,
+            # The client retries a failed command at once, relearning the slots each time
+            # (it has no backoff): one retry covers a connection a failover left stale;
+            # past that the runtime's loops retry, backing off, so an outage costs little.
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
         )
         return cast(aioredis.Redis, client)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -128,6 +148,7 @@ def connect(
 
 
 CLUSTER_CONNECTIONS_FACTOR = 4
+CLUSTER_RETRIES = 1
 
 
 def is_cluster(redis: aioredis.Redis) -> bool:
@@ -367,9 +388,9 @@ class GroupConsumer:
                     if entries:
                         await self._handle_batch(entries)
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
-                if isinstance(exc, ResponseError) and not transient(exc):
-                    if "NOGROUP" not in str(exc):
+            except Exception as exc:
+                if not _redis_down(exc):
+                    if not isinstance(exc, ResponseError) or "NOGROUP" not in str(exc):
                         raise
                     groups_ready = False  # stream deleted, or Redis restarted without data
                 delay = backoff.next_delay()
@@ -486,7 +507,27 @@ class GroupConsumer:
 
 
 def _redis_down(exc: BaseException) -> bool:
-    return isinstance(exc, REDIS_DOWN) or (isinstance(exc, ResponseError) and transient(exc))
+    return (
+        isinstance(exc, REDIS_DOWN)
+        or (isinstance(exc, ResponseError) and transient(exc))
+        or _cut_off_mid_command(exc)
+    )
+
+
+def _cut_off_mid_command(exc: BaseException) -> bool:
+    """redis-py's cluster client closes every connection it has when a node answers
+    CLUSTERDOWN (a failover in progress), including those other tasks are using: a command
+    caught half-way (connecting, or writing) then fails inside redis-py with an
+    AttributeError (the connection's reader or writer is gone). That is the outage too."""
+    if not isinstance(exc, AttributeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and _REDIS_PY in tb.tb_frame.f_code.co_filename
+
+
+_REDIS_PY = os.path.dirname(redis.__file__)
 
 
 T = TypeVar("T")
@@ -637,7 +678,7 @@ class SessionStreamReader:
                         self._followed, self.wake_key, self._wake_id
                     )
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
+            except Exception as exc:
                 if not _redis_down(exc):
                     raise
                 delay = backoff.next_delay()
@@ -702,9 +743,11 @@ class SessionStreamReader:
                         if wake_id is None:
                             wake_id = await _last_id(self.redis, wake_key)
                     followed = {k: f for k in keys if (f := self._followed.get(k)) is not None}
-                    self._slot_wake_ids[slot] = await self._read_once(followed, wake_key, wake_id)
+                    self._slot_wake_ids[slot] = await self._read_once(
+                        followed, wake_key, wake_id, slot=slot
+                    )
                 backoff.reset()
-            except (*REDIS_DOWN, ResponseError) as exc:
+            except Exception as exc:
                 if not _redis_down(exc):
                     raise
                 delay = backoff.next_delay()
@@ -717,15 +760,26 @@ class SessionStreamReader:
                     )
                 await _sleep_or_stop(stop, delay)
 
-    async def _read_once(self, followed: dict[str, _Followed], wake_key: str, wake_id: str) -> str:
+    async def _read_once(
+        self, followed: dict[str, _Followed], wake_key: str, wake_id: str, slot: int | None = None
+    ) -> str:
         """One blocking XREAD of `followed` (each from its position) and `wake_key`, and
-        the delivery of what it returned; returns the wake-up stream's new position."""
+        the delivery of what it returned; returns the wake-up stream's new position. With
+        `slot` (a cluster), the read goes to that slot's master itself (`send_to_slot`:
+        redis-py mishandles ASK while a slot migrates)."""
         now = time.monotonic()
         ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
         ids[wake_key] = wake_id
         block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
-        streams: Any = ids
-        reply: Any = await self.redis.xread(streams, count=self.count, block=block)
+        reply: Any
+        if slot is None:
+            streams: Any = ids
+            reply = await self.redis.xread(streams, count=self.count, block=block)
+        else:
+            command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
+            raw: Any = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
+            by_key = raw.items() if isinstance(raw, dict) else (raw or [])  # RESP3 or 2
+            reply = [(key, [(i, _pairs(f)) for i, f in entries]) for key, entries in by_key]
         deliveries = []
         for stream_raw, raw in reply or []:
             key = _s(stream_raw)
@@ -778,6 +832,11 @@ class SessionStreamReader:
             return
         followed.failures = 0
         followed.last_id = entries[-1].id
+
+
+def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """An entry's fields as RESP2 sends them (name, value, name, value...), as a dict."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 _SLOT_TAGS: list[str] = []

@@ -27,6 +27,7 @@ from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Event, decode, encode
+from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
@@ -92,10 +93,10 @@ class EgressService:
             owned.sid, owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
         )
         outputs.load(checkpoint)
-        state = SessionEgress(
-            owned, outputs, int(checkpoint.get("next_event", "0")),
-            checkpointed={k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint},
-        )  # fmt: skip
+        next_event = int(checkpoint.get("next_event", "0"))
+        state = SessionEgress(owned, outputs, next_event, checkpointed={
+            **{k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint}, "next_event": next_event,
+        })  # fmt: skip
         self.sessions[owned.sid] = state
         key = self.keys.events(owned.sid)
         self.reader.add(key, checkpoint.get("events_id", "0-0"), self._on_events)
@@ -124,10 +125,28 @@ class EgressService:
             if out.ended:
                 break
         self.totals["events"] += len(entries)
-        await self._write(state, out, entries[-1].id)
+        try:
+            await self._write(state, out, entries[-1].id)
+        except SessionLost:
+            raise
+        except Exception:
+            # Not applied: back to the last checkpoint, so that the reader's retry of these
+            # entries makes the same outputs instead of skipping them as handled.
+            self._rewind(state)
+            raise
         if out.ended:
             log.info("session output finished", extra={"session": sid})
             state.done.set()
+
+    def _rewind(self, state: SessionEgress) -> None:
+        """The session's state as of its last applied write (its checkpoint)."""
+        sid, config = state.owned.sid, state.owned.start.config
+        outputs = SessionOutputs(
+            sid, state.owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
+        )
+        outputs.load({k: str(v) for k, v in state.checkpointed.items()})
+        state.outputs = outputs
+        state.next_event = int(state.checkpointed.get("next_event", 0))
 
     async def _write(self, state: SessionEgress, out: Outputs, events_id: str) -> None:
         """Outputs, playback position, checkpoint and trim in one fenced write (and, with

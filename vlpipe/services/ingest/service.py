@@ -34,6 +34,7 @@ from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, decode, encode
+from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
@@ -155,8 +156,31 @@ class IngestService:
             notices += noticed
             for ready_entry, ready_chunk in ready:
                 frames += await self._normalize(state, ready_entry, ready_chunk)
-        await self._write(state, frames, entries[-1].id, notices)
+        try:
+            await self._write(state, frames, entries[-1].id, notices)
+        except SessionLost:
+            raise
+        except Exception:
+            # Not applied: back to the last checkpoint, so that the reader's retry of these
+            # entries makes the same frames instead of dropping them as stale.
+            self._rewind(state)
+            raise
         state.idle.set()
+
+    def _rewind(self, state: SessionIngest) -> None:
+        """The session's state as of its last applied write (its checkpoint); chunks held
+        for reordering from earlier batches are not kept (reported as a gap), as on a
+        takeover."""
+        owned = state.owned
+        checkpoint = {**owned.checkpoint, **{k: str(v) for k, v in state.checkpointed.items()}}
+        state.normalizer = Normalizer.resume(
+            owned.start.config.input_audio_format, self.settings.frame_ms, checkpoint
+        )
+        state.next_seq = int(checkpoint.get("next_seq", "0"))
+        expected = checkpoint.get("expected_seq")
+        state.order = SequenceWindow(
+            window=self.settings.reorder_window, expected=int(expected) if expected else None
+        )
 
     async def _normalize(self, state: SessionIngest, entry: Entry, chunk: RawAudio) -> list[Frame]:
         try:
