@@ -167,14 +167,19 @@ class LocalCluster:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start every node, join them into one cluster, and wait until it is ok."""
-        for node in self.nodes:
-            node.server.start()
-        for node in self.nodes:
-            node.node_id = self._call(node, "CLUSTER", "MYID").decode()
-        if not self._already_joined():
-            self._join(timeout)
-        self.wait_ok(timeout)
+        """Start every node, join them into one cluster, and wait until it is ok (if it
+        does not get there, the nodes are stopped: no process is left behind)."""
+        try:
+            for node in self.nodes:
+                node.server.start()
+            for node in self.nodes:
+                node.node_id = self._call(node, "CLUSTER", "MYID").decode()
+            if not self._already_joined():
+                self._join(timeout)
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def _already_joined(self) -> bool:
         # Restarted from the same directories: nodes.conf remembers the cluster.
