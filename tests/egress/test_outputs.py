@@ -6,7 +6,6 @@ import base64
 import signal
 import subprocess
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from tests.egress.helpers import (
     tone_deltas,
     transcript,
 )
+from tests.shared.refusing import refuse_writes_until_one_is_refused
 from tests.waiting import wait_until
 from vlpipe.shared.audio import ulaw_to_pcm16
 from vlpipe.shared.keys import StreamKeys
@@ -249,18 +249,7 @@ async def test_a_write_refused_by_redis_is_retried_with_its_outputs_not_dropped(
                          "item_id": "item_0", "transcript": "answer 0"})  # fmt: skip
         await feed.send(response_events("resp_0", "item_0"))
         await feed.end()
-        await redis.config_set("maxmemory-policy", "noeviction")
-        await redis.config_set("maxmemory", "1")
-        try:
-            proc.send_signal(signal.SIGCONT)
-
-            async def refused() -> bool:
-                stats: Any = await redis.info("errorstats")
-                return int(stats.get("errorstat_OOM", {}).get("count", 0)) > 0
-
-            await wait_until(refused, within=30)
-        finally:
-            await redis.config_set("maxmemory", "0")
+        await refuse_writes_until_one_is_refused(redis, proc)
 
         async def done() -> bool:
             return await redis.hget(keys.session_state("m1"), "egress.done") == b"1"

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.shared.procs import ROOT
+from tests.shared.refusing import refuse_writes_until_one_is_refused
 from tests.waiting import wait_until
 from vlpipe.shared.audio import pcm16_to_ulaw
 from vlpipe.shared.contracts import Frame, Status, decode
@@ -391,18 +392,7 @@ async def test_a_write_refused_by_redis_is_retried_with_its_frames_not_dropped(
             await redis.xadd(keys.audio(sid), {"audio": chunk, "format": "pcm16",
                                                "rate": "16000", "seq": str(n)})  # fmt: skip
         await redis.xadd(keys.sessions, {"type": "end", "session": sid})
-        await redis.config_set("maxmemory-policy", "noeviction")
-        await redis.config_set("maxmemory", "1")
-        try:
-            proc.send_signal(signal.SIGCONT)
-
-            async def refused() -> bool:
-                stats: Any = await redis.info("errorstats")
-                return int(stats.get("errorstat_OOM", {}).get("count", 0)) > 0
-
-            await wait_until(refused, within=30)
-        finally:
-            await redis.config_set("maxmemory", "0")
+        await refuse_writes_until_one_is_refused(redis, proc)
         await wait_for_final_frame(redis, keys, sid)
         assert proc.poll() is None
     finally:
