@@ -67,7 +67,7 @@ def test_up_on_a_redis_cluster_answers_a_call_and_stops_every_node(
         assert tailed.returncode == 0, tailed.stderr
         records = [json.loads(line) for line in tailed.stdout.splitlines()]
         finals = [r for r in records if r.get("final") is True]
-        assert [r["speaker"] for r in finals] == ["user", "assistant"]
+        assert [r["speaker"] for r in finals] == ["user", "assistant"], tailed.stdout[-3000:]
         assert "fail better" in finals[0]["text"].lower()
         assert records[-1]["message"] == "ended"
         # The session's keys are on the master that serves its hash tag's slot.
