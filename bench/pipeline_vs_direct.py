@@ -759,6 +759,8 @@ class Bench:
     appendfsync: str
     telemetry: bool
     tmp: Path
+    audio_in: bool
+    """Sessions announce `audio_in pcm16` (direct input: the broker reads the chunks)."""
 
     def open_upstreams(self) -> int:
         return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
@@ -836,11 +838,12 @@ class Bench:
             pids = {name: c.pid for name, c in zip(SERVICES, started, strict=True)}
             pids["redis-server"] = server.proc.pid
             idle_rss = {name: psutil.Process(pid).memory_info().rss for name, pid in pids.items()}
+            audio_in = ("audio_in", "pcm16") if self.audio_in else ()
             async with redis.pipeline(transaction=False) as pipe:
                 for sid in sids:
                     pipe.execute_command("XADD", keys.sessions, "*", "type", "start", "session",
                                          sid, "config", json.dumps(SESSION_CONFIG),
-                                         "audio_out", "pcm16")  # fmt: skip
+                                         "audio_out", "pcm16", *audio_in)  # fmt: skip
                 await pipe.execute()
             await wait_for(f"the broker to open {n} upstream sessions",
                            lambda: self.open_upstreams() == n, 60 + n * 0.5, watch=started,
@@ -902,7 +905,8 @@ def machine_line(args: argparse.Namespace) -> str:
     return (
         f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
         f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
-        f"{args.telemetry}; window {args.seconds:g} s after a {args.warmup:g} s warm-up"
+        f"{args.telemetry}, {args.input} input; window {args.seconds:g} s after a "
+        f"{args.warmup:g} s warm-up"
     )
 
 
@@ -1016,7 +1020,8 @@ async def run(args: argparse.Namespace) -> None:
             null = await children.role("null server", "null", {"port": null_port})
             await null.message("ready", within=30)
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
-                          args.appendfsync, args.telemetry == "on", Path(tmp))  # fmt: skip
+                          args.appendfsync, args.telemetry == "on", Path(tmp),
+                          args.input == "direct")  # fmt: skip
             for n in sessions:
                 modes = []
                 for mode in (bench.direct, bench.pipeline):
@@ -1062,6 +1067,9 @@ def main() -> None:
     parser.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
     parser.add_argument("--telemetry", choices=["on", "off"], default="on",
                         help="off: the services run with OTEL_SDK_DISABLED=true")  # fmt: skip
+    parser.add_argument("--input", choices=["direct", "ingest"], default="direct",
+                        help="direct: sessions announce audio_in pcm16, so the broker reads "
+                        "the producer's chunks itself; ingest: they go through ingest")  # fmt: skip
     args = parser.parse_args()
 
     async def guarded() -> None:

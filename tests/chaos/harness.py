@@ -38,6 +38,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from tests.chaos.history import History, aof_base
 from tests.shared.procs import ROOT
+from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import SessionConfig, SessionEnd, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_cluster import LocalCluster
@@ -189,15 +190,22 @@ async def speak(
     tail_s: float = 1.5,
     config: SessionConfig | None = None,
     cluster: bool = False,
+    direct: bool = False,
 ) -> None:
     """Announce `sid`, publish the recording (then `tail_s` of silence) at `pace` x real
     time in 100 ms chunks with producer sequence numbers, and end the session. `cluster`:
-    `redis_url` names a node of a Redis Cluster."""
+    `redis_url` names a node of a Redis Cluster. `direct`: the session's input format is
+    the recording's, announced as `audio_in` (the broker reads the chunks, not ingest)."""
     redis = connect(redis_url, timeout_s=1, cluster=cluster)
     try:
-        start = SessionStart(session=sid, config=config or SessionConfig())
-        await _until_done(redis, keys.sessions, dict(encode(start)))
         rate, chunks = speech_chunks(recording)
+        config = config or SessionConfig()
+        start = SessionStart(session=sid, config=config)
+        if direct:
+            fmt = AudioFormat.parse("pcm16", rate)
+            config = config.model_copy(update={"input_audio_format": fmt})
+            start = SessionStart(session=sid, config=config, audio_in=fmt)
+        await _until_done(redis, keys.sessions, dict(encode(start)))
         chunks += [b"\0" * len(chunks[0])] * int(tail_s * 10)
         loop = asyncio.get_running_loop()
         began = loop.time()

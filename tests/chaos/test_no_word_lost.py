@@ -36,13 +36,16 @@ def words(text: str) -> str:
     return " ".join(re.findall(r"[a-z']+", text.lower()))
 
 
-@pytest.mark.parametrize("fault", ["broker", "ingest", "egress", "upstream"])
+@pytest.mark.parametrize("fault", ["broker", "ingest", "egress", "upstream", "direct broker"])
 async def test_the_utterance_in_flight_survives(
     fault: str, chaos_store: ChaosRedis, keys: StreamKeys, speech_wav: Path, tmp_path: Path
 ) -> None:
     store = chaos_store
     redis = store.client()
     counts = {"ingest": 1, "broker": 1, "egress": 1}
+    # "direct broker": sessions announce audio_in, so the broker reads the producer's chunks.
+    direct = fault.startswith("direct")
+    fault = fault.removeprefix("direct ")
     if fault != "upstream":
         counts[fault] = 2
     try:
@@ -53,7 +56,7 @@ async def test_the_utterance_in_flight_survives(
             ) as procs,  # fmt: skip
         ):
             cluster = store.is_cluster
-            await speak(store.url, keys, "untouched", speech_wav, cluster=cluster)
+            await speak(store.url, keys, "untouched", speech_wav, cluster=cluster, direct=direct)
 
             async def untouched_ended() -> bool:
                 return await ended_everywhere(redis, keys, "untouched")
@@ -62,7 +65,8 @@ async def test_the_utterance_in_flight_survives(
 
             began = time.monotonic()
             talking = asyncio.create_task(
-                speak(store.url, keys, "victim", speech_wav, cluster=cluster))  # fmt: skip
+                speak(store.url, keys, "victim", speech_wav, cluster=cluster, direct=direct)
+            )
             await asyncio.sleep(MID_UTTERANCE_S - (time.monotonic() - began))
             if fault == "upstream":
                 assert engine._server is not None
@@ -82,7 +86,7 @@ async def test_the_utterance_in_flight_survives(
         history = store.history(keys)
         said: dict[str, str] = {}
         for sid in ("untouched", "victim"):
-            history.check(sid)
+            history.check(sid, direct=direct)
             finals = [p for p in history.sessions[sid].transcript if p.final]
             user = [words(p.text) for p in finals if p.speaker == "user"]
             replies = {words(p.text) for p in finals if p.speaker == "assistant"}

@@ -40,9 +40,11 @@ CHANNELS: tuple[Channel, ...] = (
         "MINID behind the oldest entry still pending or undelivered in any group.",
     ),
     Channel(
-        "audio", _KEYS.audio(_SID), (c.RawAudio,), "any producer, gateway", "ingest",
+        "audio", _KEYS.audio(_SID), (c.RawAudio,), "any producer, gateway",
+        "ingest; the broker for a session whose start names audio_in equal to its "
+        "input_audio_format (direct input: the chunks go upstream as they are)",
         "Raw audio in any supported format, plain fields, audio as a raw binary value.",
-        "Trimmed by ingest up to its checkpoint (MINID); never past unread audio.",
+        "Trimmed by its reader up to its checkpoint (MINID); never past unread audio.",
     ),
     Channel(
         "frames", _KEYS.frames(_SID), (c.Frame,), "ingest", "broker",

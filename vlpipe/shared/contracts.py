@@ -155,7 +155,20 @@ class SessionStart(Message):
         default=AudioFormat.PCM16,
         description="Format of the audio-out stream egress writes for consumers.",
     )
+    audio_in: AudioFormat | None = Field(
+        default=None,
+        description="Format of every chunk the producer will write to vl:audio:{sid}, when "
+        "it is fixed. When it is the session's input_audio_format (pcm16 at 24 kHz, "
+        "g711_ulaw or g711_alaw at 8 kHz, mono), the broker sends the chunks upstream as "
+        "they are and ingest is skipped; a chunk in another format is refused.",
+    )
     traceparent: Traceparent = None
+
+    @property
+    def direct_input(self) -> bool:
+        """The producer's chunks are already in the upstream's input format: the broker
+        reads `vl:audio:{sid}` itself, without ingest."""
+        return self.audio_in is not None and self.audio_in == self.config.input_audio_format
 
 
 class SessionEnd(Message):

@@ -116,10 +116,11 @@ class AclTable:
             ),
             Role(
                 "broker",
-                "reads frames and control, writes events and tool calls (trimmed behind "
-                "their consumer groups)",
+                "reads frames (or a direct-input session's raw audio) and control, writes "
+                "events and tool calls (trimmed behind their consumer groups)",
                 read_write=(
                     *owner_rw,
+                    k.audio(ANY),
                     k.frames(ANY),
                     k.ctl(ANY),
                     k.events(ANY),

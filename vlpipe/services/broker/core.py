@@ -113,6 +113,7 @@ class SessionCore:
         replica: str,
         frames_key: str,
         producer_traceparent: str | None = None,
+        direct_input: bool = False,
     ) -> None:
         self.sid = sid
         self.settings = settings
@@ -120,6 +121,10 @@ class SessionCore:
         self.seq = int(cp.get("seq", "0"))
         self.frames_id = cp.get("frames_id", "0-0")
         """The last frame let go: a new owner reads (and replays) the frames after it."""
+        self.direct_input = direct_input
+        """Frames are the producer's own chunks (`vlpipe.services.broker.direct`)."""
+        self.source_seq = int(cp["source_seq"]) if cp.get("source_seq") else None
+        """Direct input: the producer `seq` expected after `frames_id`, if it numbers."""
         self.ctl_id = cp.get("ctl_id", "0-0")
         self.config = (
             SessionConfig.model_validate_json(cp["config"]) if cp.get("config") else start_config
@@ -154,6 +159,7 @@ class SessionCore:
         # Input and replay.
         self.retained: deque[SentFrame] = deque()
         self.last_frame_id = ""
+        self.last_frame_seq = -1
         self.upstream_ms = 0.0
         self.speech_end_ms: float | None = None
         self.manual_commits: deque[float] = deque()
@@ -218,6 +224,8 @@ class SessionCore:
             "answer": int(self.answer_owed and not self.pending_commits),
             "turn": self.turn_marker, "trace": self.trace.traceparent or "",
         }  # fmt: skip
+        if self.direct_input and self.source_seq is not None:
+            values["source_seq"] = self.source_seq
         if self.conversation_dirty:
             values["conversation"] = self.conv.dump()
             values["config"] = self.config.model_dump_json()
@@ -316,6 +324,7 @@ class SessionCore:
                 if not self.retained and not batch:
                     self._moved_frames_id()  # a new owner need not read the marker again
                 break
+            self.last_frame_seq = frame.seq
             duration = frame.format.ms_for_bytes(len(frame.audio))
             batch.append(SentFrame(entry_id, frame.seq, frame.audio, 0.0, duration,
                                    entry_ms(entry_id)))  # fmt: skip
@@ -376,8 +385,12 @@ class SessionCore:
         owner reads on from there), or the last frame had when none is kept."""
         if self.retained:
             self.frames_id = _id_before(self.retained[0].entry_id)
+            if self.retained[0].seq >= 0:
+                self.source_seq = self.retained[0].seq
         elif self.last_frame_id:
             self.frames_id = self.last_frame_id
+            if self.last_frame_seq >= 0:
+                self.source_seq = self.last_frame_seq + 1
         self.dirty = True
 
     def _let_go_of_silence(self) -> None:

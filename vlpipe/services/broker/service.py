@@ -20,7 +20,7 @@ from vlpipe.services.broker.session import LATENCY_SAMPLE_EVERY, BrokerSession
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
 from vlpipe.shared import telemetry
-from vlpipe.shared.contracts import ContractError, Control, Frame, Message, decode
+from vlpipe.shared.contracts import ContractError, Control, Frame, Message, RawAudio, decode
 from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
@@ -132,6 +132,20 @@ class BrokerService:
                 await self.refuse(session.sid, entry, str(exc))
         if frames:
             session.queue_frames(frames)
+
+    async def on_audio(self, key: str, entries: list[Entry]) -> None:
+        """Direct input (`vlpipe.services.broker.direct`): the producer's own chunks."""
+        session = self.sessions.get(_sid(key))
+        if session is None:
+            return
+        chunks: list[tuple[Entry, RawAudio]] = []
+        for entry in entries:
+            try:
+                chunks.append((entry, decode(RawAudio, entry.fields)))
+            except ContractError as exc:
+                await self.refuse(session.sid, entry, str(exc))
+        for entry, reason in session.direct_frames(chunks):
+            await self.refuse(session.sid, entry, reason)
 
     async def on_ctl(self, key: str, entries: list[Entry]) -> None:
         session = self.sessions.get(_sid(key))

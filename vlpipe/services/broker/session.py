@@ -38,11 +38,13 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from vlpipe.services.broker.core import SessionCore, SessionEnded
+from vlpipe.services.broker.direct import DirectInput
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
-from vlpipe.shared.contracts import EndSession, Frame, Message, SessionEnd, encode
+from vlpipe.shared.contracts import EndSession, Frame, Message, RawAudio, SessionEnd, encode
 from vlpipe.shared.fencing import SessionLost, SessionWrite
 from vlpipe.shared.ownership import OwnedSession
-from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_ms
+from vlpipe.shared.reorder import describe
+from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_key, entry_ms, through_outages
 
 if TYPE_CHECKING:
     from vlpipe.services.broker.service import BrokerService
@@ -64,12 +66,22 @@ class BrokerSession:
         self.settings = service.settings
         self.owned = owned
         self.sid = owned.sid
+        start = owned.start
+        # Chunks already in the upstream's format come from the producer's stream itself.
+        self.input_key = (service.keys.audio if start.direct_input else service.keys.frames)(
+            owned.sid
+        )
         self.core = SessionCore(
-            owned.sid, owned.start.config, owned.checkpoint, service.settings,
+            owned.sid, start.config, owned.checkpoint, service.settings,
             taken_over=owned.taken_over, replica=service.ctx.replica,
-            frames_key=service.keys.frames(owned.sid),
-            producer_traceparent=owned.start.traceparent,
+            frames_key=self.input_key, producer_traceparent=start.traceparent,
+            direct_input=start.direct_input,
         )  # fmt: skip
+        self.direct = (
+            DirectInput(owned.sid, start.config.input_audio_format, self.core.source_seq)
+            if start.direct_input
+            else None
+        )
         # Work queued by the shared reader for the sender.
         self.frames: deque[tuple[str, Frame]] = deque()
         self.controls: deque[tuple[Entry, Message]] = deque()
@@ -102,6 +114,10 @@ class BrokerSession:
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
         svc.reader.add(svc.keys.ctl(self.sid), core.ctl_id, svc.on_ctl)
         self._read_frames()
+        input_end: asyncio.Task[None] | None = None
+        if self.direct is not None and not core.input_final:
+            input_end = asyncio.create_task(self._direct_input_end(),
+                                            name=f"broker-input-end-{self.sid}")  # fmt: skip
         reason = "cancelled"
         try:
             if core.seq == 0:
@@ -112,8 +128,10 @@ class BrokerSession:
             reason = exc.reason
         finally:
             core.turns.end()
+            if input_end is not None:
+                input_end.cancel()
             svc.reader.remove(svc.keys.ctl(self.sid))
-            svc.reader.remove(svc.keys.frames(self.sid))
+            svc.reader.remove(self.input_key)
             if self.ws is not None:
                 # A silent upstream would hold the close handshake for its whole timeout.
                 with contextlib.suppress(Exception):
@@ -424,17 +442,45 @@ class BrokerSession:
                 write.xadd(keys.status(self.sid), encode(msg), maxlen=keep.status)
         write.checkpoint(core.checkpoint())
         # Frames the upstream has not committed stay: a new upstream session gets them.
-        write.trim_before(keys.frames(self.sid), core.frames_id, approximate=False)
+        write.trim_before(self.input_key, core.frames_id, approximate=False)
         write.trim_before(keys.ctl(self.sid), core.ctl_id, approximate=False)
         return write, len(events)
 
     # ---------------------------------------------------------------- from the reader
 
     def _read_frames(self) -> None:
-        self.svc.reader.add(
-            self.svc.keys.frames(self.sid), self.queued_frames_id, self.svc.on_frames
-        )
+        handler = self.svc.on_frames if self.direct is None else self.svc.on_audio
+        self.svc.reader.add(self.input_key, self.queued_frames_id, handler)
         self.reading_frames = True
+
+    async def _direct_input_end(self) -> None:
+        """Direct input: once the producer ended the session and every chunk it wrote was
+        read, the end-of-input marker (ingest writes it for the sessions it normalizes)."""
+        assert self.direct is not None
+        await self.owned.ended.wait()
+        redis, key = self.svc.redis, self.input_key
+        while True:
+            last: Any = await through_outages(lambda: redis.xrevrange(key, count=1), "input end")
+            last_id = last[0][0].decode() if last else "0-0"
+            read = max(self.queued_frames_id, self.svc.reader.position(key) or "0-0",
+                       key=entry_key)  # fmt: skip
+            if entry_key(read) >= entry_key(last_id):
+                break
+            await asyncio.sleep(0.05)
+        self.queue_frames([(read, self.direct.final())])
+
+    def direct_frames(self, chunks: list[tuple[Entry, RawAudio]]) -> list[tuple[Entry, str]]:
+        """Direct input: queue what goes upstream, report sequence notices; returns the
+        entries refused, with why."""
+        assert self.direct is not None
+        frames, notices, refused = self.direct.accept(chunks)
+        for notice in notices:
+            self.core.status(*describe(notice))
+        if notices:
+            self._changed()
+        if frames:
+            self.queue_frames(frames)
+        return refused
 
     def queue_frames(self, frames: list[tuple[str, Frame]]) -> None:
         self.frames.extend(frames)
@@ -442,7 +488,7 @@ class BrokerSession:
         self.last_input_at = time.monotonic()
         if len(self.frames) >= self.settings.max_pending_frames:
             # The upstream is slower than the audio: leave the rest in Redis for now.
-            self.svc.reader.remove(self.svc.keys.frames(self.sid))
+            self.svc.reader.remove(self.input_key)
             self.reading_frames = False
         self.work.set()
 

@@ -30,12 +30,12 @@ from opentelemetry.trace import SpanKind
 
 from vlpipe.services.ingest.containers import DEMUXERS
 from vlpipe.services.ingest.normalize import SNAPSHOT_FIELDS, BadAudio, Normalizer
-from vlpipe.services.ingest.reorder import Gap, Notice, SequenceWindow
 from vlpipe.services.ingest.settings import IngestSettings
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Frame, RawAudio, Status, decode, encode
 from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.ownership import OwnedSession
+from vlpipe.shared.reorder import Notice, SequenceWindow, describe
 from vlpipe.shared.service import ServiceContext
 from vlpipe.shared.sessions import refuse, run_sessions, session_ownership, session_reader
 from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_key, through_outages
@@ -94,6 +94,8 @@ class IngestService:
 
     async def run_session(self, owned: OwnedSession) -> None:
         """Normalize one session until it ends and its audio is drained."""
+        if owned.start.direct_input:
+            return  # already the upstream's format: the broker reads the chunks itself
         checkpoint = owned.checkpoint
         state = SessionIngest(
             owned=owned,
@@ -213,20 +215,9 @@ class IngestService:
         """Gaps and stale entries go to the session's status stream, never silently."""
         out = []
         for notice in notices:
-            if isinstance(notice, Gap):
-                status = Status(
-                    session=sid, service="ingest", kind="gap",
-                    message=f"{notice.count} audio entries missing (seq {notice.first_missing}"
-                    f"-{notice.last_missing}); continuing without them",
-                    detail={"first_missing": notice.first_missing, "last_missing": notice.last_missing},
-                )  # fmt: skip
-            else:
-                status = Status(
-                    session=sid, service="ingest", kind="stale",
-                    message=f"audio entry seq {notice.seq} dropped: duplicate or too late",
-                    detail={"seq": notice.seq},
-                )  # fmt: skip
-            out.append(status)
+            kind, message, detail = describe(notice)
+            out.append(Status(session=sid, service="ingest", kind=kind, message=message,
+                              detail=detail))  # fmt: skip
         return out
 
     async def _write(

@@ -76,3 +76,20 @@ class SequenceWindow(Generic[T]):
         while self.expected in self._held:
             ready.append(self._held.pop(self.expected))
             self.expected += 1
+
+
+def describe(notice: Notice) -> tuple[str, str, dict[str, int]]:
+    """A notice as a status entry's kind, message and detail: gaps and stale entries go
+    to the session's status stream, never silently."""
+    if isinstance(notice, Gap):
+        return (
+            "gap",
+            f"{notice.count} audio entries missing (seq {notice.first_missing}-"
+            f"{notice.last_missing}); continuing without them",
+            {"first_missing": notice.first_missing, "last_missing": notice.last_missing},
+        )
+    return (
+        "stale",
+        f"audio entry seq {notice.seq} dropped: duplicate or too late",
+        {"seq": notice.seq},
+    )

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vlpipe.services.ingest.reorder import Gap, SequenceWindow, Stale
+from vlpipe.shared.reorder import Gap, SequenceWindow, Stale
 
 
 def feed(window: SequenceWindow[int], seqs: list[int]) -> tuple[list[int], list[object]]:

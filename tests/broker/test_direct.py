@@ -1,0 +1,147 @@
+"""Direct input: a session announced with `audio_in` equal to its input format skips
+ingest, and the broker reads the producer's chunks itself (`vlpipe.services.broker.direct`).
+
+Pure tests of what ingest would otherwise do for such chunks (sequence numbers, format
+checks), of the producer `seq` a new owner resumes from, and the broker as a real service
+with the local engine and no ingest running: a spoken session answered, bad chunks
+dead-lettered with a reason, a repeated chunk dropped, the input ended by the producer's
+end announcement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from tests.broker.helpers import read_wav, running_broker, statuses, wait_for_event
+from tests.broker.test_core import VAD, make_core
+from vlpipe.services.broker.core import SessionCore
+from vlpipe.services.broker.direct import NO_SEQ, DirectInput
+from vlpipe.services.broker.settings import BrokerSettings
+from vlpipe.services.engine.server import running_engine
+from vlpipe.shared.audio import AudioFormat
+from vlpipe.shared.contracts import RawAudio, SessionConfig, SessionStart, encode
+from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.reorder import Gap, Stale
+from vlpipe.shared.streams import Entry
+
+PCM = AudioFormat.PCM16
+
+
+def chunk(n: int, seq: int | None, **fields: object) -> tuple[Entry, RawAudio]:
+    raw = RawAudio.model_validate(
+        {"audio": b"\1\0" * 480, "format": "pcm16", "rate": 24000, "seq": seq, **fields}
+    )
+    return Entry("vl:audio:{s1}", f"{1000 + n}-0", {}), raw
+
+
+def test_chunks_in_the_upstream_format_go_through_as_they_are() -> None:
+    direct = DirectInput("s1", PCM)
+    frames, notices, refused = direct.accept([chunk(0, 0), chunk(1, 1), chunk(2, None)])
+    assert [entry_id for entry_id, _ in frames] == ["1000-0", "1001-0", "1002-0"]
+    assert [f.seq for _, f in frames] == [0, 1, NO_SEQ]
+    assert all(f.audio == b"\1\0" * 480 and f.format is PCM for _, f in frames)
+    assert notices == [] and refused == []
+
+
+def test_a_repeated_or_late_chunk_is_dropped_and_a_skipped_number_reported() -> None:
+    direct = DirectInput("s1", PCM, expected=5)
+    frames, notices, refused = direct.accept(
+        [chunk(0, 4), chunk(1, 5), chunk(2, 5), chunk(3, 8), chunk(4, 7)]
+    )
+    assert [f.seq for _, f in frames] == [5, 8]  # no reordering: 7 came after 8
+    assert notices == [Stale(4), Stale(5), Gap(6, 7), Stale(7)]
+    assert refused == []
+
+
+def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None:
+    direct = DirectInput("s1", PCM)
+    bad = [
+        chunk(0, 0, rate=16000),
+        chunk(1, 1, format="g711_ulaw", rate=8000),
+        chunk(2, 2, channels=2),
+        chunk(3, 3, audio=b"\0\0\0"),
+        chunk(4, 4, audio=b""),
+    ]
+    frames, notices, refused = direct.accept([*bad, chunk(5, 5)])
+    assert [f.seq for _, f in frames] == [5] and notices == []
+    reasons = [reason for _, reason in refused]
+    assert len(reasons) == 4
+    for reason in reasons[:3]:
+        assert "announced audio_in pcm16" in reason and "pcm16 at 24000 Hz mono" in reason
+    assert "got pcm16 at 16000 Hz with 1 channel(s)" in reasons[0]
+    assert "got g711_ulaw at 8000 Hz" in reasons[1]
+    assert "with 2 channel(s)" in reasons[2]
+    assert reasons[3] == "pcm16 needs a multiple of 2 bytes, got 3"
+
+
+def test_g711_chunks_need_no_rate() -> None:
+    direct = DirectInput("s1", AudioFormat.G711_ULAW)
+    raw = RawAudio.model_validate({"audio": b"\xff" * 160, "format": "ulaw", "seq": 0})
+    frames, _, refused = direct.accept([(Entry("k", "1-0", {}), raw)])
+    assert len(frames) == 1 and refused == []
+
+
+def test_a_new_owner_expects_the_producer_seq_of_the_first_chunk_it_rereads() -> None:
+    core = SessionCore("s1", VAD, {}, BrokerSettings(), taken_over=False, replica="r",
+                       frames_key="vl:audio:{s1}", direct_input=True)  # fmt: skip
+    core.upstream_opened(0.0)
+    direct = DirectInput("s1", PCM)
+    # 3 s of silence, numbered from 100: all but the last 1.5 s is let go.
+    frames, _, _ = direct.accept([chunk(n, 100 + n) for n in range(150)])
+    core.audio(frames, 0.0)
+    kept = [sent.seq for sent in core.retained]
+    assert kept and kept[0] > 100 and kept[-1] == 249
+    checkpoint = core.checkpoint()
+    assert checkpoint["source_seq"] == kept[0]
+    # Just before the first chunk kept (the largest id of the millisecond before it).
+    assert checkpoint["frames_id"] == f"{1000 + kept[0] - 100 - 1}-{2**64 - 1}"
+    # The new owner reads on after frames_id: the same chunks, none dropped as stale.
+    resumed = DirectInput("s1", PCM, expected=int(checkpoint["source_seq"]))
+    again, notices, _ = resumed.accept([chunk(n - 100, n) for n in kept])
+    assert [f.seq for _, f in again] == kept and notices == []
+    # An ingest-fed session keeps no producer seq in its checkpoint.
+    assert "source_seq" not in make_core(VAD).checkpoint()
+
+
+async def test_the_broker_answers_a_direct_session_with_no_ingest_running(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: str
+) -> None:
+    fmt = AudioFormat.PCM16_16K
+    config = SessionConfig(input_audio_format=fmt)
+    start = SessionStart(session="d1", config=config, audio_in=fmt)
+    pcm = read_wav(speech_wav)  # type: ignore[arg-type]
+    step = fmt.bytes_for_ms(100)
+    async with (
+        running_engine(model="local", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint) as broker,
+    ):
+        await redis.xadd(keys.sessions, encode(start))  # type: ignore[arg-type]
+        for seq, at in enumerate(range(0, len(pcm), step)):
+            fields = {"format": "pcm16", "rate": 16000, "seq": seq, "audio": pcm[at : at + step]}
+            await redis.xadd(keys.audio("d1"), fields)  # type: ignore[arg-type]
+            if seq == 3:  # a producer's retried XADD, a wrong rate, garbage
+                await redis.xadd(keys.audio("d1"), fields)  # type: ignore[arg-type]
+                wrong_rate = {"format": "pcm16", "rate": 24000, "audio": fields["audio"]}
+                await redis.xadd(keys.audio("d1"), wrong_rate)  # type: ignore[arg-type]
+                await redis.xadd(keys.audio("d1"), {"format": "speex", "audio": b"\0\0"})
+            await asyncio.sleep(0.025)  # 4x real time
+        silence = {"format": "pcm16", "rate": 16000, "audio": b"\0\0" * 16000}
+        await redis.xadd(keys.audio("d1"), silence)  # type: ignore[arg-type]
+        await redis.xadd(keys.sessions, {"type": "end", "session": "d1"})
+        evs = await wait_for_event(redis, keys, "d1", "vlpipe.session.ended", within=120)
+        sent = broker.totals["frames"]
+    said = [e.event["transcript"] for e in evs
+            if e.type == "conversation.item.input_audio_transcription.completed"]  # fmt: skip
+    assert said and said[-1].lower().strip(" .!") == "fail better", said
+    assert sent == len(range(0, len(pcm), step)) + 1  # every chunk once, and the silence
+    ended = next(e for e in evs if e.type == "vlpipe.session.ended")
+    assert ended.event["reason"] == "input_ended"
+    reasons = [f[b"reason"].decode() for _, f in await redis.xrange(keys.dead)]
+    assert len(reasons) == 2, reasons
+    assert any("must be pcm16 at 16000 Hz mono; got pcm16 at 24000 Hz" in r for r in reasons)
+    assert any("invalid RawAudio" in r for r in reasons)
+    stale = [s for s in await statuses(redis, keys, "d1") if s.kind == "stale"]
+    assert [s.detail for s in stale] == [{"seq": 3}]
+    assert await redis.xlen(keys.frames("d1")) == 0  # nothing went through a frames stream

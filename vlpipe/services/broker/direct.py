@@ -1,0 +1,98 @@
+"""Direct input: a producer's chunks that are already the upstream's input format.
+
+A session announced with `audio_in` equal to its `input_audio_format` (`SessionStart.
+direct_input`) skips ingest: its chunks would come out of ingest as they went in, at the
+cost of a second stream hop and a fenced write per 20 ms chunk. The broker reads
+`vl:audio:{sid}` itself and sends each chunk upstream as it is (any length; the core's
+replay accounting goes by duration, not by frame count).
+
+What ingest does for such chunks still happens here, purely (`DirectInput.accept`):
+
+* producer `seq`: a duplicate or a chunk older than one already sent is dropped and
+  reported (`stale`), a skipped number is reported (`gap`). Chunks are not held back to
+  reorder them (ingest's window would add latency to every chunk); a producer that needs
+  reordering announces no `audio_in`.
+* a chunk in another format, rate or channel count, or cut inside a sample, is refused
+  with a reason naming what was expected (the shell dead-letters it).
+
+The producer sequence number a new owner expects next is part of the broker's checkpoint
+(`SessionCore.source_seq`), kept in step with the frame position it reads from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlpipe.shared.audio import AudioFormat
+from vlpipe.shared.contracts import Frame, RawAudio
+from vlpipe.shared.reorder import Notice, SequenceWindow
+from vlpipe.shared.streams import Entry
+
+NO_SEQ = -1
+"""The frame number of a chunk the producer did not number."""
+
+
+@dataclass
+class DirectInput:
+    sid: str
+    fmt: AudioFormat
+    expected: int | None = None
+    """The producer `seq` expected next (from the checkpoint), if the producer numbers."""
+    order: SequenceWindow[tuple[Entry, RawAudio]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.order = SequenceWindow(window=0, expected=self.expected)
+
+    def accept(
+        self, chunks: list[tuple[Entry, RawAudio]]
+    ) -> tuple[list[tuple[str, Frame]], list[Notice], list[tuple[Entry, str]]]:
+        """The frames for the upstream, the sequence notices, and the refused entries with
+        the reason, for a batch of decoded chunks in stream order."""
+        frames: list[tuple[str, Frame]] = []
+        notices: list[Notice] = []
+        refused: list[tuple[Entry, str]] = []
+        for entry, chunk in chunks:
+            ready, noticed = self.order.accept(chunk.seq, (entry, chunk))
+            notices += noticed
+            for ready_entry, ready_chunk in ready:
+                problem = self.mismatch(ready_chunk)
+                if problem is not None:
+                    refused.append((ready_entry, problem))
+                elif ready_chunk.audio:
+                    frames.append((ready_entry.id, self._frame(ready_chunk)))
+        return frames, notices, refused
+
+    def mismatch(self, chunk: RawAudio) -> str | None:
+        """Why `chunk` cannot go upstream as it is, or None."""
+        fmt = self.fmt
+        rate = chunk.rate if chunk.rate is not None or not fmt.is_g711 else fmt.rate
+        if chunk.format.value != fmt.wire_name or rate != fmt.rate or chunk.channels != 1:
+            got = (
+                f"{chunk.format.value} at {chunk.rate or 'no'} Hz with {chunk.channels} channel(s)"
+            )
+            return (
+                f"session {self.sid} announced audio_in {fmt.value}, so its chunks go upstream "
+                f"as they are and must be {fmt.wire_name} at {fmt.rate} Hz mono; got {got}"
+            )
+        if len(chunk.audio) % fmt.bytes_per_sample:
+            return (
+                f"{fmt.wire_name} needs a multiple of {fmt.bytes_per_sample} bytes, got "
+                f"{len(chunk.audio)}"
+            )
+        return None
+
+    def _frame(self, chunk: RawAudio) -> Frame:
+        # Built without validation: it never leaves the process, and its fields are the
+        # validated chunk's.
+        return Frame.model_construct(
+            session=self.sid, seq=NO_SEQ if chunk.seq is None else chunk.seq, format=self.fmt,
+            audio=chunk.audio, ts=chunk.ts, final=False, traceparent=chunk.traceparent,
+        )  # fmt: skip
+
+    def final(self) -> Frame:
+        """The end-of-input marker, once the producer ended the session and every chunk it
+        wrote was read."""
+        return Frame.model_construct(
+            session=self.sid, seq=NO_SEQ, format=self.fmt, audio=b"", ts=None, final=True,
+            traceparent=None,
+        )  # fmt: skip
