@@ -14,6 +14,7 @@ from tests.integration.pipeline import TOKEN, running_pipeline
 from tests.shared.procs import ROOT
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
+from vlpipe.shared.streams import connect
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -82,6 +83,14 @@ async def test_talking_to_the_console_shows_both_sides_and_plays_the_reply(
             await page.click("#stop")
         finally:
             await browser.close()
+        # 24 kHz PCM16 is the session's input format: direct input, no frames from ingest.
+        redis = connect(redis_url)
+        try:
+            states = [await redis.hgetall(key) for key in await redis.keys(keys.session_state("*"))]
+        finally:
+            await redis.aclose()
+    assert len(states) == 1 and states[0].get(b"broker.frames_id")
+    assert b"ingest.next_seq" not in states[0] and states[0].get(b"ingest.done") == b"1"
     assert any(word in heard for word in ("tried", "failed", "matter", "again", "better"))
     assert "You said:" in said
     assert float(played.split()[0]) > 0

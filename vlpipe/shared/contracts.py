@@ -243,6 +243,12 @@ class RawAudio(Message):
     ts: float | None = Field(default=None, description="Producer timestamp, ms since epoch.")
     traceparent: Traceparent = None
 
+    def is_format(self, fmt: AudioFormat) -> bool:
+        """This chunk is `fmt` as the upstream takes it: its codec, its rate (G.711 may
+        leave the rate out), mono."""
+        rate = self.rate if self.rate is not None or not fmt.is_g711 else fmt.rate
+        return self.format.value == fmt.wire_name and rate == fmt.rate and self.channels == 1
+
 
 # --------------------------------------------------------------------------------------
 # vl:frames:{sid} (internal)

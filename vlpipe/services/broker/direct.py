@@ -65,8 +65,7 @@ class DirectInput:
     def mismatch(self, chunk: RawAudio) -> str | None:
         """Why `chunk` cannot go upstream as it is, or None."""
         fmt = self.fmt
-        rate = chunk.rate if chunk.rate is not None or not fmt.is_g711 else fmt.rate
-        if chunk.format.value != fmt.wire_name or rate != fmt.rate or chunk.channels != 1:
+        if not chunk.is_format(fmt):
             got = (
                 f"{chunk.format.value} at {chunk.rate or 'no'} Hz with {chunk.channels} channel(s)"
             )

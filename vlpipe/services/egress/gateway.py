@@ -327,8 +327,13 @@ class Gateway:
             # open a session whose audio would then be refused chunk by chunk.
             rate = query.get("rate", "16000") if source == "pcm16" else None
             audio = validated(RawAudio, {"audio": b"", "format": source, "rate": rate})
-            start = SessionStart(session=sid, config=validated(SessionConfig, config),
-                                 audio_out=client.audio_format)  # fmt: skip
+            session_config = validated(SessionConfig, config)
+            upstream = session_config.input_audio_format
+            # Audio already in the upstream's format goes to the broker as it is (direct
+            # input), not through ingest.
+            start = SessionStart(session=sid, config=session_config,
+                                 audio_out=client.audio_format,
+                                 audio_in=upstream if audio.is_format(upstream) else None)  # fmt: skip
         except ContractError as exc:
             raise BadRequest(str(exc)) from None
         limits = ConnectionLimits(self.limits, audio_bytes_per_s(source, audio.rate))

@@ -1,5 +1,6 @@
 // The vlpipe web console: talk to the pipeline through the gateway's /v1/call socket.
-// Microphone audio goes out as 16 kHz PCM16 in 20 ms messages; the assistant's audio comes
+// Microphone audio goes out as 24 kHz PCM16 in 20 ms messages (the upstream's own input
+// format, so the gateway announces it as direct input and it skips ingest); the assistant's audio comes
 // back as 24 kHz PCM16 and is played in order; both sides' transcripts and the session's
 // status show live. Each call gets its session and call token from the server that serves
 // this page (/console/session), as an app's page gets one from its backend; the token
@@ -9,11 +10,11 @@
 const $ = (id) => document.getElementById(id);
 const state = { ws: null, mic: null, capture: null, player: null, items: new Map(), played: 0 };
 
-// Collects the 128-sample render quanta into 20 ms messages (320 samples at 16 kHz): one
+// Collects the 128-sample render quanta into 20 ms messages (480 samples at 24 kHz): one
 // message per quantum would be 125 messages a second.
 const CAPTURE_WORKLET = `
 class Capture extends AudioWorkletProcessor {
-  constructor() { super(); this.pcm = new Int16Array(320); this.filled = 0; }
+  constructor() { super(); this.pcm = new Int16Array(480); this.filled = 0; }
   process(inputs) {
     const channel = inputs[0][0];
     if (channel) {
@@ -22,7 +23,7 @@ class Capture extends AudioWorkletProcessor {
         this.pcm[this.filled++] = s < 0 ? s * 0x8000 : s * 0x7fff;
         if (this.filled === this.pcm.length) {
           this.port.postMessage(this.pcm.buffer, [this.pcm.buffer]);
-          this.pcm = new Int16Array(320);
+          this.pcm = new Int16Array(480);
           this.filled = 0;
         }
       }
@@ -113,7 +114,7 @@ async function start() {
     $("start").disabled = false;
     return;
   }
-  const params = new URLSearchParams({ session: call.session, input: "pcm16", rate: "16000", format: "pcm16" });
+  const params = new URLSearchParams({ session: call.session, input: "pcm16", rate: "24000", format: "pcm16" });
   if ($("instructions").value) params.set("instructions", $("instructions").value);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${location.host}/v1/call?${params}`, ["vlpipe", `vlpipe.bearer.${call.token}`]);
@@ -132,7 +133,7 @@ async function start() {
       ws.close();
       return;
     }
-    state.capture = new AudioContext({ sampleRate: 16000 });
+    state.capture = new AudioContext({ sampleRate: 24000 });
     const url = URL.createObjectURL(new Blob([CAPTURE_WORKLET], { type: "text/javascript" }));
     await state.capture.audioWorklet.addModule(url);
     const node = new AudioWorkletNode(state.capture, "capture");
