@@ -319,6 +319,16 @@ def test_speech_the_upstream_reports_after_the_input_ended_gets_the_silence_too(
     assert len(up.sessions[-1]) == sent
 
 
+def test_input_ending_after_a_quiet_upstream_leaves_it_the_quiet_time_to_answer() -> None:
+    core = make_core(VAD, drain_quiet_s=1.0)
+    up = Upstream(core)
+    up.open()  # at 0 s; then the upstream says nothing until the input comes, at 10 s
+    core.audio([*(frame(s) for s in range(50)), final_marker(50)], 10.0)
+    assert not core.finished(10.0)
+    assert not core.finished(10.5)
+    assert core.finished(11.0)
+
+
 def test_kept_audio_is_bounded() -> None:
     core = make_core(MANUAL, max_replay_s=1.0)
     up = Upstream(core)

@@ -302,7 +302,9 @@ class SessionCore:
             self.conv.busy or self.requested or self.queued or self.calls
             or self.respond_after_calls
         )  # fmt: skip
-        return not in_flight and now - self.last_event_at >= self.settings.drain_quiet_s
+        # Quiet since the input ended too: audio sent with its end has had no answer yet.
+        quiet_since = max(self.last_event_at, self.final_at)
+        return not in_flight and now - quiet_since >= self.settings.drain_quiet_s
 
     # ================================================================ audio
 
