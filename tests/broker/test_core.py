@@ -294,6 +294,41 @@ def test_input_that_ends_mid_utterance_gets_the_silence_the_vad_needs_not_a_comm
     assert core.input_final
 
 
+def test_speech_the_upstream_reports_after_the_input_ended_gets_the_silence_too() -> None:
+    # A backlog read at once: the audio and its end go upstream before the VAD's speech
+    # start comes back. The recording stops mid-utterance; only silence ends that turn.
+    core = make_core(SessionConfig(turn_detection={"type": "server_vad",
+                                                   "silence_duration_ms": 700}))  # fmt: skip
+    up = Upstream(core)
+    up.open()
+    core.audio([*(frame(s) for s in range(50)), final_marker(50)], 1.0)
+    up.take()
+    assert core.input_final
+    sent = len(up.sessions[-1])
+    up.outbox.append({"type": "input_audio_buffer.speech_started", "audio_start_ms": 200,
+                      "item_id": "u1"})  # fmt: skip
+    up.outbox.append({"type": "input_audio_buffer.speech_started", "audio_start_ms": 600,
+                      "item_id": "u2"})  # fmt: skip
+    up.deliver()
+    after = up.sessions[-1][sent:]
+    assert [m["type"] for m in after] == ["input_audio_buffer.append"]
+    silence = base64.b64decode(after[0]["audio"])
+    assert len(silence) == 48 * 1000 and not any(silence)  # 700 + 300 ms of PCM16 zeros
+    sent = len(up.sessions[-1])
+    up.deliver()  # another speech start: the silence is already at the end of the input
+    assert len(up.sessions[-1]) == sent
+
+
+def test_input_ending_after_a_quiet_upstream_leaves_it_the_quiet_time_to_answer() -> None:
+    core = make_core(VAD, drain_quiet_s=1.0)
+    up = Upstream(core)
+    up.open()  # at 0 s; then the upstream says nothing until the input comes, at 10 s
+    core.audio([*(frame(s) for s in range(50)), final_marker(50)], 10.0)
+    assert not core.finished(10.0)
+    assert not core.finished(10.5)
+    assert core.finished(11.0)
+
+
 def test_kept_audio_is_bounded() -> None:
     core = make_core(MANUAL, max_replay_s=1.0)
     up = Upstream(core)

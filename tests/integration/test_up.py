@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from tests.shared.procs import ROOT
+from tests.shared.procs import ROOT, kill_group, start_in_own_group
 from vlpipe.shared.redis_server import free_port
 
 
@@ -36,10 +36,10 @@ def test_up_publish_tail_and_stop_leave_nothing_behind(tmp_path: Path, speech_wa
     }
     for name in ("VLPIPE_BROKER_ENDPOINT", "AZURE_COGNITIVE_SERVICES_ENDPOINT"):
         env.pop(name, None)
-    up = subprocess.Popen(
+    up = start_in_own_group(
         [sys.executable, "-m", "vlpipe", "up", "--data-dir", str(tmp_path),
          "--engine-port", str(engine_port), "--gateway-port", str(gateway_port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     lines: list[str] = []
     try:
@@ -89,5 +89,4 @@ def test_up_publish_tail_and_stop_leave_nothing_behind(tmp_path: Path, speech_wa
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], f"left behind: {alive}"
     finally:
-        if up.poll() is None:
-            up.kill()
+        kill_group(up)  # what `up` started too, if the test failed before it stopped them

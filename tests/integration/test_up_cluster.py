@@ -15,7 +15,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.integration.test_up import vlpipe
-from tests.shared.procs import ROOT
+from tests.shared.procs import kill_group, start_in_own_group
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import free_port
 
@@ -27,10 +27,10 @@ def test_up_on_a_redis_cluster_answers_a_call_and_stops_every_node(
     for name in ("VLPIPE_BROKER_ENDPOINT", "AZURE_COGNITIVE_SERVICES_ENDPOINT",
                  "VLPIPE_REDIS_CLUSTER", "VLPIPE_REDIS_URL"):  # fmt: skip
         env.pop(name, None)
-    up = subprocess.Popen(
+    up = start_in_own_group(
         [sys.executable, "-m", "vlpipe", "up", "--redis-cluster", "--data-dir", str(tmp_path),
          "--engine-port", str(free_port()), "--gateway-port", str(free_port())],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     lines: list[str] = []
     try:
@@ -86,8 +86,40 @@ def test_up_on_a_redis_cluster_answers_a_call_and_stops_every_node(
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], f"left behind: {alive}"
     finally:
-        if up.poll() is None:
-            up.kill()
+        kill_group(up)  # what `up` started too, if the test failed before it stopped them
+
+
+def test_up_killed_outright_leaves_no_node_or_service_behind(tmp_path: Path) -> None:
+    env = {**os.environ, "VLPIPE_STREAM_PREFIX": "upkilled"}
+    for name in ("VLPIPE_BROKER_ENDPOINT", "AZURE_COGNITIVE_SERVICES_ENDPOINT",
+                 "VLPIPE_REDIS_CLUSTER", "VLPIPE_REDIS_URL"):  # fmt: skip
+        env.pop(name, None)
+    up = start_in_own_group(
+        [sys.executable, "-m", "vlpipe", "up", "--redis-cluster", "--data-dir", str(tmp_path),
+         "--engine-model", "echo", "--engine-port", str(free_port()),
+         "--gateway-port", str(free_port())],
+        env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert up.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and "Ctrl-C stops" not in "".join(lines[-1:]):
+            line = up.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert "pipeline ready" in "".join(lines), "".join(lines)
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len([c for c in children if "redis-server" in c.name()]) == 6
+        assert len(children) >= 10, "6 nodes, the engine, ingest, broker and egress"
+
+        up.kill()  # no Ctrl-C, no clean-up of its own: the kernel must stop its children
+        up.wait(10)
+        _gone, alive = psutil.wait_procs(children, timeout=60)
+        assert alive == [], f"left behind: {alive}"
+    finally:
+        kill_group(up)  # the test's own guarantee, whatever the outcome above
 
 
 def test_up_refuses_a_redis_url_with_a_cluster_of_its_own() -> None:

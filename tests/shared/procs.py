@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,3 +23,17 @@ def start_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def start_in_own_group(args: list[str], env: dict[str, str], **popen: Any) -> subprocess.Popen[str]:
+    """`args` as the leader of a process group of its own, text output: whatever it
+    starts is in that group too, so `kill_group` ends it all whatever state it is in."""
+    return subprocess.Popen(args, cwd=ROOT, env=env, text=True, start_new_session=True, **popen)
+
+
+def kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL `proc`'s whole process group (a test's teardown: what it started must not
+    outlive it, even when the process failed to stop its children)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)

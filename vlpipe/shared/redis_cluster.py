@@ -95,7 +95,8 @@ class LocalCluster:
     """`masters` masters with `replicas_per_master` replicas each, on loopback ports under
     `base_dir` (one data directory per node). Optionally TLS only (`tls`, with the cluster
     bus and replication over TLS too) and ACL users from `acl_file`; `username`/`password`
-    are then what this module itself, and replicas toward their master, authenticate as."""
+    are then what this module itself, and replicas toward their master, authenticate as.
+    `bound_to_parent`: each node dies with the thread that started it (`RedisServer`)."""
 
     def __init__(
         self,
@@ -110,6 +111,7 @@ class LocalCluster:
         username: str | None = None,
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
+        bound_to_parent: bool = False,
     ) -> None:
         if masters < 1 or replicas_per_master < 0:
             raise ValueError("a cluster needs at least one master and no negative replicas")
@@ -151,6 +153,7 @@ class LocalCluster:
                 extra_args=(*args, "--cluster-port", str(bus_port)),
                 tls=tls,
                 acl_file=acl_file,
+                bound_to_parent=bound_to_parent,
             )
             self.nodes.append(ClusterNode(server, bus_port))
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlpipe.shared.child_process import die_with_parent
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -54,7 +56,10 @@ class ServerTLS:
 
 class RedisServer:
     """A redis-server child process on a loopback port, with AOF on; optionally TLS only
-    (`tls`) and ACL users from a file (`acl_file`); `extra_args` go to redis-server."""
+    (`tls`) and ACL users from a file (`acl_file`); `extra_args` go to redis-server.
+    With `bound_to_parent`, the server is SIGKILLed when the thread that started it exits,
+    however it exits (`vlpipe.shared.child_process`): for a process that starts it from its
+    main thread (`vlpipe up`), so that not even a SIGKILL of it leaves a server behind."""
 
     def __init__(
         self,
@@ -65,6 +70,7 @@ class RedisServer:
         *,
         tls: ServerTLS | None = None,
         acl_file: Path | None = None,
+        bound_to_parent: bool = False,
     ) -> None:
         binary = find_redis_server()
         if binary is None:
@@ -80,6 +86,7 @@ class RedisServer:
         self.extra_args = extra_args
         self.tls = tls
         self.acl_file = acl_file
+        self.bound_to_parent = bound_to_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -112,7 +119,12 @@ class RedisServer:
             "--logfile", str(self.data_dir / "redis.log"),
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent() if self.bound_to_parent else None,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

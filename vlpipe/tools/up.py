@@ -7,7 +7,9 @@ every start (`LocalCluster`), and every service on it (`VLPIPE_REDIS_CLUSTER=tru
 Live endpoint is configured. Every service of `vlpipe/services/` that exists runs as a
 supervised child process: restarted with backoff when it crashes, its JSON log lines
 shown readably with the service's name in front. Ctrl-C or SIGTERM stops everything:
-SIGTERM to each child, SIGKILL to stragglers after the grace time, then Redis.
+SIGTERM to each child, SIGKILL to stragglers after the grace time, then Redis. If `up`
+itself dies without stopping them (SIGKILL), the kernel stops them on Linux: each child
+gets SIGTERM (a service) or SIGKILL (a redis-server) when `up` is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from vlpipe.shared.child_process import die_with_parent
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.redis_cluster import LocalCluster
 from vlpipe.shared.redis_server import RedisServer, free_port
@@ -49,8 +52,13 @@ class Child:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, out: IO[str]) -> None:
+        # Started from the main thread only (plan, then `supervise`): see die_with_parent.
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.args,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         self.started = time.monotonic()
         thread = threading.Thread(target=_relay, args=(self.name, self.proc, out), daemon=True)
@@ -169,7 +177,7 @@ def main(argv: list[str]) -> int:
     if args.redis_cluster:
         # A node's cluster config names its peers' ports, which are new at every start.
         shutil.rmtree(args.data_dir / "redis-cluster", ignore_errors=True)
-        private = LocalCluster(args.data_dir / "redis-cluster")
+        private = LocalCluster(args.data_dir / "redis-cluster", bound_to_parent=True)
         private.start()
         redis_url = private.url
         # The services and this process's own clients (--demo) follow the cluster's slots.
@@ -179,7 +187,7 @@ def main(argv: list[str]) -> int:
             "and the others\n"
         )
     elif not redis_answers(redis_url):
-        private = RedisServer(args.data_dir / "redis")
+        private = RedisServer(args.data_dir / "redis", bound_to_parent=True)
         private.start()
         redis_url = private.url
         out.write(f"   up | started redis-server (AOF on) at {redis_url}\n")

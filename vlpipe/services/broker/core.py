@@ -31,7 +31,9 @@ What it guarantees, each tested without a socket (tests/broker/test_core.py):
   sent into an `conversation_already_has_active_response` error.
 * **Input end.** With server VAD, a caller who stops mid-utterance gets the silence the
   VAD needs to end the turn itself (then it answers as for any turn), never a client
-  commit racing the VAD's own.
+  commit racing the VAD's own; also when the upstream reports the speech only after the
+  input ended (audio read as a backlog goes upstream with its end at once, before the
+  VAD has said anything about it).
 """
 
 from __future__ import annotations
@@ -168,6 +170,8 @@ class SessionCore:
         self.commit_point = 0.0
         """Where the input buffer starts: the last commit (or clear) of this upstream."""
         self.final_at: float | None = None
+        self.silence_sent = False
+        """The trailing silence went to this upstream session (after the input ended)."""
         self.last_event_at = 0.0
         self.connected_at = 0.0
         self.now = 0.0
@@ -248,6 +252,7 @@ class SessionCore:
         self.speech_end_ms = None
         self.commit_point = 0.0
         self.manual_commits.clear()
+        self.silence_sent = False
         self._send({"type": "session.update", "session": self.config.session_update()})
         if self.resumed:
             for item in self.conv.replay():
@@ -305,7 +310,9 @@ class SessionCore:
             self.conv.busy or self.requested or self.queued or self.calls
             or self.respond_after_calls
         )  # fmt: skip
-        return not in_flight and now - self.last_event_at >= self.settings.drain_quiet_s
+        # Quiet since the input ended too: audio sent with its end has had no answer yet.
+        quiet_since = max(self.last_event_at, self.final_at)
+        return not in_flight and now - quiet_since >= self.settings.drain_quiet_s
 
     # ================================================================ audio
 
@@ -419,6 +426,7 @@ class SessionCore:
         fmt: AudioFormat = self.config.input_audio_format
         self._send_audio(encode_pcm16(b"\0\0" * int(fmt.rate * silence_ms / 1000), fmt))
         self.upstream_ms += silence_ms
+        self.silence_sent = True
 
     # ================================================================ controls
 
@@ -571,6 +579,11 @@ class SessionCore:
         self.turns.observe(kind, event, audio_ms=audio_ms)
         self.emit(kind, event, audio, received)
         self._react(kind, event, now)
+        if kind == "input_audio_buffer.speech_started" and self.input_final:
+            # The VAD found speech in audio sent before the input ended (it lags behind
+            # what it was sent): after the end, only silence ends that turn.
+            if not self.silence_sent:
+                self._trailing_silence()
 
     def _start_turn(self, reason: str, event: dict[str, Any]) -> None:
         """A new turn's trace, starting when its first frame arrived (for speech)."""
