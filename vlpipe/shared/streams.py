@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -599,6 +601,8 @@ class SessionStreamReader:
     _reading: set[int] = field(default_factory=set)
     _slots_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _outage_logged_at: float = -1e9
+    # Standalone: the connection the blocking read uses, kept from one read to the next.
+    _connection: AbstractConnection | None = None
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
         self._followed[key] = _Followed(last_id, handler)
@@ -669,24 +673,27 @@ class SessionStreamReader:
             await self._run_slots(stop)
             return
         backoff = Backoff()
-        while not stop.is_set():
-            try:
-                with self.progress.turn():
-                    if self._wake_id == "$":
-                        self._wake_id = await _last_id(self.redis, self.wake_key)
-                    self._wake_id = await self._read_once(
-                        self._followed, self.wake_key, self._wake_id
+        try:
+            while not stop.is_set():
+                try:
+                    with self.progress.turn():
+                        if self._wake_id == "$":
+                            self._wake_id = await _last_id(self.redis, self.wake_key)
+                        self._wake_id = await self._read_once(
+                            self._followed, self.wake_key, self._wake_id
+                        )
+                    backoff.reset()
+                except Exception as exc:
+                    if not _redis_down(exc):
+                        raise
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "redis unavailable, retrying",
+                        extra={"error": str(exc), "retry_in_s": round(delay, 3)},
                     )
-                backoff.reset()
-            except Exception as exc:
-                if not _redis_down(exc):
-                    raise
-                delay = backoff.next_delay()
-                log.warning(
-                    "redis unavailable, retrying",
-                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
-                )
-                await _sleep_or_stop(stop, delay)
+                    await _sleep_or_stop(stop, delay)
+        finally:
+            await self._release_connection()
 
     async def _run_slots(self, stop: asyncio.Event) -> None:
         """Cluster mode: a loop per slot in use, started when a key of a new slot is added
@@ -771,25 +778,26 @@ class SessionStreamReader:
         ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
         ids[wake_key] = wake_id
         block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
-        reply: Any
+        command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
+        raw: Any
         if slot is None:
-            streams: Any = ids
-            reply = await self.redis.xread(streams, count=self.count, block=block)
+            raw = await self._xread(command)
         else:
-            command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
-            raw: Any = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
-            by_key = raw.items() if isinstance(raw, dict) else (raw or [])  # RESP3 or 2
-            reply = [(key, [(i, _pairs(f)) for i, f in entries]) for key, entries in by_key]
+            raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
         deliveries = []
-        for stream_raw, raw in reply or []:
-            key = _s(stream_raw)
+        for stream_raw, raw_entries in raw.items() if isinstance(raw, dict) else (raw or ()):
+            key = _s(stream_raw)  # RESP3 (a map) or RESP2 (pairs); nothing (None) on timeout
             if key == wake_key:
-                wake_id = _s(raw[-1][0])
+                wake_id = _s(raw_entries[-1][0])
                 continue
             current = self._followed.get(key)
             if current is None:
                 continue
-            entries = _entries(key, raw)
+            entries = [
+                Entry(key, _s(entry_id), _pairs(flat))
+                for entry_id, flat in raw_entries
+                if flat is not None
+            ]
             if entries:
                 deliveries.append(self._deliver(key, current, entries))
         # Each stream appears once per reply, so its batches stay in order; different
@@ -802,6 +810,31 @@ class SessionStreamReader:
                 if isinstance(result, BaseException):
                     raise result
         return wake_id
+
+    async def _xread(self, command: tuple[Any, ...]) -> Any:
+        """`command` on the reader's own connection, packed by hiredis, its reply as the
+        parser gives it: redis-py's `xread` packs and encodes each of the 2N+1 arguments in
+        Python and wraps the call in layers (retries, telemetry), a large share of the
+        reader's CPU at real-time pace. The connection stays the reader's between reads
+        (taken from the pool once); one that failed goes back (redis-py disconnected it)."""
+        connection = self._connection
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = connection
+        try:
+            await connection.send_packed_command(hiredis.pack_command(command))
+            return await connection.read_response()
+        except ResponseError:
+            raise  # a whole reply was read: the connection is still in step
+        except BaseException:
+            await self._release_connection()
+            raise
+
+    async def _release_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self.redis.connection_pool.release(connection)
 
     async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
         try:
@@ -834,9 +867,10 @@ class SessionStreamReader:
         followed.last_id = entries[-1].id
 
 
-def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
-    """An entry's fields as RESP2 sends them (name, value, name, value...), as a dict."""
-    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields as Redis sends them (name, value, name, value...), as a dict."""
+    names = iter(flat)
+    return dict(zip(names, names, strict=True))
 
 
 _SLOT_TAGS: list[str] = []
