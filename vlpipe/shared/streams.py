@@ -203,7 +203,10 @@ class Disposition(Enum):
 
 
 GroupHandler = Callable[[Entry], Awaitable[Disposition | None]]
-SessionHandler = Callable[[str, list[Entry]], Awaitable[None]]
+SessionHandler = Callable[[str, list[Entry]], Awaitable[None] | None]
+"""`handler(key, entries)` of a `SessionStreamReader`: an `async def`, or a plain function
+that returns None when it is done (run inline: no Task) or an awaitable when it has
+something left to await (a refusal to write, say), which the reader then awaits."""
 
 
 def _s(value: bytes | str) -> str:
@@ -567,7 +570,9 @@ class SessionStreamReader:
     `add(key, last_id, handler)` starts following `key` after `last_id` (a checkpoint,
     or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
     should not block for long: the next read waits for every handler of this one (the
-    handlers of different streams run concurrently). A wake-up stream
+    handlers of different streams run concurrently). A handler that has nothing to await
+    (most of the time) is better a plain function (`SessionHandler`): it runs inline,
+    where an `async def` costs a Task per stream per read. A wake-up stream
     private to this reader (expiring `WAKE_TTL_S` after its last use) interrupts the
     blocking read when streams are added, so a new session starts at once. A handler that
     raises is retried with the same entries; after `max_deliveries` failures the first
@@ -784,7 +789,8 @@ class SessionStreamReader:
             raw = await self._xread(command)
         else:
             raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
-        deliveries = []
+        deliveries: list[Awaitable[None]] = []
+        errors: list[BaseException] = []
         for stream_raw, raw_entries in raw.items() if isinstance(raw, dict) else (raw or ()):
             key = _s(stream_raw)  # RESP3 (a map) or RESP2 (pairs); nothing (None) on timeout
             if key == wake_key:
@@ -798,17 +804,24 @@ class SessionStreamReader:
                 for entry_id, flat in raw_entries
                 if flat is not None
             ]
-            if entries:
-                deliveries.append(self._deliver(key, current, entries))
+            if not entries:
+                continue
+            try:
+                pending = self._deliver(key, current, entries)
+            except Exception as exc:  # Redis is down: the other streams get theirs first
+                errors.append(exc)
+                continue
+            if pending is not None:
+                deliveries.append(pending)
         # Each stream appears once per reply, so its batches stay in order; different
         # sessions' handlers (each usually one Redis round trip) overlap instead of queueing.
-        if len(deliveries) == 1:
+        if len(deliveries) == 1 and not errors:
             await deliveries[0]
         elif deliveries:
             results = await asyncio.gather(*deliveries, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            errors += [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
         return wake_id
 
     async def _xread(self, command: tuple[Any, ...]) -> Any:
@@ -836,35 +849,68 @@ class SessionStreamReader:
         if connection is not None:
             await self.redis.connection_pool.release(connection)
 
-    async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
+    def _deliver(
+        self, key: str, followed: _Followed, entries: list[Entry]
+    ) -> Awaitable[None] | None:
+        """Hands `entries` to `key`'s handler. Returns what is left to await (the handler's
+        awaitable, or a dead letter to write), or None when the delivery is over."""
         try:
-            await followed.handler(key, entries)
-        except SessionLost:
+            pending = followed.handler(key, entries)
+        except Exception as exc:
+            return self._failed(key, followed, entries, exc)
+        if pending is None:
+            self._handled(followed, entries)
+            return None
+        return self._finish(key, followed, entries, pending)
+
+    async def _finish(
+        self, key: str, followed: _Followed, entries: list[Entry], pending: Awaitable[None]
+    ) -> None:
+        try:
+            await pending
+        except Exception as exc:
+            dead_letter = self._failed(key, followed, entries, exc)
+            if dead_letter is not None:
+                await dead_letter
+            return
+        self._handled(followed, entries)
+
+    @staticmethod
+    def _handled(followed: _Followed, entries: list[Entry]) -> None:
+        followed.failures = 0
+        followed.last_id = entries[-1].id
+
+    def _failed(
+        self, key: str, followed: _Followed, entries: list[Entry], exc: Exception
+    ) -> Awaitable[None] | None:
+        """After the handler raised `exc`: stop following (`SessionLost`), raise it again
+        (Redis is down), or count the failure; returns the dead letter to write after
+        `max_deliveries` failures."""
+        if isinstance(exc, SessionLost):
             if self._followed.get(key) is followed:
                 del self._followed[key]
                 self._unindex(key)
-            return
-        except Exception as exc:
-            if _redis_down(exc):
-                raise
-            followed.failures += 1
-            followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
-            if followed.failures < self.max_deliveries:
-                log.warning(
-                    "session handler failed; will retry",
-                    extra={"stream": key, "entry_id": entries[0].id, "error": repr(exc)[:500]},
-                )
-                return
-            followed.failures = 0
-            await self.dead.send(
-                entries[0],
-                f"handler failed {self.max_deliveries} times: {exc!r}",
-                deliveries=self.max_deliveries,
+            return None
+        if _redis_down(exc):
+            raise exc
+        followed.failures += 1
+        followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
+        if followed.failures < self.max_deliveries:
+            log.warning(
+                "session handler failed; will retry",
+                extra={"stream": key, "entry_id": entries[0].id, "error": repr(exc)[:500]},
             )
-            followed.last_id = entries[0].id
-            return
+            return None
         followed.failures = 0
-        followed.last_id = entries[-1].id
+        return self._dead_letter(followed, entries[0], exc)
+
+    async def _dead_letter(self, followed: _Followed, entry: Entry, exc: Exception) -> None:
+        await self.dead.send(
+            entry,
+            f"handler failed {self.max_deliveries} times: {exc!r}",
+            deliveries=self.max_deliveries,
+        )
+        followed.last_id = entry.id
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
