@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable
 
+import hiredis
 import redis.asyncio as aioredis
 
 from tests.shared.procs import start_worker
@@ -19,6 +20,7 @@ from vlpipe.shared.streams import (
     GroupConsumer,
     SessionStreamReader,
     connect,
+    packed_xread,
 )
 
 
@@ -322,3 +324,10 @@ async def test_session_reader_takes_plain_handlers_retrying_awaiting_and_droppin
     assert gone not in reader and reader.position(gone) is None
     [(_, dead)] = await redis.xrange(keys.dead)
     assert dead[b"stream"] == bad.encode() and dead[b"orig.seq"] == b"0"
+
+
+def test_an_xread_packed_from_keys_packed_beforehand_is_the_command_hiredis_packs() -> None:
+    keys, ids = ["vl:frames:{a}", "vl:frames:{é}", "wake"], ["1-0", "1700000000000-12", "$"]
+    whole = ("XREAD", "COUNT", 64, "BLOCK", 1000, "STREAMS", *keys, *ids)
+    packed_keys = hiredis.pack_command(tuple(keys)).split(b"\r\n", 1)[1]
+    assert packed_xread(64, 1000, packed_keys, ids) == hiredis.pack_command(whole)

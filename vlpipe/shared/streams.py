@@ -562,6 +562,33 @@ class _Followed:
     retry_at: float = 0.0  # monotonic time before which a failing stream is not read
 
 
+@dataclass(frozen=True, slots=True)
+class _PackedKeys:
+    """The keys of a standalone XREAD, in RESP (the followed streams, the wake-up stream
+    last), and the followed streams in that order, whose positions go after them."""
+
+    generation: int
+    followed: list[_Followed]
+    packed: bytes
+
+    @classmethod
+    def of(cls, generation: int, followed: dict[str, _Followed], wake_key: str) -> _PackedKeys:
+        return cls(generation, list(followed.values()), _packed_args(*followed, wake_key))
+
+
+def packed_xread(count: int, block_ms: int, packed_keys: bytes, ids: list[str]) -> bytes:
+    """`XREAD COUNT count BLOCK block_ms STREAMS <keys> <ids>` in RESP, the same bytes as
+    `hiredis.pack_command` makes, from keys already packed (`len(ids)` of them)."""
+    head = _packed_args("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
+    return b"*%d\r\n%s%s%s" % (6 + 2 * len(ids), head, packed_keys, _packed_args(*ids))
+
+
+def _packed_args(*args: str | int) -> bytes:
+    """`args` as RESP bulk strings, without the array header of a command."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # (stub: a 1-tuple)
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
 @dataclass(slots=True)
 class SessionStreamReader:
     """Follows many per-session streams with one blocking XREAD (one per slot in use on a
@@ -608,9 +635,14 @@ class SessionStreamReader:
     _outage_logged_at: float = -1e9
     # Standalone: the connection the blocking read uses, kept from one read to the next.
     _connection: AbstractConnection | None = None
+    # Standalone: the read's keys, packed; packed again when `_generation` moved on (a
+    # stream added or dropped).
+    _packed_keys: _PackedKeys | None = None
+    _generation: int = 0
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
         self._followed[key] = _Followed(last_id, handler)
+        self._generation += 1
         if not is_cluster(self.redis):
             self.wake()
             return
@@ -626,6 +658,8 @@ class SessionStreamReader:
         self._unindex(key)
 
     def _unindex(self, key: str) -> None:
+        """After `key` was dropped from the followed streams."""
+        self._generation += 1
         if self._by_slot:
             slot = key_slot(key.encode())
             keys = self._by_slot.get(slot)
@@ -779,15 +813,11 @@ class SessionStreamReader:
         the delivery of what it returned; returns the wake-up stream's new position. With
         `slot` (a cluster), the read goes to that slot's master itself (`send_to_slot`:
         redis-py mishandles ASK while a slot migrates)."""
-        now = time.monotonic()
-        ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
-        ids[wake_key] = wake_id
-        block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
-        command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
         raw: Any
         if slot is None:
-            raw = await self._xread(command)
+            raw = await self._xread(self._packed_read(wake_id))
         else:
+            command = self._read_command(followed, wake_key, wake_id)
             raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
         deliveries: list[Awaitable[None]] = []
         errors: list[BaseException] = []
@@ -824,8 +854,38 @@ class SessionStreamReader:
             raise errors[0]
         return wake_id
 
-    async def _xread(self, command: tuple[Any, ...]) -> Any:
-        """`command` on the reader's own connection, packed by hiredis, its reply as the
+    def _read_command(
+        self, followed: dict[str, _Followed], wake_key: str, wake_id: str
+    ) -> tuple[Any, ...]:
+        """The XREAD of `followed` from their positions and of `wake_key`; a stream that
+        failed is left out until its retry time, and the read then blocks 100 ms at most."""
+        now = time.monotonic()
+        ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
+        ids[wake_key] = wake_id
+        block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
+        return ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
+
+    def _packed_read(self, wake_id: str) -> bytes:
+        """The standalone XREAD, packed. The keys (most of its bytes) are packed once for
+        each change of the followed streams; only the positions are packed for every read.
+        While a stream waits out its retry delay the whole command is packed each time."""
+        keys = self._packed_keys
+        if keys is None or keys.generation != self._generation:
+            keys = self._packed_keys = _PackedKeys.of(
+                self._generation, self._followed, self.wake_key
+            )
+        now = time.monotonic()
+        ids = [f.last_id for f in keys.followed if f.retry_at <= now]
+        if len(ids) < len(keys.followed):
+            command: bytes = hiredis.pack_command(
+                self._read_command(self._followed, self.wake_key, wake_id)
+            )
+            return command
+        ids.append(wake_id)
+        return packed_xread(self.count, self.block_ms, keys.packed, ids)
+
+    async def _xread(self, command: bytes) -> Any:
+        """`command` (a packed XREAD) on the reader's own connection, its reply as the
         parser gives it: redis-py's `xread` packs and encodes each of the 2N+1 arguments in
         Python and wraps the call in layers (retries, telemetry), a large share of the
         reader's CPU at real-time pace. The connection stays the reader's between reads
@@ -836,7 +896,7 @@ class SessionStreamReader:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             self._connection = connection
         try:
-            await connection.send_packed_command(hiredis.pack_command(command))
+            await connection.send_packed_command(command)
             return await connection.read_response()
         except ResponseError:
             raise  # a whole reply was read: the connection is still in step
