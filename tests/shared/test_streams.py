@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
 
+import hiredis
 import redis.asyncio as aioredis
 
 from tests.shared.procs import start_worker
 from tests.waiting import wait_until
+from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import (
@@ -17,6 +20,7 @@ from vlpipe.shared.streams import (
     GroupConsumer,
     SessionStreamReader,
     connect,
+    packed_xread,
 )
 
 
@@ -266,3 +270,64 @@ async def test_session_reader_retries_a_failing_handler_then_dead_letters_the_en
     [(_, dead)] = await redis.xrange(keys.dead)
     assert dead[b"stream"] == bad.encode() and dead[b"orig.seq"] == b"0"
     assert b"cannot handle the first entry" in dead[b"reason"]
+
+
+async def test_session_reader_takes_plain_handlers_retrying_awaiting_and_dropping_them_like_async_ones(
+    redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    """A plain function runs inline (no Task); what it returns, if anything, is awaited;
+    its failures are retried then dead-lettered, and `SessionLost` ends the following."""
+    calls: list[list[bytes]] = []
+    healthy: list[bytes] = []
+    awaited: list[bytes] = []
+
+    def flaky(key: str, entries: list[Entry]) -> None:
+        calls.append([e.fields[b"seq"] for e in entries])
+        if entries[0].fields[b"seq"] == b"0":
+            raise RuntimeError("cannot handle the first entry")
+
+    def fine(key: str, entries: list[Entry]) -> Awaitable[None] | None:
+        healthy.extend(e.fields[b"seq"] for e in entries)
+        if entries[-1].fields[b"seq"] != b"2":
+            return None
+
+        async def later() -> None:
+            await asyncio.sleep(0)
+            awaited.append(entries[-1].fields[b"seq"])
+
+        return later()
+
+    def lost(key: str, entries: list[Entry]) -> None:
+        raise SessionLost("another replica owns it")
+
+    bad, good, gone = keys.frames("bad"), keys.frames("good"), keys.frames("gone")
+    await _fill(redis, bad, 3, "bad")
+    await _fill(redis, gone, 1, "gone")
+    reader = SessionStreamReader(
+        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
+        block_ms=200, max_deliveries=3,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(reader.run(stop))
+    reader.add(bad, "0-0", flaky)
+    reader.add(good, "0-0", fine)
+    reader.add(gone, "0-0", lost)
+    await _fill(redis, good, 3, "good")
+    await wait_until(lambda: _xlen(redis, keys.dead, 1))
+    await wait_until(lambda: _true(calls[-1] == [b"1", b"2"]))
+    await wait_until(lambda: _true(awaited == [b"2"]))
+    stop.set()
+    await task
+    assert calls[:3] == [[b"0", b"1", b"2"]] * 3, "the same batch retried, in order"
+    assert healthy == [b"0", b"1", b"2"]
+    assert reader.position(good) == (await redis.xrange(good))[-1][0].decode()
+    assert gone not in reader and reader.position(gone) is None
+    [(_, dead)] = await redis.xrange(keys.dead)
+    assert dead[b"stream"] == bad.encode() and dead[b"orig.seq"] == b"0"
+
+
+def test_an_xread_packed_from_keys_packed_beforehand_is_the_command_hiredis_packs() -> None:
+    keys, ids = ["vl:frames:{a}", "vl:frames:{é}", "wake"], ["1-0", "1700000000000-12", "$"]
+    whole = ("XREAD", "COUNT", 64, "BLOCK", 1000, "STREAMS", *keys, *ids)
+    packed_keys = hiredis.pack_command(tuple(keys)).split(b"\r\n", 1)[1]
+    assert packed_xread(64, 1000, packed_keys, ids) == hiredis.pack_command(whole)

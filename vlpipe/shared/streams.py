@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from opentelemetry import metrics
 from pydantic import BaseModel
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -201,7 +203,10 @@ class Disposition(Enum):
 
 
 GroupHandler = Callable[[Entry], Awaitable[Disposition | None]]
-SessionHandler = Callable[[str, list[Entry]], Awaitable[None]]
+SessionHandler = Callable[[str, list[Entry]], Awaitable[None] | None]
+"""`handler(key, entries)` of a `SessionStreamReader`: an `async def`, or a plain function
+that returns None when it is done (run inline: no Task) or an awaitable when it has
+something left to await (a refusal to write, say), which the reader then awaits."""
 
 
 def _s(value: bytes | str) -> str:
@@ -557,6 +562,33 @@ class _Followed:
     retry_at: float = 0.0  # monotonic time before which a failing stream is not read
 
 
+@dataclass(frozen=True, slots=True)
+class _PackedKeys:
+    """The keys of a standalone XREAD, in RESP (the followed streams, the wake-up stream
+    last), and the followed streams in that order, whose positions go after them."""
+
+    generation: int
+    followed: list[_Followed]
+    packed: bytes
+
+    @classmethod
+    def of(cls, generation: int, followed: dict[str, _Followed], wake_key: str) -> _PackedKeys:
+        return cls(generation, list(followed.values()), _packed_args(*followed, wake_key))
+
+
+def packed_xread(count: int, block_ms: int, packed_keys: bytes, ids: list[str]) -> bytes:
+    """`XREAD COUNT count BLOCK block_ms STREAMS <keys> <ids>` in RESP, the same bytes as
+    `hiredis.pack_command` makes, from keys already packed (`len(ids)` of them)."""
+    head = _packed_args("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
+    return b"*%d\r\n%s%s%s" % (6 + 2 * len(ids), head, packed_keys, _packed_args(*ids))
+
+
+def _packed_args(*args: str | int) -> bytes:
+    """`args` as RESP bulk strings, without the array header of a command."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # (stub: a 1-tuple)
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
 @dataclass(slots=True)
 class SessionStreamReader:
     """Follows many per-session streams with one blocking XREAD (one per slot in use on a
@@ -565,7 +597,9 @@ class SessionStreamReader:
     `add(key, last_id, handler)` starts following `key` after `last_id` (a checkpoint,
     or "0-0" for a new session); `handler(key, entries)` gets each batch in order and
     should not block for long: the next read waits for every handler of this one (the
-    handlers of different streams run concurrently). A wake-up stream
+    handlers of different streams run concurrently). A handler that has nothing to await
+    (most of the time) is better a plain function (`SessionHandler`): it runs inline,
+    where an `async def` costs a Task per stream per read. A wake-up stream
     private to this reader (expiring `WAKE_TTL_S` after its last use) interrupts the
     blocking read when streams are added, so a new session starts at once. A handler that
     raises is retried with the same entries; after `max_deliveries` failures the first
@@ -599,9 +633,16 @@ class SessionStreamReader:
     _reading: set[int] = field(default_factory=set)
     _slots_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _outage_logged_at: float = -1e9
+    # Standalone: the connection the blocking read uses, kept from one read to the next.
+    _connection: AbstractConnection | None = None
+    # Standalone: the read's keys, packed; packed again when `_generation` moved on (a
+    # stream added or dropped).
+    _packed_keys: _PackedKeys | None = None
+    _generation: int = 0
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
         self._followed[key] = _Followed(last_id, handler)
+        self._generation += 1
         if not is_cluster(self.redis):
             self.wake()
             return
@@ -617,6 +658,8 @@ class SessionStreamReader:
         self._unindex(key)
 
     def _unindex(self, key: str) -> None:
+        """After `key` was dropped from the followed streams."""
+        self._generation += 1
         if self._by_slot:
             slot = key_slot(key.encode())
             keys = self._by_slot.get(slot)
@@ -669,24 +712,27 @@ class SessionStreamReader:
             await self._run_slots(stop)
             return
         backoff = Backoff()
-        while not stop.is_set():
-            try:
-                with self.progress.turn():
-                    if self._wake_id == "$":
-                        self._wake_id = await _last_id(self.redis, self.wake_key)
-                    self._wake_id = await self._read_once(
-                        self._followed, self.wake_key, self._wake_id
+        try:
+            while not stop.is_set():
+                try:
+                    with self.progress.turn():
+                        if self._wake_id == "$":
+                            self._wake_id = await _last_id(self.redis, self.wake_key)
+                        self._wake_id = await self._read_once(
+                            self._followed, self.wake_key, self._wake_id
+                        )
+                    backoff.reset()
+                except Exception as exc:
+                    if not _redis_down(exc):
+                        raise
+                    delay = backoff.next_delay()
+                    log.warning(
+                        "redis unavailable, retrying",
+                        extra={"error": str(exc), "retry_in_s": round(delay, 3)},
                     )
-                backoff.reset()
-            except Exception as exc:
-                if not _redis_down(exc):
-                    raise
-                delay = backoff.next_delay()
-                log.warning(
-                    "redis unavailable, retrying",
-                    extra={"error": str(exc), "retry_in_s": round(delay, 3)},
-                )
-                await _sleep_or_stop(stop, delay)
+                    await _sleep_or_stop(stop, delay)
+        finally:
+            await self._release_connection()
 
     async def _run_slots(self, stop: asyncio.Event) -> None:
         """Cluster mode: a loop per slot in use, started when a key of a new slot is added
@@ -767,76 +813,170 @@ class SessionStreamReader:
         the delivery of what it returned; returns the wake-up stream's new position. With
         `slot` (a cluster), the read goes to that slot's master itself (`send_to_slot`:
         redis-py mishandles ASK while a slot migrates)."""
-        now = time.monotonic()
-        ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
-        ids[wake_key] = wake_id
-        block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
-        reply: Any
+        raw: Any
         if slot is None:
-            streams: Any = ids
-            reply = await self.redis.xread(streams, count=self.count, block=block)
+            raw = await self._xread(self._packed_read(wake_id))
         else:
-            command = ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
-            raw: Any = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
-            by_key = raw.items() if isinstance(raw, dict) else (raw or [])  # RESP3 or 2
-            reply = [(key, [(i, _pairs(f)) for i, f in entries]) for key, entries in by_key]
-        deliveries = []
-        for stream_raw, raw in reply or []:
-            key = _s(stream_raw)
+            command = self._read_command(followed, wake_key, wake_id)
+            raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
+        deliveries: list[Awaitable[None]] = []
+        errors: list[BaseException] = []
+        for stream_raw, raw_entries in raw.items() if isinstance(raw, dict) else (raw or ()):
+            key = _s(stream_raw)  # RESP3 (a map) or RESP2 (pairs); nothing (None) on timeout
             if key == wake_key:
-                wake_id = _s(raw[-1][0])
+                wake_id = _s(raw_entries[-1][0])
                 continue
             current = self._followed.get(key)
             if current is None:
                 continue
-            entries = _entries(key, raw)
-            if entries:
-                deliveries.append(self._deliver(key, current, entries))
+            entries = [
+                Entry(key, _s(entry_id), _pairs(flat))
+                for entry_id, flat in raw_entries
+                if flat is not None
+            ]
+            if not entries:
+                continue
+            try:
+                pending = self._deliver(key, current, entries)
+            except Exception as exc:  # Redis is down: the other streams get theirs first
+                errors.append(exc)
+                continue
+            if pending is not None:
+                deliveries.append(pending)
         # Each stream appears once per reply, so its batches stay in order; different
         # sessions' handlers (each usually one Redis round trip) overlap instead of queueing.
-        if len(deliveries) == 1:
+        if len(deliveries) == 1 and not errors:
             await deliveries[0]
         elif deliveries:
             results = await asyncio.gather(*deliveries, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            errors += [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
         return wake_id
 
-    async def _deliver(self, key: str, followed: _Followed, entries: list[Entry]) -> None:
-        try:
-            await followed.handler(key, entries)
-        except SessionLost:
-            if self._followed.get(key) is followed:
-                del self._followed[key]
-                self._unindex(key)
-            return
-        except Exception as exc:
-            if _redis_down(exc):
-                raise
-            followed.failures += 1
-            followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
-            if followed.failures < self.max_deliveries:
-                log.warning(
-                    "session handler failed; will retry",
-                    extra={"stream": key, "entry_id": entries[0].id, "error": repr(exc)[:500]},
-                )
-                return
-            followed.failures = 0
-            await self.dead.send(
-                entries[0],
-                f"handler failed {self.max_deliveries} times: {exc!r}",
-                deliveries=self.max_deliveries,
+    def _read_command(
+        self, followed: dict[str, _Followed], wake_key: str, wake_id: str
+    ) -> tuple[Any, ...]:
+        """The XREAD of `followed` from their positions and of `wake_key`; a stream that
+        failed is left out until its retry time, and the read then blocks 100 ms at most."""
+        now = time.monotonic()
+        ids = {key: f.last_id for key, f in followed.items() if f.retry_at <= now}
+        ids[wake_key] = wake_id
+        block = self.block_ms if len(ids) == len(followed) + 1 else min(self.block_ms, 100)
+        return ("XREAD", "COUNT", self.count, "BLOCK", block, "STREAMS", *ids, *ids.values())
+
+    def _packed_read(self, wake_id: str) -> bytes:
+        """The standalone XREAD, packed. The keys (most of its bytes) are packed once for
+        each change of the followed streams; only the positions are packed for every read.
+        While a stream waits out its retry delay the whole command is packed each time."""
+        keys = self._packed_keys
+        if keys is None or keys.generation != self._generation:
+            keys = self._packed_keys = _PackedKeys.of(
+                self._generation, self._followed, self.wake_key
             )
-            followed.last_id = entries[0].id
+        now = time.monotonic()
+        ids = [f.last_id for f in keys.followed if f.retry_at <= now]
+        if len(ids) < len(keys.followed):
+            command: bytes = hiredis.pack_command(
+                self._read_command(self._followed, self.wake_key, wake_id)
+            )
+            return command
+        ids.append(wake_id)
+        return packed_xread(self.count, self.block_ms, keys.packed, ids)
+
+    async def _xread(self, command: bytes) -> Any:
+        """`command` (a packed XREAD) on the reader's own connection, its reply as the
+        parser gives it: redis-py's `xread` packs and encodes each of the 2N+1 arguments in
+        Python and wraps the call in layers (retries, telemetry), a large share of the
+        reader's CPU at real-time pace. The connection stays the reader's between reads
+        (taken from the pool once); one that failed goes back (redis-py disconnected it)."""
+        connection = self._connection
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = connection
+        try:
+            await connection.send_packed_command(command)
+            return await connection.read_response()
+        except ResponseError:
+            raise  # a whole reply was read: the connection is still in step
+        except BaseException:
+            await self._release_connection()
+            raise
+
+    async def _release_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self.redis.connection_pool.release(connection)
+
+    def _deliver(
+        self, key: str, followed: _Followed, entries: list[Entry]
+    ) -> Awaitable[None] | None:
+        """Hands `entries` to `key`'s handler. Returns what is left to await (the handler's
+        awaitable, or a dead letter to write), or None when the delivery is over."""
+        try:
+            pending = followed.handler(key, entries)
+        except Exception as exc:
+            return self._failed(key, followed, entries, exc)
+        if pending is None:
+            self._handled(followed, entries)
+            return None
+        return self._finish(key, followed, entries, pending)
+
+    async def _finish(
+        self, key: str, followed: _Followed, entries: list[Entry], pending: Awaitable[None]
+    ) -> None:
+        try:
+            await pending
+        except Exception as exc:
+            dead_letter = self._failed(key, followed, entries, exc)
+            if dead_letter is not None:
+                await dead_letter
             return
+        self._handled(followed, entries)
+
+    @staticmethod
+    def _handled(followed: _Followed, entries: list[Entry]) -> None:
         followed.failures = 0
         followed.last_id = entries[-1].id
 
+    def _failed(
+        self, key: str, followed: _Followed, entries: list[Entry], exc: Exception
+    ) -> Awaitable[None] | None:
+        """After the handler raised `exc`: stop following (`SessionLost`), raise it again
+        (Redis is down), or count the failure; returns the dead letter to write after
+        `max_deliveries` failures."""
+        if isinstance(exc, SessionLost):
+            if self._followed.get(key) is followed:
+                del self._followed[key]
+                self._unindex(key)
+            return None
+        if _redis_down(exc):
+            raise exc
+        followed.failures += 1
+        followed.retry_at = time.monotonic() + min(0.05 * 2**followed.failures, 2.0)
+        if followed.failures < self.max_deliveries:
+            log.warning(
+                "session handler failed; will retry",
+                extra={"stream": key, "entry_id": entries[0].id, "error": repr(exc)[:500]},
+            )
+            return None
+        followed.failures = 0
+        return self._dead_letter(followed, entries[0], exc)
 
-def _pairs(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
-    """An entry's fields as RESP2 sends them (name, value, name, value...), as a dict."""
-    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+    async def _dead_letter(self, followed: _Followed, entry: Entry, exc: Exception) -> None:
+        await self.dead.send(
+            entry,
+            f"handler failed {self.max_deliveries} times: {exc!r}",
+            deliveries=self.max_deliveries,
+        )
+        followed.last_id = entry.id
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields as Redis sends them (name, value, name, value...), as a dict."""
+    names = iter(flat)
+    return dict(zip(names, names, strict=True))
 
 
 _SLOT_TAGS: list[str] = []
