@@ -52,13 +52,14 @@ class DirectInput:
         notices: list[Notice] = []
         refused: list[tuple[Entry, str]] = []
         for entry, chunk in chunks:
+            problem = self.mismatch(chunk)
+            if problem is not None:  # its number is not taken: a gap if none comes for it
+                refused.append((entry, problem))
+                continue
             ready, noticed = self.order.accept(chunk.seq, (entry, chunk))
             notices += noticed
             for ready_entry, ready_chunk in ready:
-                problem = self.mismatch(ready_chunk)
-                if problem is not None:
-                    refused.append((ready_entry, problem))
-                elif ready_chunk.audio:
+                if ready_chunk.audio:
                     frames.append((ready_entry.id, self._frame(ready_chunk)))
         return frames, notices, refused
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any, get_args
 
 from opentelemetry.metrics import Observation
@@ -120,54 +121,88 @@ class BrokerService:
 
     # ---------------------------------------------------------------- reader handlers
 
-    async def on_frames(self, key: str, entries: list[Entry]) -> None:
+    # Plain functions, run inline by the reader (no task per delivery): they await only
+    # when an entry is refused, by returning the coroutine that refuses it first. A refusal
+    # that fails (Redis down) fails the delivery before anything was queued, so the
+    # reader's retry queues nothing twice.
+
+    def on_frames(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:
         session = self.sessions.get(_sid(key))
         if session is None:
-            return
+            return None
         frames: list[tuple[str, Frame]] = []
+        refused: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
                 frames.append((entry.id, decode(Frame, entry.fields)))
             except ContractError as exc:
-                await self.refuse(session.sid, entry, str(exc))
-        if frames:
-            session.queue_frames(frames)
+                refused.append((entry, str(exc)))
+        queue = (lambda: session.queue_frames(frames)) if frames else None
+        return self._refusing(session.sid, refused, queue)
 
-    async def on_audio(self, key: str, entries: list[Entry]) -> None:
+    def on_audio(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:
         """Direct input (`vlpipe.services.broker.direct`): the producer's own chunks."""
         session = self.sessions.get(_sid(key))
         if session is None:
-            return
+            return None
+        assert session.direct is not None
         chunks: list[tuple[Entry, RawAudio]] = []
+        refused: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                chunks.append((entry, decode(RawAudio, entry.fields)))
+                chunk: RawAudio = decode(RawAudio, entry.fields)
             except ContractError as exc:
-                await self.refuse(session.sid, entry, str(exc))
-        for entry, reason in session.direct_frames(chunks):
-            await self.refuse(session.sid, entry, reason)
+                refused.append((entry, str(exc)))
+                continue
+            problem = session.direct.mismatch(chunk)
+            if problem is None:
+                chunks.append((entry, chunk))
+            else:
+                refused.append((entry, problem))
+        return self._refusing(session.sid, refused, lambda: session.direct_frames(chunks))
 
-    async def on_ctl(self, key: str, entries: list[Entry]) -> None:
+    def on_ctl(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:
         session = self.sessions.get(_sid(key))
         if session is None:
-            return
+            return None
+        controls: list[tuple[Entry, Message]] = []
+        refused: list[tuple[Entry, str]] = []
         for entry in entries:
             kind = entry.fields.get(b"type", b"").decode("utf-8", "replace")
             model = CONTROLS.get(kind)
             if model is None:
                 shown = repr(kind) if kind else "(missing)"
-                await self.refuse(
-                    session.sid,
-                    entry,
-                    f"unknown control message type {shown}; expected one of: {', '.join(CONTROLS)}",
-                )
+                refused.append((entry, f"unknown control message type {shown}; expected one "
+                                       f"of: {', '.join(CONTROLS)}"))  # fmt: skip
                 continue
             try:
-                msg: Message = decode(model, entry.fields)
+                controls.append((entry, decode(model, entry.fields)))
             except ContractError as exc:
-                await self.refuse(session.sid, entry, str(exc))
-                continue
-            session.queue_control(entry, msg)
+                refused.append((entry, str(exc)))
+
+        def queue() -> None:
+            for entry, msg in controls:
+                session.queue_control(entry, msg)
+
+        return self._refusing(session.sid, refused, queue)
+
+    def _refusing(
+        self, sid: str, refused: list[tuple[Entry, str]], then: Callable[[], object] | None
+    ) -> Awaitable[None] | None:
+        """`then()` at once when nothing is refused; else a coroutine that refuses each
+        entry, then calls it."""
+        if not refused:
+            if then is not None:
+                then()
+            return None
+
+        async def refuse_then() -> None:
+            for entry, reason in refused:
+                await self.refuse(sid, entry, reason)
+            if then is not None:
+                then()
+
+        return refuse_then()
 
     async def refuse(self, sid: str, entry: Entry, reason: str) -> None:
         await refuse(self.ctx, sid, entry, reason)

@@ -469,18 +469,17 @@ class BrokerSession:
             await asyncio.sleep(0.05)
         self.queue_frames([(read, self.direct.final())])
 
-    def direct_frames(self, chunks: list[tuple[Entry, RawAudio]]) -> list[tuple[Entry, str]]:
-        """Direct input: queue what goes upstream, report sequence notices; returns the
-        entries refused, with why."""
+    def direct_frames(self, chunks: list[tuple[Entry, RawAudio]]) -> None:
+        """Direct input: queue what goes upstream, report sequence notices (the chunks
+        were checked against the format: none is refused here)."""
         assert self.direct is not None
-        frames, notices, refused = self.direct.accept(chunks)
+        frames, notices, _ = self.direct.accept(chunks)
         for notice in notices:
             self.core.status(*describe(notice))
         if notices:
             self._changed()
         if frames:
             self.queue_frames(frames)
-        return refused
 
     def queue_frames(self, frames: list[tuple[str, Frame]]) -> None:
         self.frames.extend(frames)
