@@ -57,27 +57,32 @@ async def run_sessions(
     settings: ServiceSettings,
     reader: SessionStreamReader,
     ownership: SessionOwnership,
+    *more_readers: SessionStreamReader,
 ) -> None:
-    """Take sessions until SIGTERM, then hand the owned ones over; the reader stops last.
+    """Take sessions until SIGTERM, then hand the owned ones over; the readers stop last.
 
-    If the claims loop or the reader dies of an error no retry fixes, the whole service
+    If the claims loop or a reader dies of an error no retry fixes, the whole service
     stops (hands its sessions over and fails, so that it is restarted) instead of living
     on as a shell that takes nothing and reads nothing."""
-    reading = asyncio.create_task(reader.run(ctx.stop))
+    readers = (reader, *more_readers)
+    reading = [asyncio.create_task(r.run(ctx.stop)) for r in readers]
 
     def reader_ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            ctx.stop.set()  # the reader died: hand the sessions over, then fail
+            ctx.stop.set()  # a reader died: hand the sessions over, then fail
 
-    reading.add_done_callback(reader_ended)
+    for task in reading:
+        task.add_done_callback(reader_ended)
     watching = asyncio.create_task(_watch_group(ctx, ownership.service))
     try:
         await ownership.run(ctx.stop, drain_budget_s=settings.shutdown_grace_s)
     finally:
         ctx.stop.set()  # whatever ended the claims, SIGTERM or a failure, ends the reader
         watching.cancel()
-        reader.wake()
-        await reading
+        for r in readers:
+            r.wake()
+        for task in reading:
+            await task
         await asyncio.gather(watching, return_exceptions=True)
 
 

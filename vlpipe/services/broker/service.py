@@ -46,6 +46,9 @@ class BrokerService:
         self.auth: Auth = make_auth(settings, credential)
         self.sessions: dict[str, BrokerSession] = {}
         self.reader = session_reader(ctx, settings)
+        # Control messages are rare: their streams have a reader of their own, so the
+        # input's reads (every 20 ms) name half the keys and a control read rarely wakes.
+        self.ctl_reader = session_reader(ctx, settings, "ctl")
         self.tool_call_outbox = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.tool_calls)
         self.ownership = session_ownership(
             ctx, settings, self.run_session,
@@ -91,7 +94,9 @@ class BrokerService:
     async def run(self) -> None:
         ticker = asyncio.create_task(self._tick())
         try:
-            await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
+            await run_sessions(
+                self.ctx, self.settings, self.reader, self.ownership, self.ctl_reader
+            )
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)

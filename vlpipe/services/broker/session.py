@@ -8,7 +8,7 @@ decision; this shell only moves bytes between it, the upstream socket and Redis:
   upstream session gets what `core.upstream_opened` queued: the config, the remembered
   conversation and the audio the last one had not committed, before live audio.
 * `_receive_loop` parses each server event, decodes audio deltas and feeds the core.
-* `_send_loop` feeds the core the frames and control messages the shared reader queued,
+* `_send_loop` feeds the core the frames and control messages the shared readers queued,
   and the clock, and watches for the end (input finished and drained, `session.end`, a
   rollover due). At most `max_pending_frames` wait in memory; past that the frames stream
   is not read (the backlog waits in Redis) until the core has them.
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from vlpipe.services.broker.core import SessionCore, SessionEnded
 from vlpipe.services.broker.direct import DirectInput
@@ -88,6 +89,8 @@ class BrokerSession:
         self.queued_frames_id = self.core.frames_id
         self.reading_frames = False
         self.work = asyncio.Event()
+        self.waiting = False
+        """The sender is idle, waiting for work, with nothing left to send."""
         self.due = True
         """Time-driven checks are due at the sender's next turn (see `_send_loop`)."""
         self.last_input_at = time.monotonic()
@@ -112,7 +115,7 @@ class BrokerSession:
         if core.ended:
             return
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
-        svc.reader.add(svc.keys.ctl(self.sid), core.ctl_id, svc.on_ctl)
+        svc.ctl_reader.add(svc.keys.ctl(self.sid), core.ctl_id, svc.on_ctl)
         self._read_frames()
         input_end: asyncio.Task[None] | None = None
         if self.direct is not None and not core.input_final:
@@ -130,7 +133,7 @@ class BrokerSession:
             core.turns.end()
             if input_end is not None:
                 input_end.cancel()
-            svc.reader.remove(svc.keys.ctl(self.sid))
+            svc.ctl_reader.remove(svc.keys.ctl(self.sid))
             svc.reader.remove(self.input_key)
             if self.ws is not None:
                 # A silent upstream would hold the close handshake for its whole timeout.
@@ -294,11 +297,20 @@ class BrokerSession:
                 if core.upstream or core.refusals or core.playback_needed is not None:
                     await self._pump()
                 self._changed()
-            await self.work.wait()
+            self.waiting = True
+            try:
+                await self.work.wait()
+            finally:
+                self.waiting = False
 
     async def _send_frames(self) -> None:
         batch = list(self.frames)
         self.frames.clear()
+        self._audio(batch)
+        await self._pump()
+
+    def _audio(self, batch: list[tuple[str, Frame]]) -> None:
+        """The frames to the core (which queues their appends), and their count."""
         now_ms = time.time() * 1000
         latency = max(0.0, now_ms - entry_ms(batch[0][0]))  # the oldest frame's
         self.svc.recent_latency_ms.append(latency)
@@ -314,7 +326,29 @@ class BrokerSession:
             totals["frames"] += sent
             totals["appends"] += len(appends)
             totals["largest_append_bytes"] = max(totals["largest_append_bytes"], *appends)
-        await self._pump()
+
+    def _send_at_once(self, frames: list[tuple[str, Frame]]) -> bool:
+        """Frames straight from the reader to the upstream socket, when the sender is idle
+        with nothing queued and the socket takes them without waiting: at real-time pace,
+        every 20 ms frame of every session, with no wake of the sender task and no await.
+        False (nothing done) when the sender must have them instead."""
+        ws, core = self.ws, self.core
+        if (
+            ws is None or not self.waiting or self.frames or self.controls or self.due
+            or core.upstream or core.playback_needed is not None or core.refusals
+            or self.send_lock.locked() or not _takes_at_once(ws)
+        ):  # fmt: skip
+            return False
+        self._audio(frames)
+        while core.upstream:
+            if not _write_at_once(ws, _wire(core.upstream[0])):
+                self.due = True  # the sender sends the rest, in order
+                break
+            core.upstream.popleft()
+        if self.due:
+            self.work.set()
+        self._changed()
+        return True
 
     def _check_idle(self, now: float) -> None:
         """No input audio and no control for `session_idle_s`: end the session the normal
@@ -482,9 +516,11 @@ class BrokerSession:
             self.queue_frames(frames)
 
     def queue_frames(self, frames: list[tuple[str, Frame]]) -> None:
-        self.frames.extend(frames)
         self.queued_frames_id = frames[-1][0]
         self.last_input_at = time.monotonic()
+        if self._send_at_once(frames):
+            return
+        self.frames.extend(frames)
         if len(self.frames) >= self.settings.max_pending_frames:
             # The upstream is slower than the audio: leave the rest in Redis for now.
             self.svc.reader.remove(self.input_key)
@@ -517,6 +553,30 @@ def _wire(event: dict[str, Any]) -> str:
     if event.get("type") == "input_audio_buffer.append" and len(event) == 2:
         return '{"type":"input_audio_buffer.append","audio":"' + str(event["audio"]) + '"}'
     return json.dumps(event, separators=(",", ":"))
+
+
+def _takes_at_once(ws: ClientConnection) -> bool:
+    """The socket is open and its write buffer empty: a message written now goes out at
+    once (what `Connection.send` would do without waiting)."""
+    return (
+        ws.protocol.state is State.OPEN
+        and ws.send_in_progress is None
+        and not ws.transport.is_closing()
+        and not ws.transport.get_write_buffer_size()
+    )
+
+
+def _write_at_once(ws: ClientConnection, text: str) -> bool:
+    """A text message through the connection's own protocol (framing, masking), written
+    to its transport without `Connection.send`'s await; False (nothing written) when the
+    socket would make a sender wait."""
+    if not _takes_at_once(ws):
+        return False
+    ws.protocol.send_text(text.encode())
+    for data in ws.protocol.data_to_send():
+        if data:
+            ws.transport.write(data)
+    return True
 
 
 def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
