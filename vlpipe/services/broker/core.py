@@ -41,8 +41,9 @@ from __future__ import annotations
 import base64
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -59,7 +60,6 @@ from vlpipe.shared.contracts import (
     CreateResponse,
     EndSession,
     Event,
-    Frame,
     Message,
     SessionConfig,
     Status,
@@ -91,6 +91,22 @@ class SentFrame:
     """Where it starts in the current upstream session's audio (ms since its first append)."""
     end_ms: float
     arrived_ms: float
+
+
+class InputFrame(Protocol):
+    """What the core reads of a frame: a `Frame` from ingest, or a direct-input chunk
+    (`vlpipe.services.broker.direct.DirectFrame`)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def format(self) -> AudioFormat: ...
+    @property
+    def audio(self) -> bytes: ...
+    @property
+    def final(self) -> bool: ...
+    @property
+    def traceparent(self) -> str | None: ...
 
 
 class SessionEnded(Exception):
@@ -316,7 +332,7 @@ class SessionCore:
 
     # ================================================================ audio
 
-    def audio(self, frames: list[tuple[str, Frame]], now: float) -> list[int]:
+    def audio(self, frames: Sequence[tuple[str, InputFrame]], now: float) -> list[int]:
         """Frames to the upstream (appends of at most `max_append_ms`), kept for a replay.
         Returns the size in bytes of each append queued. A final marker ends the input."""
         self.now = now

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlpipe.shared.audio import AudioFormat
-from vlpipe.shared.contracts import Frame, RawAudio
+from vlpipe.shared.contracts import RawAudio
 from vlpipe.shared.reorder import Notice, SequenceWindow
 from vlpipe.shared.streams import Entry
 
@@ -45,10 +45,10 @@ class DirectInput:
 
     def accept(
         self, chunks: list[tuple[Entry, RawAudio]]
-    ) -> tuple[list[tuple[str, Frame]], list[Notice], list[tuple[Entry, str]]]:
+    ) -> tuple[list[tuple[str, DirectFrame]], list[Notice], list[tuple[Entry, str]]]:
         """The frames for the upstream, the sequence notices, and the refused entries with
         the reason, for a batch of decoded chunks in stream order."""
-        frames: list[tuple[str, Frame]] = []
+        frames: list[tuple[str, DirectFrame]] = []
         notices: list[Notice] = []
         refused: list[tuple[Entry, str]] = []
         for entry, chunk in chunks:
@@ -81,18 +81,24 @@ class DirectInput:
             )
         return None
 
-    def _frame(self, chunk: RawAudio) -> Frame:
-        # Built without validation: it never leaves the process, and its fields are the
-        # validated chunk's.
-        return Frame.model_construct(
-            session=self.sid, seq=NO_SEQ if chunk.seq is None else chunk.seq, format=self.fmt,
-            audio=chunk.audio, ts=chunk.ts, final=False, traceparent=chunk.traceparent,
-        )  # fmt: skip
+    def _frame(self, chunk: RawAudio) -> DirectFrame:
+        seq = NO_SEQ if chunk.seq is None else chunk.seq
+        return DirectFrame(seq, self.fmt, chunk.audio, False, chunk.traceparent)
 
-    def final(self) -> Frame:
+    def final(self) -> DirectFrame:
         """The end-of-input marker, once the producer ended the session and every chunk it
         wrote was read."""
-        return Frame.model_construct(
-            session=self.sid, seq=NO_SEQ, format=self.fmt, audio=b"", ts=None, final=True,
-            traceparent=None,
-        )  # fmt: skip
+        return DirectFrame(NO_SEQ, self.fmt, b"", True, None)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectFrame:
+    """A chunk as the core reads a frame (`core.InputFrame`): it never leaves the process,
+    so it is no `Frame` (whose construction, even unvalidated, cost as much as the rest
+    of the chunk's way to the socket)."""
+
+    seq: int
+    format: AudioFormat
+    audio: bytes
+    final: bool
+    traceparent: str | None

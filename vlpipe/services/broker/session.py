@@ -32,16 +32,17 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from vlpipe.services.broker.core import SessionCore, SessionEnded
+from vlpipe.services.broker.core import InputFrame, SessionCore, SessionEnded
 from vlpipe.services.broker.direct import DirectInput
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
-from vlpipe.shared.contracts import EndSession, Frame, Message, RawAudio, SessionEnd, encode
+from vlpipe.shared.contracts import EndSession, Message, RawAudio, SessionEnd, encode
 from vlpipe.shared.fencing import SessionLost, SessionWrite
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.reorder import describe
@@ -84,7 +85,7 @@ class BrokerSession:
             else None
         )
         # Work queued by the shared reader for the sender.
-        self.frames: deque[tuple[str, Frame]] = deque()
+        self.frames: deque[tuple[str, InputFrame]] = deque()
         self.controls: deque[tuple[Entry, Message]] = deque()
         self.queued_frames_id = self.core.frames_id
         self.reading_frames = False
@@ -309,7 +310,7 @@ class BrokerSession:
         self._audio(batch)
         await self._pump()
 
-    def _audio(self, batch: list[tuple[str, Frame]]) -> None:
+    def _audio(self, batch: Sequence[tuple[str, InputFrame]]) -> None:
         """The frames to the core (which queues their appends), and their count."""
         now_ms = time.time() * 1000
         latency = max(0.0, now_ms - entry_ms(batch[0][0]))  # the oldest frame's
@@ -327,7 +328,7 @@ class BrokerSession:
             totals["appends"] += len(appends)
             totals["largest_append_bytes"] = max(totals["largest_append_bytes"], *appends)
 
-    def _send_at_once(self, frames: list[tuple[str, Frame]]) -> bool:
+    def _send_at_once(self, frames: Sequence[tuple[str, InputFrame]]) -> bool:
         """Frames straight from the reader to the upstream socket, when the sender is idle
         with nothing queued and the socket takes them without waiting: at real-time pace,
         every 20 ms frame of every session, with no wake of the sender task and no await.
@@ -515,7 +516,7 @@ class BrokerSession:
         if frames:
             self.queue_frames(frames)
 
-    def queue_frames(self, frames: list[tuple[str, Frame]]) -> None:
+    def queue_frames(self, frames: Sequence[tuple[str, InputFrame]]) -> None:
         self.queued_frames_id = frames[-1][0]
         self.last_input_at = time.monotonic()
         if self._send_at_once(frames):
