@@ -44,15 +44,16 @@ class DirectInput:
         self.order = SequenceWindow(window=0, expected=self.expected)
 
     def accept(
-        self, chunks: list[tuple[Entry, RawAudio]]
+        self, chunks: list[tuple[Entry, RawAudio]], *, checked: bool = False
     ) -> tuple[list[tuple[str, DirectFrame]], list[Notice], list[tuple[Entry, str]]]:
         """The frames for the upstream, the sequence notices, and the refused entries with
-        the reason, for a batch of decoded chunks in stream order."""
+        the reason, for a batch of decoded chunks in stream order. With `checked`, the
+        chunks are known to be in the format (`mismatch` was asked already)."""
         frames: list[tuple[str, DirectFrame]] = []
         notices: list[Notice] = []
         refused: list[tuple[Entry, str]] = []
         for entry, chunk in chunks:
-            problem = self.mismatch(chunk)
+            problem = None if checked else self.mismatch(chunk)
             if problem is not None:  # its number is not taken: a gap if none comes for it
                 refused.append((entry, problem))
                 continue

@@ -341,11 +341,13 @@ class BrokerSession:
         ):  # fmt: skip
             return False
         self._audio(frames)
-        while core.upstream:
-            if not _write_at_once(ws, _wire(core.upstream[0])):
+        if core.upstream:  # it takes the first: just seen
+            _write_at_once(ws, _wire(core.upstream.popleft()))
+        while core.upstream:  # more: frames that waited, coalesced, or the input's end
+            if not _takes_at_once(ws):
                 self.due = True  # the sender sends the rest, in order
                 break
-            core.upstream.popleft()
+            _write_at_once(ws, _wire(core.upstream.popleft()))
         if self.due:
             self.work.set()
         self._changed()
@@ -508,7 +510,7 @@ class BrokerSession:
         """Direct input: queue what goes upstream, report sequence notices (the chunks
         were checked against the format: none is refused here)."""
         assert self.direct is not None
-        frames, notices, _ = self.direct.accept(chunks)
+        frames, notices, _ = self.direct.accept(chunks, checked=True)
         for notice in notices:
             self.core.status(*describe(notice))
         if notices:
@@ -567,17 +569,13 @@ def _takes_at_once(ws: ClientConnection) -> bool:
     )
 
 
-def _write_at_once(ws: ClientConnection, text: str) -> bool:
+def _write_at_once(ws: ClientConnection, text: str) -> None:
     """A text message through the connection's own protocol (framing, masking), written
-    to its transport without `Connection.send`'s await; False (nothing written) when the
-    socket would make a sender wait."""
-    if not _takes_at_once(ws):
-        return False
+    to its transport without `Connection.send`'s await, when `_takes_at_once(ws)`."""
     ws.protocol.send_text(text.encode())
     for data in ws.protocol.data_to_send():
         if data:
             ws.transport.write(data)
-    return True
 
 
 def _close_cause(ws: ClientConnection) -> tuple[int | None, str]:
