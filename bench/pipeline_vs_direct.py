@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
-        [--busy-above 25] [--busy-wait 120]
+        [--input direct|ingest] [--busy-above 25] [--busy-wait 120]
 
 The measured baseline and how to read it: docs/performance.md.
 
@@ -30,7 +30,10 @@ upstream:
   3 s, so no VAD events are sent and no barge-in happens). A producer process XADDs the
   same 20 ms chunk for every session each tick, in one pipeline
   (`XADD vl:audio:{ID} * audio <960 bytes> format pcm16 rate 24000`); a consumer process
-  follows every `vl:audio-out:{ID}` with one `XREAD`.
+  follows every `vl:audio-out:{ID}` with one `XREAD`. With `--input direct` (the default)
+  the sessions' starts say `audio_in pcm16`, as a producer of 24 kHz PCM16 should: the
+  broker reads the chunks itself (direct input, docs/producers.md); `--input ingest`
+  leaves it out, so every chunk goes through ingest and a frames stream.
 
 Measurements, over a window of `--seconds` that starts `--warmup` seconds after the first
 tick:
