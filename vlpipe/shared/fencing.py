@@ -335,11 +335,24 @@ class Writer:
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The commands on one pooled connection, packed by hiredis; their replies in
         order, an error reply as its exception. redis-py's pipeline packs each argument in
-        Python, and a write has about twenty: that cost more than the rest of the write."""
+        Python, and a write has about twenty: that cost more than the rest of the write.
+
+        Several writes go as one MULTI/EXEC: Redis serves a reader blocked on a stream
+        after each command outside a transaction, so egress (following the events
+        streams) and consumers (the outputs) would be woken by the batch's first write and
+        read the rest on another round trip; in a transaction they are woken once, with
+        all of it. Each write's outcome is still its own (a script's error is its reply
+        in EXEC's)."""
         pool = self.redis.connection_pool
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            return self._waited(await send_pipelined(connection, self._with_wait(commands)))
+            if len(commands) == 1:
+                return self._waited(await send_pipelined(connection, self._with_wait(commands)))
+            sent = [("MULTI",), *commands, ("EXEC",)]
+            executed = self._waited(await send_pipelined(connection, self._with_wait(sent)))[-1]
+            if isinstance(executed, Exception):  # EXECABORT: none of them ran
+                return [executed] * len(commands)
+            return list(executed)
         finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
             await pool.release(connection)
 
