@@ -402,9 +402,12 @@ class Gateway:
         grant.check(sid, Scope.CALL)
         instructions = params.get("instructions")
         try:
-            config = validated(
-                SessionConfig, {"instructions": instructions} if instructions else {}
-            )
+            # The caller's 8 kHz µ-law goes upstream as it is (Voice Live takes g711_ulaw
+            # input): direct input, no ingest, no resampling.
+            config = validated(SessionConfig, {
+                "input_audio_format": AudioFormat.G711_ULAW.value,
+                **({"instructions": instructions} if instructions else {}),
+            })  # fmt: skip
         except ContractError as exc:
             raise BadRequest(str(exc)) from None
         client = Client(ws, sid, AudioFormat.G711_ULAW, self.settings.client_buffer,
@@ -412,7 +415,8 @@ class Gateway:
         self.fanout.attach(client, from_start=True)
         announced = False
         try:
-            session = SessionStart(session=sid, config=config, audio_out=AudioFormat.G711_ULAW)
+            session = SessionStart(session=sid, config=config, audio_out=AudioFormat.G711_ULAW,
+                                   audio_in=AudioFormat.G711_ULAW)  # fmt: skip
             await self.redis.xadd(self.keys.sessions, encode(session))  # type: ignore[arg-type]
             announced = True
             await self._serve_client(client, self._twilio_media(ws, sid, limits))
