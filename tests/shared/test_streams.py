@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable
+from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
@@ -198,12 +199,7 @@ async def test_session_reader_follows_streams_from_checkpoints_and_wakes_for_new
     a, b = keys.frames("a"), keys.frames("b")
     await _fill(redis, a, 5, "a")
     checkpoint = (await redis.xrange(a))[1][0].decode()  # resume after the 2nd entry
-    reader = SessionStreamReader(
-        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
-        block_ms=60_000,
-    )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(reader.run(stop))
+    reader, stop, task = _running_reader(redis, keys, block_ms=60_000)
     await asyncio.sleep(0.1)
     reader.add(a, checkpoint, handle)
     await wait_until(lambda: _true(got.get(a) == [b"2", b"3", b"4"]), within=2)
@@ -214,6 +210,16 @@ async def test_session_reader_follows_streams_from_checkpoints_and_wakes_for_new
     stop.set()
     reader.add(keys.frames("c"), "0-0", handle)  # wakes the blocking read so run() sees stop
     await task
+
+
+def _running_reader(
+    redis: aioredis.Redis, keys: StreamKeys, **options: Any
+) -> tuple[SessionStreamReader, asyncio.Event, asyncio.Task[None]]:
+    """A session reader running until the returned event is set."""
+    reader = SessionStreamReader(redis, wake_key=f"{keys.prefix}:wake:t",
+                                 dead=DeadLetters(redis, keys, "t"), **options)  # fmt: skip
+    stop = asyncio.Event()
+    return reader, stop, asyncio.create_task(reader.run(stop))
 
 
 async def _llen(redis: aioredis.Redis, key: str, n: int) -> bool:
@@ -252,12 +258,7 @@ async def test_session_reader_retries_a_failing_handler_then_dead_letters_the_en
 
     bad, good = keys.frames("bad"), keys.frames("good")
     await _fill(redis, bad, 3, "bad")
-    reader = SessionStreamReader(
-        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
-        block_ms=200, max_deliveries=3,
-    )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(reader.run(stop))
+    reader, stop, task = _running_reader(redis, keys, block_ms=200, max_deliveries=3)
     reader.add(bad, "0-0", flaky)
     reader.add(good, "0-0", fine)
     await _fill(redis, good, 3, "good")
@@ -303,12 +304,7 @@ async def test_session_reader_takes_plain_handlers_retrying_awaiting_and_droppin
     bad, good, gone = keys.frames("bad"), keys.frames("good"), keys.frames("gone")
     await _fill(redis, bad, 3, "bad")
     await _fill(redis, gone, 1, "gone")
-    reader = SessionStreamReader(
-        redis, wake_key=f"{keys.prefix}:wake:t", dead=DeadLetters(redis, keys, "t"),
-        block_ms=200, max_deliveries=3,
-    )  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(reader.run(stop))
+    reader, stop, task = _running_reader(redis, keys, block_ms=200, max_deliveries=3)
     reader.add(bad, "0-0", flaky)
     reader.add(good, "0-0", fine)
     reader.add(gone, "0-0", lost)
