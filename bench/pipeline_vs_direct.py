@@ -689,19 +689,22 @@ async def sleep_until(wall: float) -> None:
     await asyncio.sleep(max(0.0, wall - time.time()))
 
 
-async def measure_window(pids: dict[str, int], null_port: int, start: float, seconds: float,
-                         redis: Any = None) -> Window:  # fmt: skip
+async def measure_window(pids: dict[str, int | list[int]], null_port: int, start: float,
+                         seconds: float, redis: Any = None) -> Window:  # fmt: skip
     """CPU, memory and the null server's input over [start, start + seconds] (wall clock);
-    with `redis`, also the commands the pipeline sent it."""
-    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    with `redis`, also the commands the pipeline sent it. A name with several pids (the
+    replicas of a service) gets their sums."""
+    procs = {name: [psutil.Process(pid) for pid in (pid_or if isinstance(pid_or, list)
+                                                     else [pid_or])]
+             for name, pid_or in pids.items()}  # fmt: skip
     await sleep_until(start)
     began = time.monotonic()
     psutil.cpu_percent(interval=None)  # starts the machine-wide count
-    cpu0 = {name: cpu_seconds(p) for name, p in procs.items()}
+    cpu0 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
     calls0 = await commandstats(redis) if redis is not None else {}
     await sleep_until(start + seconds)
-    cpu1 = {name: cpu_seconds(p) for name, p in procs.items()}
+    cpu1 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     machine = psutil.cpu_percent(interval=None)
     null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
     calls1 = await commandstats(redis) if redis is not None else {}
@@ -713,7 +716,8 @@ async def measure_window(pids: dict[str, int], null_port: int, start: float, sec
     }
     return Window(
         wall_s=wall, cpu_s={name: cpu1[name] - cpu0[name] for name in procs},
-        rss={name: p.memory_info().rss for name, p in procs.items()}, machine_percent=machine,
+        rss={name: sum(p.memory_info().rss for p in ps) for name, ps in procs.items()},
+        machine_percent=machine,
         null_appends=null1.get("appends", 0) - null0.get("appends", 0),
         null_bytes=null1.get("append_bytes", 0) - null0.get("append_bytes", 0),
         redis_calls={name: got for name, got in calls.items() if got[0] > 0},
@@ -763,6 +767,8 @@ class Bench:
     telemetry: bool
     tmp: Path
     audio_in: bool
+    replicas: int = 1
+    """Processes of each service (sessions spread over them through the consumer groups)."""
     """Sessions announce `audio_in pcm16` (direct input: the broker reads the chunks)."""
 
     def open_upstreams(self) -> int:
@@ -826,21 +832,28 @@ class Bench:
             fsync = (await redis.config_get("appendfsync")).get("appendfsync")
             if fsync != self.appendfsync:
                 raise StartFailed(f"redis-server runs appendfsync {fsync}, not {self.appendfsync}")
-            ports = {name: free_port() for name in SERVICES}
-            for name in SERVICES:
+            replicas = [(name, r) for name in SERVICES for r in range(self.replicas)]
+            ports = {replica: free_port() for replica in replicas}
+            for name, r in replicas:
                 started.append(await self.children.start(
-                    f"{name}-{n}", [sys.executable, "-m", f"vlpipe.services.{name}"],
-                    env=self.service_env(name, server.url, prefix, ports[name]),
+                    f"{name}-{n}" + (f"-{r}" if r else ""),
+                    [sys.executable, "-m", f"vlpipe.services.{name}"],
+                    env=self.service_env(name, server.url, prefix, ports[name, r]),
                 ))  # fmt: skip
-            for child, name in zip(started, SERVICES, strict=True):
-                port = ports[name]
-                await wait_for(f"{name} ready (/readyz)",
+            for child, replica in zip(started, replicas, strict=True):
+                port = ports[replica]
+                await wait_for(f"{replica[0]} ready (/readyz)",
                                lambda p=port: "ready" in (http_get(p, "/readyz") or ""),
                                60, watch=started, tails=[child])  # fmt: skip
             assert server.proc is not None
-            pids = {name: c.pid for name, c in zip(SERVICES, started, strict=True)}
+            pids: dict[str, int | list[int]] = {
+                name: [c.pid for c, (of, _) in zip(started, replicas, strict=True) if of == name]
+                for name in SERVICES
+            }
             pids["redis-server"] = server.proc.pid
-            idle_rss = {name: psutil.Process(pid).memory_info().rss for name, pid in pids.items()}
+            idle_rss = {name: sum(psutil.Process(pid).memory_info().rss
+                                  for pid in (p if isinstance(p, list) else [p]))
+                        for name, p in pids.items()}  # fmt: skip
             audio_in = ("audio_in", "pcm16") if self.audio_in else ()
             async with redis.pipeline(transaction=False) as pipe:
                 for sid in sids:
@@ -908,7 +921,8 @@ def machine_line(args: argparse.Namespace) -> str:
     return (
         f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
         f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
-        f"{args.telemetry}, {args.input} input; window {args.seconds:g} s after a "
+        f"{args.telemetry}, {args.input} input, {args.replicas} process(es) of each service; "
+        f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
     )
 
@@ -1024,7 +1038,7 @@ async def run(args: argparse.Namespace) -> None:
             await null.message("ready", within=30)
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp),
-                          args.input == "direct")  # fmt: skip
+                          args.input == "direct", args.replicas)  # fmt: skip
             for n in sessions:
                 modes = []
                 for mode in (bench.direct, bench.pipeline):
@@ -1070,6 +1084,9 @@ def main() -> None:
     parser.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
     parser.add_argument("--telemetry", choices=["on", "off"], default="on",
                         help="off: the services run with OTEL_SDK_DISABLED=true")  # fmt: skip
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="processes of each service (default 1)"
+    )
     parser.add_argument("--input", choices=["direct", "ingest"], default="direct",
                         help="direct: sessions announce audio_in pcm16, so the broker reads "
                         "the producer's chunks itself; ingest: they go through ingest")  # fmt: skip
