@@ -17,13 +17,13 @@ import redis.asyncio as aioredis
 from tests.broker.helpers import read_wav, running_broker, statuses, wait_for_event
 from tests.broker.test_core import VAD, make_core
 from vlpipe.services.broker.core import SessionCore
-from vlpipe.services.broker.direct import NO_SEQ, DirectInput
+from vlpipe.services.broker.direct import NO_SEQ, DirectFrame, DirectInput
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import RawAudio, SessionConfig, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.reorder import Gap, Stale
+from vlpipe.shared.reorder import Gap, Notice, Stale
 from vlpipe.shared.streams import Entry
 
 PCM = AudioFormat.PCM16
@@ -36,9 +36,18 @@ def chunk(n: int, seq: int | None, **fields: object) -> tuple[Entry, RawAudio]:
     return Entry("vl:audio:{s1}", f"{1000 + n}-0", {}), raw
 
 
+def take(
+    direct: DirectInput, chunks: list[tuple[Entry, RawAudio]]
+) -> tuple[list[tuple[str, DirectFrame]], list[Notice], list[tuple[Entry, str]]]:
+    """What the broker does with a batch: the format check, then the sequence."""
+    good, refused = direct.split(chunks)
+    frames, notices = direct.accept(good)
+    return frames, notices, refused
+
+
 def test_chunks_in_the_upstream_format_go_through_as_they_are() -> None:
     direct = DirectInput("s1", PCM)
-    frames, notices, refused = direct.accept([chunk(0, 0), chunk(1, 1), chunk(2, None)])
+    frames, notices, refused = take(direct, [chunk(0, 0), chunk(1, 1), chunk(2, None)])
     assert [entry_id for entry_id, _ in frames] == ["1000-0", "1001-0", "1002-0"]
     assert [f.seq for _, f in frames] == [0, 1, NO_SEQ]
     assert all(f.audio == b"\1\0" * 480 and f.format is PCM for _, f in frames)
@@ -47,8 +56,8 @@ def test_chunks_in_the_upstream_format_go_through_as_they_are() -> None:
 
 def test_a_repeated_or_late_chunk_is_dropped_and_a_skipped_number_reported() -> None:
     direct = DirectInput("s1", PCM, expected=5)
-    frames, notices, refused = direct.accept(
-        [chunk(0, 4), chunk(1, 5), chunk(2, 5), chunk(3, 8), chunk(4, 7)]
+    frames, notices, refused = take(
+        direct, [chunk(0, 4), chunk(1, 5), chunk(2, 5), chunk(3, 8), chunk(4, 7)]
     )
     assert [f.seq for _, f in frames] == [5, 8]  # no reordering: 7 came after 8
     assert notices == [Stale(4), Stale(5), Gap(6, 7), Stale(7)]
@@ -64,7 +73,7 @@ def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None
         chunk(3, 3, audio=b"\0\0\0"),
         chunk(4, 4, audio=b""),
     ]
-    frames, notices, refused = direct.accept([*bad, chunk(5, 5)])
+    frames, notices, refused = take(direct, [*bad, chunk(5, 5)])
     assert [f.seq for _, f in frames] == [5] and notices == []
     reasons = [reason for _, reason in refused]
     assert len(reasons) == 4
@@ -79,7 +88,7 @@ def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None
 def test_g711_chunks_need_no_rate() -> None:
     direct = DirectInput("s1", AudioFormat.G711_ULAW)
     raw = RawAudio.model_validate({"audio": b"\xff" * 160, "format": "ulaw", "seq": 0})
-    frames, _, refused = direct.accept([(Entry("k", "1-0", {}), raw)])
+    frames, _, refused = take(direct, [(Entry("k", "1-0", {}), raw)])
     assert len(frames) == 1 and refused == []
 
 
@@ -89,7 +98,7 @@ def test_a_new_owner_expects_the_producer_seq_of_the_first_chunk_it_rereads() ->
     core.upstream_opened(0.0)
     direct = DirectInput("s1", PCM)
     # 3 s of silence, numbered from 100: all but the last 1.5 s is let go.
-    frames, _, _ = direct.accept([chunk(n, 100 + n) for n in range(150)])
+    frames, _, _ = take(direct, [chunk(n, 100 + n) for n in range(150)])
     core.audio(frames, 0.0)
     kept = [sent.seq for sent in core.retained]
     assert kept and kept[0] > 100 and kept[-1] == 249
@@ -99,7 +108,7 @@ def test_a_new_owner_expects_the_producer_seq_of_the_first_chunk_it_rereads() ->
     assert checkpoint["frames_id"] == f"{1000 + kept[0] - 100 - 1}-{2**64 - 1}"
     # The new owner reads on after frames_id: the same chunks, none dropped as stale.
     resumed = DirectInput("s1", PCM, expected=int(checkpoint["source_seq"]))
-    again, notices, _ = resumed.accept([chunk(n - 100, n) for n in kept])
+    again, notices, _ = take(resumed, [chunk(n - 100, n) for n in kept])
     assert [f.seq for _, f in again] == kept and notices == []
     # An ingest-fed session keeps no producer seq in its checkpoint.
     assert "source_seq" not in make_core(VAD).checkpoint()

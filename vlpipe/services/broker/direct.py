@@ -43,26 +43,37 @@ class DirectInput:
     def __post_init__(self) -> None:
         self.order = SequenceWindow(window=0, expected=self.expected)
 
-    def accept(
-        self, chunks: list[tuple[Entry, RawAudio]], *, checked: bool = False
-    ) -> tuple[list[tuple[str, DirectFrame]], list[Notice], list[tuple[Entry, str]]]:
-        """The frames for the upstream, the sequence notices, and the refused entries with
-        the reason, for a batch of decoded chunks in stream order. With `checked`, the
-        chunks are known to be in the format (`mismatch` was asked already)."""
-        frames: list[tuple[str, DirectFrame]] = []
-        notices: list[Notice] = []
+    def split(
+        self, chunks: list[tuple[Entry, RawAudio]]
+    ) -> tuple[list[tuple[Entry, RawAudio]], list[tuple[Entry, str]]]:
+        """The chunks that can go upstream as they are, and the refused ones with the
+        reason; nothing changes (the shell writes the refusals before it accepts the rest,
+        so a failed refusal retried accepts nothing twice). A refused chunk's number is not
+        taken: a gap if none comes for it."""
+        good: list[tuple[Entry, RawAudio]] = []
         refused: list[tuple[Entry, str]] = []
         for entry, chunk in chunks:
-            problem = None if checked else self.mismatch(chunk)
-            if problem is not None:  # its number is not taken: a gap if none comes for it
+            problem = self.mismatch(chunk)
+            if problem is None:
+                good.append((entry, chunk))
+            else:
                 refused.append((entry, problem))
-                continue
+        return good, refused
+
+    def accept(
+        self, chunks: list[tuple[Entry, RawAudio]]
+    ) -> tuple[list[tuple[str, DirectFrame]], list[Notice]]:
+        """The frames for the upstream and the sequence notices, for a batch of chunks
+        `split` let through, in stream order."""
+        frames: list[tuple[str, DirectFrame]] = []
+        notices: list[Notice] = []
+        for entry, chunk in chunks:
             ready, noticed = self.order.accept(chunk.seq, (entry, chunk))
             notices += noticed
             for ready_entry, ready_chunk in ready:
                 if ready_chunk.audio:
                     frames.append((ready_entry.id, self._frame(ready_chunk)))
-        return frames, notices, refused
+        return frames, notices
 
     def mismatch(self, chunk: RawAudio) -> str | None:
         """Why `chunk` cannot go upstream as it is, or None."""

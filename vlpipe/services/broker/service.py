@@ -151,19 +151,15 @@ class BrokerService:
         if session is None:
             return None
         assert session.direct is not None
-        chunks: list[tuple[Entry, RawAudio]] = []
+        decoded: list[tuple[Entry, RawAudio]] = []
         refused: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                chunk: RawAudio = decode(RawAudio, entry.fields)
+                decoded.append((entry, decode(RawAudio, entry.fields)))
             except ContractError as exc:
                 refused.append((entry, str(exc)))
-                continue
-            problem = session.direct.mismatch(chunk)
-            if problem is None:
-                chunks.append((entry, chunk))
-            else:
-                refused.append((entry, problem))
+        chunks, mismatched = session.direct.split(decoded)
+        refused += mismatched
         return self._refusing(session.sid, refused, lambda: session.direct_frames(chunks))
 
     def on_ctl(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:

@@ -508,9 +508,9 @@ class BrokerSession:
 
     def direct_frames(self, chunks: list[tuple[Entry, RawAudio]]) -> None:
         """Direct input: queue what goes upstream, report sequence notices (the chunks
-        were checked against the format: none is refused here)."""
+        `DirectInput.split` let through)."""
         assert self.direct is not None
-        frames, notices, _ = self.direct.accept(chunks, checked=True)
+        frames, notices = self.direct.accept(chunks)
         for notice in notices:
             self.core.status(*describe(notice))
         if notices:
