@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
-        [--input direct|ingest] [--busy-above 25] [--busy-wait 120]
+        [--input direct|ingest] [--start staggered|together] [--busy-above 25]
+        [--busy-wait 120]
 
 The measured baseline and how to read it: docs/performance.md.
 
@@ -19,6 +20,13 @@ upstream:
   `...done` events. The first 8 bytes of each delta's audio carry the server's clock when
   it sent the delta; the response id carries the answer's number (`resp_3`: the answer to
   the connection's 3rd block of 3 s).
+* **When calls begin.** With `--start staggered` (the default) the N calls begin one
+  after another over one 3 s block (call i on tick `i * 150 // N`), so their turns end on
+  different ticks, as real calls' do; every call is sending by the end of the warm-up.
+  With `--start together` all begin on the first tick: every call completes its blocks on
+  the same tick, and all N answers start in the same millisecond, a burst of N answers'
+  events that the transport works through one after another (the worst case, and what
+  this benchmark measured before `--start` existed).
 * **Direct mode.** One process holds N `azure.ai.voicelive.aio.connect` clients. A shared
   ticker sends each of them 20 ms of 24 kHz PCM16 every 20 ms (`input_audio_buffer.append`,
   base64-encoded per send as an app would); each client reads the SDK's typed events and
@@ -359,6 +367,7 @@ async def direct_role(params: dict[str, Any]) -> None:
     from azure.core.credentials import AzureKeyCredential
 
     n, warmup, seconds = params["sessions"], params["warmup"], params["seconds"]
+    starts: list[int] = params["starts"]
     idle_rss = psutil.Process().memory_info().rss
     managers: list[Any] = []
 
@@ -402,7 +411,9 @@ async def direct_role(params: dict[str, Any]) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
         ticks.append(time.time())
-        for connection in connections:
+        for connection, start in zip(connections, starts, strict=True):
+            if k < start:
+                continue  # this call has not begun yet
             audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
             await connection.input_audio_buffer.append(audio=audio)
     for manager in managers:
@@ -417,7 +428,8 @@ async def direct_role(params: dict[str, Any]) -> None:
 
 
 async def producer_role(params: dict[str, Any]) -> None:
-    """The same 20 ms chunk for every session each tick: one pipeline of XADDs per tick."""
+    """The same 20 ms chunk for every session that has begun, each tick: one pipeline of
+    XADDs per tick."""
     import redis.asyncio as aioredis
 
     from vlpipe.shared.keys import StreamKeys
@@ -437,7 +449,9 @@ async def producer_role(params: dict[str, Any]) -> None:
             await asyncio.sleep(delay)
         ticks.append(time.time())
         async with redis.pipeline(transaction=False) as pipe:
-            for key in audio_keys:
+            for key, start in zip(audio_keys, params["starts"], strict=True):
+                if k < start:
+                    continue  # this call has not begun yet
                 pipe.execute_command("XADD", key, "*", "audio", CHUNK, "format", "pcm16",
                                      "rate", RATE)  # fmt: skip
             await pipe.execute()
@@ -483,6 +497,17 @@ ROLES = {
 # ==================================================================== figures (pure)
 
 
+def start_ticks(n: int, start: str) -> list[int]:
+    """The tick at which each session sends its first chunk. `together`: all at tick 0, so
+    every session completes its 3 s blocks on the same tick and all N answers start in the
+    same millisecond (a worst case: a burst of N answers' events at once). `staggered`:
+    spread evenly over one block, as calls that began at different times (one in
+    `BLOCK_TICKS / n` ticks completes a block on each tick)."""
+    if start == "together":
+        return [0] * n
+    return [i * BLOCK_TICKS // n for i in range(n)]
+
+
 def percentile(values: list[float], q: int) -> float:
     if not values:
         return math.nan
@@ -502,25 +527,28 @@ class Turns:
 
 
 def turn_figures(
-    t0: float, ticks: list[float], rows: Iterable[list[float]], n: int, warmup: float,
-    seconds: float,
+    t0: float, ticks: list[float], rows: Iterable[list[float]], starts: list[int],
+    warmup: float, seconds: float,
 ) -> Turns:  # fmt: skip
-    """Turns of answers to blocks completed by ticks in the window [warmup, warmup+seconds)."""
+    """Turns of answers to blocks completed by ticks in the window [warmup, warmup+seconds)
+    (session i sent its first chunk on tick `starts[i]`)."""
     first_tick, end_tick = round(warmup / TICK_S), round((warmup + seconds) / TICK_S)
-    numbers = [m for m in range(1, len(ticks) // BLOCK_TICKS + 1)
-               if first_tick <= m * BLOCK_TICKS - 1 < end_tick]  # fmt: skip
     seen = {(int(r[0]), int(r[1])): r[2:] for r in rows}
-    turns = Turns(expected=n * len(numbers), latency_ms=[], uplink_ms=[], downlink_ms=[],
-                  delivered=0.0,
+    turns = Turns(expected=0, latency_ms=[], uplink_ms=[], downlink_ms=[], delivered=0.0,
                   ticker_late_ms=[(t - t0 - k * TICK_S) * 1000 for k, t in enumerate(ticks)])  # fmt: skip
     delivered = 0.0
-    for session in range(n):
+    for session, start in enumerate(starts):
+        # The tick that completes block m: the session's (m * BLOCK_TICKS)th chunk.
+        completing = {m: start + m * BLOCK_TICKS - 1
+                      for m in range(1, (len(ticks) - start) // BLOCK_TICKS + 1)}  # fmt: skip
+        numbers = [m for m, k in completing.items() if first_tick <= k < end_tick]
+        turns.expected += len(numbers)
         for m in numbers:
             got = seen.get((session, m))
             if got is None:
                 continue
             first, stamp, in_time = got
-            tick = ticks[m * BLOCK_TICKS - 1]
+            tick = ticks[completing[m]]
             turns.latency_ms.append((first - tick) * 1000)
             turns.uplink_ms.append((stamp - tick) * 1000)
             turns.downlink_ms.append((first - stamp) * 1000)
@@ -767,9 +795,11 @@ class Bench:
     telemetry: bool
     tmp: Path
     audio_in: bool
+    """Sessions announce `audio_in pcm16` (direct input: the broker reads the chunks)."""
+    start: str = "staggered"
+    """`staggered` or `together` (`start_ticks`)."""
     replicas: int = 1
     """Processes of each service (sessions spread over them through the consumer groups)."""
-    """Sessions announce `audio_in pcm16` (direct input: the broker reads the chunks)."""
 
     def open_upstreams(self) -> int:
         return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
@@ -780,8 +810,9 @@ class Bench:
 
     async def direct(self, n: int) -> ModeResult:
         await self.quiet_upstream()
+        starts = start_ticks(n, self.start)
         params = {"endpoint": f"http://127.0.0.1:{self.null_port}", "sessions": n,
-                  "warmup": self.warmup, "seconds": self.seconds}  # fmt: skip
+                  "warmup": self.warmup, "seconds": self.seconds, "starts": starts}  # fmt: skip
         app = await self.children.role(f"direct-{n}", "direct", params)
         try:
             ready = await app.message("ready", within=60 + n * 0.5)
@@ -793,7 +824,7 @@ class Bench:
             result = await app.message("result", within=self.seconds + GRACE_S + 60)
         finally:
             await self.children.stop(app)
-        turns = turn_figures(t0, result["ticks"], result["answers"], n, self.warmup,
+        turns = turn_figures(t0, result["ticks"], result["answers"], starts, self.warmup,
                              self.seconds)  # fmt: skip
         return ModeResult("direct", n, window, ("direct",), {"direct": ready["idle_rss"]}, turns)
 
@@ -866,7 +897,8 @@ class Bench:
                            tails=started)  # fmt: skip
             t0 = time.time() + 3.0  # the producer and consumer start in well under that
             until = t0 + self.warmup + self.seconds + GRACE_S
-            base = {"url": server.url, "prefix": prefix, "sids": sids}
+            starts = start_ticks(n, self.start)
+            base = {"url": server.url, "prefix": prefix, "sids": sids, "starts": starts}
             consumer = await self.children.role(f"consumer-{n}", "consumer",
                                                 {**base, "until": until})  # fmt: skip
             producer = await self.children.role(
@@ -883,7 +915,7 @@ class Bench:
             await redis.aclose()
             await self.children.stop(*started)
             server.stop()
-        turns = turn_figures(t0, produced["ticks"], consumed["answers"], n, self.warmup,
+        turns = turn_figures(t0, produced["ticks"], consumed["answers"], starts, self.warmup,
                              self.seconds)  # fmt: skip
         transport = (*SERVICES, "redis-server")
         return ModeResult("pipeline", n, window, transport, idle_rss, turns)
@@ -921,7 +953,8 @@ def machine_line(args: argparse.Namespace) -> str:
     return (
         f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
         f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
-        f"{args.telemetry}, {args.input} input, {args.replicas} process(es) of each service; "
+        f"{args.telemetry}, {args.input} input, sessions started {args.start}, "
+        f"{args.replicas} process(es) of each service; "
         f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
     )
@@ -1038,7 +1071,7 @@ async def run(args: argparse.Namespace) -> None:
             await null.message("ready", within=30)
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp),
-                          args.input == "direct", args.replicas)  # fmt: skip
+                          args.input == "direct", args.start, args.replicas)  # fmt: skip
             for n in sessions:
                 modes = []
                 for mode in (bench.direct, bench.pipeline):
@@ -1090,7 +1123,14 @@ def main() -> None:
     parser.add_argument("--input", choices=["direct", "ingest"], default="direct",
                         help="direct: sessions announce audio_in pcm16, so the broker reads "
                         "the producer's chunks itself; ingest: they go through ingest")  # fmt: skip
+    parser.add_argument("--start", choices=["staggered", "together"], default="staggered",
+                        help="staggered: the calls begin one after another over a 3 s block, "
+                        "so their turns end at different ticks; together: all on the first "
+                        "tick, so all N answers start at once (a burst)")  # fmt: skip
     args = parser.parse_args()
+    if args.start == "staggered" and args.warmup < BLOCK_TICKS * TICK_S:
+        parser.error(f"--start staggered needs --warmup >= {BLOCK_TICKS * TICK_S:g} s: the "
+                     "last call begins one block after the first")  # fmt: skip
 
     async def guarded() -> None:
         # Ctrl-C and SIGTERM cancel the run, so every child is stopped on the way out (also

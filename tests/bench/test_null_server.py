@@ -18,8 +18,11 @@ from bench.pipeline_vs_direct import (
     CHUNK,
     DELTA_BYTES,
     STAMP,
+    TICK_S,
     NullVoiceLive,
     appended_bytes,
+    start_ticks,
+    turn_figures,
 )
 
 
@@ -60,3 +63,24 @@ async def test_three_seconds_of_sdk_audio_get_one_answer_of_ten_stamped_deltas()
     assert stamps == sorted(stamps), "each delta carries the server's clock when sent"
     assert server.stats.append_bytes == BLOCK_TICKS * len(CHUNK)
     assert server.stats.answers == 1
+
+
+def test_staggered_calls_begin_one_after_another_within_one_block() -> None:
+    assert start_ticks(3, "together") == [0, 0, 0]
+    assert start_ticks(3, "staggered") == [0, 50, 100]
+    starts = start_ticks(250, "staggered")
+    assert starts == sorted(starts) and starts[-1] < BLOCK_TICKS
+    assert len(set(starts)) == BLOCK_TICKS, "a block ends on every tick of the 150"
+
+
+def test_a_staggered_calls_turn_is_timed_from_its_own_completing_tick() -> None:
+    t0, starts = 1000.0, [0, 75]
+    ticks = [t0 + k * TICK_S for k in range(2 * BLOCK_TICKS + 74)]
+    completing = 75 + BLOCK_TICKS - 1  # call 1's 150th chunk
+    rows = [[1, 1, ticks[completing] + 0.010, ticks[completing] + 0.004, DELTA_BYTES * 10]]
+    turns = turn_figures(t0, ticks, rows, starts, warmup=0.0, seconds=len(ticks) * TICK_S)
+    # Call 0 completes blocks 1 and 2, call 1 only block 1 within the ticks sent.
+    assert turns.expected == 3
+    assert [round(v, 6) for v in turns.latency_ms] == [10.0]
+    assert [round(v, 6) for v in turns.uplink_ms] == [4.0]
+    assert [round(v, 6) for v in turns.downlink_ms] == [6.0]
