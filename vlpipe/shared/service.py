@@ -8,6 +8,7 @@ service's body, and gives it `shutdown_grace_s` to drain before cancelling it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -130,6 +131,29 @@ def run_process(
     return asyncio.run(run_service(name, settings, body))
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations of container objects between two collections of the youngest generation
+(CPython's default is 700)."""
+
+
+def tune_gc() -> None:
+    """CPython's cyclic collector, set for a long-lived process that answers in real time.
+
+    * What start-up loaded (modules, pydantic schemas, the telemetry SDK, the clients:
+      most of a service's tracked objects before any session) moves to the permanent
+      generation (`gc.freeze`), so no collection scans it again. A full collection of the
+      broker at 250 sessions walked all of it, a pause of 100-200 ms in the middle of
+      every session's audio.
+    * The youngest generation is collected every `GC_YOUNG_THRESHOLD` allocations instead
+      of 700: at real-time pace most objects (a chunk's entry, an event's dict) are gone
+      before a collection, so fewer collections do less work, and fewer objects survive to
+      the older generations whose collections are the long pauses."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_service(
     name: str,
     settings: ServiceSettings,
@@ -165,6 +189,7 @@ async def run_service(
         "service started",
         extra={"replica": ctx.replica, "http_port": ctx.http_port, "prefix": keys.prefix},
     )
+    tune_gc()
     task: asyncio.Task[None] = asyncio.ensure_future(body(ctx))
     stopper = asyncio.create_task(stop.wait())
     code = 0
