@@ -99,6 +99,8 @@ class BrokerSession:
         self.batches = 0
         # Writing.
         self.in_flight: tuple[SessionWrite, int] | None = None  # a write, its event count
+        self.trimmed = ("", "")
+        """The input and control streams' positions the last write trimmed to."""
         self.output_ready = asyncio.Event()
         self.events_ready = asyncio.Event()  # events (not just a checkpoint) to write
         self.closing = False
@@ -478,9 +480,14 @@ class BrokerSession:
             else:
                 write.xadd(keys.status(self.sid), encode(msg), maxlen=keep.status)
         write.checkpoint(core.checkpoint())
-        # Frames the upstream has not committed stay: a new upstream session gets them.
-        write.trim_before(self.input_key, core.frames_id, approximate=False)
-        write.trim_before(keys.ctl(self.sid), core.ctl_id, approximate=False)
+        # Frames the upstream has not committed stay: a new upstream session gets them. A
+        # position that has not moved since the last write has nothing new to trim (the
+        # control stream's, nearly always).
+        if core.frames_id != self.trimmed[0]:
+            write.trim_before(self.input_key, core.frames_id, approximate=False)
+        if core.ctl_id != self.trimmed[1]:
+            write.trim_before(keys.ctl(self.sid), core.ctl_id, approximate=False)
+        self.trimmed = (core.frames_id, core.ctl_id)
         return write, len(events)
 
     # ---------------------------------------------------------------- from the reader
