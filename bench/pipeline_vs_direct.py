@@ -74,6 +74,9 @@ tick:
 * **Memory.** Resident memory of each process at the end of the window minus its idle
   figure (services: ready, before any session; direct: after imports, before
   connecting), divided by N.
+* **Garbage collection.** Each service's GC pauses in the window, from its /metrics
+  (`vlpipe.process.gc_pause`, `vlpipe.process.gc_longest_pause`): all of them and the
+  longest, in ms.
 * **Redis commands** per input frame over the window (`INFO commandstats`), with
   redis-server's own time in each: where the round trips go.
 
@@ -702,6 +705,20 @@ class Window:
     null_appends: int
     null_bytes: int
     redis_calls: dict[str, tuple[int, int]]  # pipeline: command -> (calls, server usec)
+    gc_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per service: its processes' garbage collection pauses in the window, (total,
+    longest), from their /metrics (`vlpipe.process.gc_pause`, `gc_longest_pause`)."""
+
+
+def gc_pauses(port: int) -> tuple[float, float]:
+    """A service's total GC pause so far and its longest since the last scrape, in ms."""
+    total = longest = 0.0
+    for line in (http_get(port, "/metrics") or "").splitlines():
+        if line.startswith("vlpipe_process_gc_pause_milliseconds_total{"):
+            total += float(line.rpartition(" ")[2])
+        elif line.startswith("vlpipe_process_gc_longest_pause_milliseconds"):
+            longest = float(line.rpartition(" ")[2])
+    return total, longest
 
 
 async def commandstats(redis: Any) -> dict[str, tuple[int, int]]:
@@ -718,10 +735,13 @@ async def sleep_until(wall: float) -> None:
 
 
 async def measure_window(pids: dict[str, int | list[int]], null_port: int, start: float,
-                         seconds: float, redis: Any = None) -> Window:  # fmt: skip
+                         seconds: float, redis: Any = None,
+                         metrics_ports: dict[str, list[int]] | None = None) -> Window:  # fmt: skip
     """CPU, memory and the null server's input over [start, start + seconds] (wall clock);
-    with `redis`, also the commands the pipeline sent it. A name with several pids (the
+    with `redis`, also the commands the pipeline sent it; with `metrics_ports` (a
+    service's processes' HTTP ports), their GC pauses. A name with several pids (the
     replicas of a service) gets their sums."""
+    ports = metrics_ports or {}
     procs = {name: [psutil.Process(pid) for pid in (pid_or if isinstance(pid_or, list)
                                                      else [pid_or])]
              for name, pid_or in pids.items()}  # fmt: skip
@@ -731,7 +751,9 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
     cpu0 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
     calls0 = await commandstats(redis) if redis is not None else {}
+    gc0 = {name: [await asyncio.to_thread(gc_pauses, p) for p in ps] for name, ps in ports.items()}
     await sleep_until(start + seconds)
+    gc1 = {name: [await asyncio.to_thread(gc_pauses, p) for p in ps] for name, ps in ports.items()}
     cpu1 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     machine = psutil.cpu_percent(interval=None)
     null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
@@ -749,6 +771,9 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
         null_appends=null1.get("appends", 0) - null0.get("appends", 0),
         null_bytes=null1.get("append_bytes", 0) - null0.get("append_bytes", 0),
         redis_calls={name: got for name, got in calls.items() if got[0] > 0},
+        gc_ms={name: (sum(b[0] - a[0] for a, b in zip(gc0[name], gc1[name], strict=True)),
+                      max(b[1] for b in gc1[name]))
+               for name in ports},
     )  # fmt: skip
 
 
@@ -906,9 +931,11 @@ class Bench:
             )
             started += [consumer, producer]
             await consumer.message("ready", within=t0 - time.time())
+            metrics_ports = {name: [ports[of, r] for of, r in replicas if of == name]
+                             for name in SERVICES}  # fmt: skip
             window = await measure_window({**pids, "null server": self.null.pid},
                                           self.null_port, t0 + self.warmup, self.seconds,
-                                          redis)  # fmt: skip
+                                          redis, metrics_ports)  # fmt: skip
             produced = await producer.message("result", within=until - time.time() + 60)
             consumed = await consumer.message("result", within=until - time.time() + 60)
         finally:
@@ -1023,6 +1050,11 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
                 f"| {ms_pair(t.uplink_ms)} | {ms_pair(t.downlink_ms)} | {ms_pair(t.ticker_late_ms)} "
                 f"| {r.input_share:.1%} | {r.window.null_appends / r.window.wall_s:.0f} |"
             )
+    out += ["", "Garbage collection pauses in the window, ms in all / the longest:", ""]
+    for pipe, _ in results:
+        cells = ", ".join(f"{name} {fmt(total)} / {fmt(longest)}"
+                          for name, (total, longest) in pipe.window.gc_ms.items())  # fmt: skip
+        out.append(f"- N={pipe.n}: {cells}")
     out += [
         "",
         "Redis commands per input frame (N × 50 frames/s) in the pipeline, and redis-server's "

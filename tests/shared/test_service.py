@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -11,12 +12,13 @@ import sys
 import urllib.request
 
 import pytest
+from opentelemetry.metrics import CallbackOptions
 
 from tests.shared.procs import ROOT
 from vlpipe.shared import logs
 from vlpipe.shared.config import ServiceSettings, redact_url
 from vlpipe.shared.redis_server import RedisServer, free_port
-from vlpipe.shared.service import ServiceContext, serve_health
+from vlpipe.shared.service import GcPauses, ServiceContext, serve_health
 from vlpipe.shared.streams import DeadLetters, connect
 
 
@@ -161,3 +163,34 @@ async def test_healthz_fails_when_a_work_loop_is_wedged_but_not_while_redis_is_d
         server.close()
         await server.wait_closed()
         await redis.aclose()
+
+
+def test_gc_pauses_are_counted_per_generation_and_the_longest_resets_when_observed() -> None:
+    pauses = GcPauses()
+    gc.callbacks.append(pauses._on_gc)
+    try:
+        for _ in range(3):
+            cycle: list[object] = []
+            cycle.append(cycle)
+            del cycle
+            gc.collect()
+    finally:
+        gc.callbacks.remove(pauses._on_gc)
+    assert pauses.total_ms[2] > 0 and pauses.total_ms[0] == pauses.total_ms[1] == 0
+    longest = pauses._observe_longest(CallbackOptions())[0].value
+    assert 0 < longest <= pauses.total_ms[2]
+    assert pauses._observe_longest(CallbackOptions())[0].value == 0, "reset once observed"
+
+
+def test_a_service_freezes_what_start_up_loaded_and_collects_its_young_less_often() -> None:
+    # In a process of its own: freezing would keep this test process's objects forever.
+    probe = (
+        "import gc; from vlpipe.shared.service import tune_gc, GC_YOUNG_THRESHOLD; "
+        "before = gc.get_freeze_count(); tune_gc(); "
+        "print(before, gc.get_freeze_count(), gc.get_threshold()[0] == GC_YOUNG_THRESHOLD)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    before, frozen, young = int(out[0]), int(out[1]), out[2]
+    assert before == 0 and frozen > 10_000, "the modules and schemas loaded are frozen"
+    assert young == "True"

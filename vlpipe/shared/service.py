@@ -13,11 +13,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import redis.asyncio as aioredis
+from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -152,6 +154,52 @@ def tune_gc() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    GcPauses().watch()
+
+
+class GcPauses:
+    """How long the collector stopped the process, for `/metrics`.
+
+    * `vlpipe.process.gc_pause` (ms, by generation): the total, a counter (with
+      `python_gc_collections_total`, the mean pause);
+    * `vlpipe.process.gc_longest_pause` (ms): the longest pause since the metrics were last
+      collected (a scrape), so each scrape shows the worst of its interval.
+
+    The collector's callback only adds numbers: it may run inside any allocation, also
+    inside the metrics SDK's own locked code, so it records into no instrument itself."""
+
+    def __init__(self) -> None:
+        self.total_ms = [0.0, 0.0, 0.0]
+        self.longest_ms = 0.0
+        self._started = 0.0
+
+    def watch(self) -> None:
+        gc.callbacks.append(self._on_gc)
+        meter = telemetry.meter("process")
+        meter.create_observable_counter(
+            "vlpipe.process.gc_pause", unit="ms",
+            description="Time the cyclic garbage collector stopped the process",
+            callbacks=[lambda _: [Observation(ms, {"generation": g})
+                                  for g, ms in enumerate(self.total_ms)]],
+        )  # fmt: skip
+        meter.create_observable_gauge(
+            "vlpipe.process.gc_longest_pause", unit="ms",
+            description="The longest garbage collection pause since the last collection "
+            "of the metrics", callbacks=[self._observe_longest],
+        )  # fmt: skip
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = (time.perf_counter() - self._started) * 1000
+        self.total_ms[info["generation"]] += pause
+        if pause > self.longest_ms:
+            self.longest_ms = pause
+
+    def _observe_longest(self, _: CallbackOptions) -> list[Observation]:
+        longest, self.longest_ms = self.longest_ms, 0.0
+        return [Observation(longest)]
 
 
 async def run_service(
