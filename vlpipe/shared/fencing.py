@@ -34,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
@@ -193,6 +194,7 @@ class Writer:
         self._sha = hashlib.sha1(_APPLY.encode()).hexdigest()
         self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._connection: Connection | None = None
         self.round_trips = 0
         self.writes = 0
 
@@ -333,9 +335,14 @@ class Writer:
         return await send_to_slot(cluster, key_slot(_encode(command[3])), command, script=_APPLY)
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The commands on one pooled connection, packed by hiredis; their replies in
+        """The commands on the writer's own connection, packed by hiredis; their replies in
         order, an error reply as its exception. redis-py's pipeline packs each argument in
         Python, and a write has about twenty: that cost more than the rest of the write.
+        The connection is taken from the pool once and kept between batches (one batch is
+        in flight at a time): taking it for each batch cost the pool's locks, its timeout
+        and a read of the socket to check it was idle, about as much as the batch's own
+        round trip at real-time pace. One that failed (its replies not all read) goes back
+        to the pool, which redis-py disconnected, and the next batch takes another.
 
         Several writes go as one MULTI/EXEC: Redis serves a reader blocked on a stream
         after each command outside a transaction, so egress (following the events
@@ -343,18 +350,23 @@ class Writer:
         read the rest on another round trip; in a transaction they are woken once, with
         all of it. Each write's outcome is still its own (a script's error is its reply
         in EXEC's)."""
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._connection = connection
         try:
             if len(commands) == 1:
                 return self._waited(await send_pipelined(connection, self._with_wait(commands)))
             sent = [("MULTI",), *commands, ("EXEC",)]
             executed = self._waited(await send_pipelined(connection, self._with_wait(sent)))[-1]
-            if isinstance(executed, Exception):  # EXECABORT: none of them ran
-                return [executed] * len(commands)
-            return list(executed)
-        finally:  # one that failed (a reply not read) was disconnected by redis-py: not reused
-            await pool.release(connection)
+        except BaseException:
+            self._connection = None
+            await self.redis.connection_pool.release(connection)
+            raise
+        if isinstance(executed, Exception):  # EXECABORT: none of them ran
+            return [executed] * len(commands)
+        return list(executed)
 
     def _with_wait(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """`commands`, then the WAIT for them on the same connection (pipelined: no extra
