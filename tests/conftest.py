@@ -19,8 +19,8 @@ from vlpipe.shared.streams import connect
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "speech-16k-beckett.wav"
 SHARED_WORKERS = {
     "tests/chaos/test_no_word_lost.py": "chaos-heavy-a",
-    "tests/chaos/test_zombie.py": "chaos-heavy-a",
     "tests/chaos/test_cluster_faults.py": "chaos-heavy-a",
+    "tests/chaos/test_zombie.py": "chaos-heavy-b",
     "tests/chaos/test_redis_refuses_writes.py": "chaos-heavy-b",
     "tests/chaos/test_redis_restart.py": "chaos-heavy-b",
     "tests/chaos/test_proxy_faults.py": "chaos-heavy-b",
