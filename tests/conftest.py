@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,7 +17,33 @@ from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import connect
 
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "speech-16k-beckett.wav"
+SHARED_WORKERS = {
+    "tests/chaos/test_no_word_lost.py": "chaos-heavy-a",
+    "tests/chaos/test_cluster_faults.py": "chaos-heavy-a",
+    "tests/chaos/test_zombie.py": "chaos-heavy-b",
+    "tests/chaos/test_redis_refuses_writes.py": "chaos-heavy-b",
+    "tests/chaos/test_redis_restart.py": "chaos-heavy-b",
+    "tests/chaos/test_proxy_faults.py": "chaos-heavy-b",
+}
+"""Test modules that run the whole pipeline and the local engine as processes, each test
+for about half a core: the modules of a group run on one worker, one test at a time, so
+at most two such tests share the two cores (three at once starved Redis clients past
+their 1 s timeout). Every other module is a unit of its own."""
 SPEECH_WORDS = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """The run's pytest-xdist workers (`-n 3`, pyproject.toml) take whole modules, in
+    order (module fixtures are built once; some modules' last test checks what the ones
+    before left), or whole groups of modules (`SHARED_WORKERS`)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_WORKERS.get(module, module)
+
+    return ModulesAndGroups(config, log)
 
 
 @pytest.fixture(scope="session")
