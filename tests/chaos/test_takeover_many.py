@@ -3,13 +3,12 @@ on one redis-server and on a Redis Cluster (the sessions' state spread over the 
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from typing import Any
 
 from tests.chaos.harness import ChaosRedis
 from tests.shared.procs import start_worker
-from tests.waiting import wait_until
+from tests.waiting import consuming, wait_until
 from vlpipe.shared.contracts import SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
 
@@ -30,7 +29,7 @@ async def test_a_dead_replicas_newest_sessions_are_taken_over_behind_hundreds_of
     a = start_worker("own", redis_url, keys.prefix, "A", "200", "3000", "1.0", env=env)
     b = None
     try:
-        await asyncio.sleep(1.0)
+        await consuming(redis, keys.sessions, "worker", "A")
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(LIVE):
                 pipe.xadd(keys.sessions, encode(SessionStart(session=f"live-{i}")))  # type: ignore[arg-type]
@@ -42,11 +41,7 @@ async def test_a_dead_replicas_newest_sessions_are_taken_over_behind_hundreds_of
         await wait_until(a_owns_all, within=60)
         b = start_worker("own", redis_url, keys.prefix, "B", "200", "3000", "1.0", env=env)
 
-        async def b_reads() -> bool:
-            consumers = await redis.xinfo_consumers(keys.sessions, "worker")
-            return any(c["name"] == b"B" for c in consumers)
-
-        await wait_until(b_reads, within=30)
+        await consuming(redis, keys.sessions, "worker", "B")
         a.send_signal(signal.SIGSTOP)  # briefly (under the claim time): B reads the new ones
         for i in range(5):
             await redis.xadd(keys.sessions, encode(SessionStart(session=f"new-{i}")))  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import threading
 import wave
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,14 +147,23 @@ class StreamTap(threading.Thread):
 
     def run(self) -> None:
         pending = b""
-        while chunk := self.sock.recv(1 << 20):
+        while chunk := self._recv():
             *lines, pending = (pending + chunk).split(b"\r\n")
             for line in lines:
                 if self.xadd in line:
                     self.events.append(decode(Event, self._fields(line)))
 
+    def _recv(self) -> bytes:
+        """The next bytes; none once the connection closed, by either side or by a reset
+        (redis-server stopping at the end of the run resets it)."""
+        try:
+            return self.sock.recv(1 << 20)
+        except ConnectionResetError:
+            return b""
+
     def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError):  # already reset
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.join()
         self.sock.close()
 

@@ -7,30 +7,15 @@ import signal
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from tests.shared.procs import start_worker
-from tests.waiting import wait_until
+from tests.waiting import consuming, wait_until
 from vlpipe.shared.contracts import SessionEnd, SessionStart
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.streams import publish
 
 HEARTBEAT_MS = "100"
 CLAIM_IDLE_MS = "600"
-
-
-async def reading(redis: aioredis.Redis, keys: StreamKeys, *replicas: str) -> None:
-    """Until the replicas' processes read the sessions stream (consumers of its group): a
-    process takes a second or more to start on a busy machine."""
-
-    async def all_reading() -> bool:
-        try:
-            consumers = await redis.xinfo_consumers(keys.sessions, "worker")
-        except ResponseError:  # no stream or group yet
-            return False
-        return {r.encode() for r in replicas} <= {c["name"] for c in consumers}
-
-    await wait_until(all_reading, within=60)
 
 
 async def _claims(redis: aioredis.Redis, keys: StreamKeys) -> list[list[str]]:
@@ -47,7 +32,7 @@ async def test_two_replicas_one_session_exactly_one_owner(
     a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
     b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
     try:
-        await reading(redis, keys, "A", "B")
+        await consuming(redis, keys.sessions, "worker", "A", "B")
         for sid in ("s1", "s2", "s3", "s4"):
             await publish(redis, keys.sessions, SessionStart(session=sid))
 
@@ -85,7 +70,7 @@ async def test_owner_dies_and_the_other_replica_takes_over_from_the_checkpoint(
     redis: aioredis.Redis, redis_url: str, keys: StreamKeys
 ) -> None:
     a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
-    await reading(redis, keys, "A")
+    await consuming(redis, keys.sessions, "worker", "A")
     await publish(redis, keys.sessions, SessionStart(session="call-1"))
 
     async def progressed() -> bool:
@@ -94,7 +79,7 @@ async def test_owner_dies_and_the_other_replica_takes_over_from_the_checkpoint(
     await wait_until(progressed)
     b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
     try:
-        await reading(redis, keys, "B")
+        await consuming(redis, keys.sessions, "worker", "B")
         a.kill()
         a.wait(10)
         at_death = await _pos(redis, keys, "call-1")
@@ -121,7 +106,7 @@ async def test_sigterm_hands_sessions_over_to_another_replica_at_once(
     a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, "60000")
     b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, "60000")
     try:
-        await reading(redis, keys, "A", "B")
+        await consuming(redis, keys.sessions, "worker", "A", "B")
         await publish(redis, keys.sessions, SessionStart(session="call-2"))
 
         async def claimed() -> bool:
@@ -174,7 +159,7 @@ async def test_a_second_start_of_a_live_session_is_refused_and_never_runs_it_twi
     a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, CLAIM_IDLE_MS)
     b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, CLAIM_IDLE_MS)
     try:
-        await reading(redis, keys, "A", "B")
+        await consuming(redis, keys.sessions, "worker", "A", "B")
         # A start from two hours ago (a group created later replays it), then a session
         # started twice (a producer retrying, two callers picking one id), and an end for
         # a session nobody started.
@@ -224,7 +209,7 @@ async def test_a_stopping_replica_hands_over_within_its_drain_budget_even_when_a
     a = start_worker("own", redis_url, keys.prefix, "A", HEARTBEAT_MS, "60000", "0.05", "5")
     b = None
     try:
-        await reading(redis, keys, "A")
+        await consuming(redis, keys.sessions, "worker", "A")
         await publish(redis, keys.sessions, SessionStart(session="slow"))
 
         async def claimed() -> bool:
@@ -232,7 +217,7 @@ async def test_a_stopping_replica_hands_over_within_its_drain_budget_even_when_a
 
         await wait_until(claimed)
         b = start_worker("own", redis_url, keys.prefix, "B", HEARTBEAT_MS, "60000", "0.05")
-        await reading(redis, keys, "B")
+        await consuming(redis, keys.sessions, "worker", "B")
         a.send_signal(signal.SIGTERM)
         assert a.wait(30) == 0
 
