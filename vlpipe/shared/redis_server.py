@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,9 +24,35 @@ from vlpipe.shared.child_process import die_with_parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now, for a child process to listen on once it has started.
+
+    Picked below the kernel's ephemeral range where it can be: a port from that range
+    (what binding port 0 gives) can be taken by any outgoing connection in the seconds
+    before the child binds it, and a busy machine (tests in parallel) makes thousands."""
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = random.randrange(PRIVATE_PORTS_FROM, low) if low > PRIVATE_PORTS_FROM else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use: another
+            return int(s.getsockname()[1])
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+PRIVATE_PORTS_FROM = 20000
+"""The lowest port `free_port` picks (below: ports that well-known services use)."""
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux), else 32768."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def find_redis_server() -> str | None:
