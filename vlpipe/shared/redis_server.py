@@ -30,17 +30,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     (what binding port 0 gives) can be taken by any outgoing connection in the seconds
     before the child binds it, and a busy machine (tests in parallel) makes thousands."""
     low = _ephemeral_low()
-    for _ in range(64):
-        port = random.randrange(PRIVATE_PORTS_FROM, low) if low > PRIVATE_PORTS_FROM else 0
+    tries = 64 if low > PRIVATE_PORTS_FROM else 0
+    below = [random.randrange(PRIVATE_PORTS_FROM, low) for _ in range(tries)]
+    for port in (*below, 0):  # 0: any port, the last resort
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue  # in use: another
             return int(s.getsockname()[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    raise OSError(f"no free port on {host}")
 
 
 PRIVATE_PORTS_FROM = 20000
