@@ -229,15 +229,13 @@ def test_with_the_vad_silence_outside_a_turn_is_let_go_and_speech_is_kept(
     core = make_core(VAD)
     up = Upstream(core)
     up.open()
-    core.audio([frame(s) for s in range(silence)], 0.0)
-    up.take()
+    feed_in_real_time(core, up, range(silence))
     if speaking:  # the VAD reports the start of speech within a second of it
         start_ms = max(0.0, silence * 20 - 1000)
         up.outbox.append({"type": "input_audio_buffer.speech_started",
                           "audio_start_ms": start_ms, "item_id": "u1"})  # fmt: skip
         up.deliver()
-    core.audio([frame(s) for s in range(silence, silence + speech)], 0.0)
-    up.take()
+    feed_in_real_time(core, up, range(silence, silence + speech))
     kept = [f.seq for f in core.retained]
     total = silence + speech
     if speaking:
@@ -332,6 +330,40 @@ def test_input_ending_after_a_quiet_upstream_leaves_it_the_quiet_time_to_answer(
     assert not core.finished(10.0)
     assert not core.finished(10.5)
     assert core.finished(11.0)
+
+
+def feed_in_real_time(core: SessionCore, up: Upstream, seqs: range, speed: float = 1.0) -> None:
+    """One 20 ms frame at a time, `speed` times faster than real time."""
+    for seq in seqs:
+        up.now = seq * 0.02 / speed
+        core.audio([frame(seq)], up.now)
+        up.take()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1.0, 50.0), st.floats(0.0, 1.1), st.integers(1, 400))
+def test_a_producer_faster_than_real_time_leaves_a_lagging_vad_its_speech_start(
+    speed: float, lag_s: float, onset: int
+) -> None:
+    """A batch job sends `speed` times faster than real time; the VAD reports the speech
+    that starts at frame `onset` `lag_s` later, reaching back 300 ms (its prefix padding).
+    What it reaches back to is still kept: a replay begins before the speech."""
+    core = make_core(VAD)
+    up = Upstream(core)
+    up.open()
+    reported_at = onset * 0.02 / speed + lag_s
+    seq = 0
+    while seq * 0.02 / speed < reported_at:
+        feed_in_real_time(core, up, range(seq, seq + 1), speed)
+        seq += 1
+    start_ms = max(0.0, onset * 20 - 300)
+    up.now = reported_at
+    up.outbox.append({"type": "input_audio_buffer.speech_started",
+                      "audio_start_ms": start_ms, "item_id": "u1"})  # fmt: skip
+    up.deliver()
+    feed_in_real_time(core, up, range(seq, seq + 100), speed)
+    assert core.retained[0].at_ms <= start_ms
+    assert [f.seq for f in core.retained] == list(range(core.retained[0].seq, seq + 100))
 
 
 def test_kept_audio_is_bounded() -> None:

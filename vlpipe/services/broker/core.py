@@ -19,8 +19,10 @@ What it guarantees, each tested without a socket (tests/broker/test_core.py):
 
 * **No word lost.** Every frame sent upstream is kept (`retained`) until the upstream has
   committed it into a conversation item *and* that item's transcript arrived, so the
-  conversation remembers it as text; silence outside any turn is let go after
-  `SILENCE_KEEP_MS`, and at most `max_replay_s` is kept. Every new upstream session
+  conversation remembers it as text; silence outside any turn is let go once it is
+  `SILENCE_KEEP_MS` old both in audio and in time since it was sent (a producer faster
+  than real time leaves the VAD the same time to report a speech start in it), and at
+  most `max_replay_s` is kept. Every new upstream session
   (reconnect, rollover) gets the config, the remembered conversation and then the kept
   frames before live audio; a new owner (takeover) reads the frames stream from the
   checkpoint (`frames_id`, the last frame let go), so it replays the same audio. A turn
@@ -73,7 +75,8 @@ from vlpipe.shared.streams import Entry, entry_ms
 TOOL_TIMEOUT_OUTPUT = '{"error":"timeout","message":"the tool did not answer in time"}'
 SILENCE_KEEP_MS = 1500.0
 """Silence outside any turn kept for a replay: what a speech start detected late (the
-VAD's look-back and prefix padding) may still reach back to."""
+VAD's look-back and prefix padding) may still reach back to. It is kept for this long in
+audio and in time since it was sent, as a VAD lags in time behind what it was sent."""
 AUTO_RESPONSE_WAIT_S = 5.0
 """How long a response the upstream should create by itself (server VAD after a commit)
 is waited for before requests queued behind it are sent."""
@@ -91,6 +94,8 @@ class SentFrame:
     """Where it starts in the current upstream session's audio (ms since its first append)."""
     end_ms: float
     arrived_ms: float
+    sent_s: float = 0.0
+    """When it went to the current upstream session (the core's clock, s)."""
 
 
 class InputFrame(Protocol):
@@ -373,6 +378,7 @@ class SessionCore:
             duration = sent.end_ms - sent.at_ms if replay else sent.end_ms
             sent.at_ms = self.upstream_ms
             sent.end_ms = self.upstream_ms + duration
+            sent.sent_s = self.now
             self.upstream_ms = sent.end_ms
             self.retained.append(sent)
             chunk.append(sent.audio)
@@ -384,11 +390,16 @@ class SessionCore:
     def _send_audio(self, audio: bytes) -> None:
         self._send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
 
-    def _let_go(self, upto_ms: float) -> None:
-        """What ends by `upto_ms` needs no replay (committed, or silence outside a turn)."""
-        if self.retained and self.retained[0].end_ms <= upto_ms + 0.5:
-            while self.retained and self.retained[0].end_ms <= upto_ms + 0.5:
-                self.retained.popleft()
+    def _let_go(self, upto_ms: float, sent_by: float = float("inf")) -> None:
+        """What ends by `upto_ms` (and was sent by `sent_by`) needs no replay: committed,
+        or silence outside a turn."""
+        retained = self.retained
+        if retained and retained[0].end_ms <= upto_ms + 0.5 and retained[0].sent_s <= sent_by:
+            while (
+                retained and retained[0].end_ms <= upto_ms + 0.5
+                and retained[0].sent_s <= sent_by
+            ):  # fmt: skip
+                retained.popleft()
             self._moved_frames_id()
 
     def _let_go_span(self, start_ms: float, end_ms: float) -> None:
@@ -417,11 +428,11 @@ class SessionCore:
         self.dirty = True
 
     def _let_go_of_silence(self) -> None:
-        """Outside any turn, silence older than `SILENCE_KEEP_MS` is no longer needed;
-        and never more than `max_replay_s` is kept."""
+        """Outside any turn, silence older than `SILENCE_KEEP_MS` (in audio and since it
+        was sent) is no longer needed; and never more than `max_replay_s` is kept."""
         detection = self.config.turn_detection
         if detection is not None and not self.conv.user_speaking and not self.pending_commits:
-            self._let_go(self.upstream_ms - SILENCE_KEEP_MS)
+            self._let_go(self.upstream_ms - SILENCE_KEEP_MS, self.now - SILENCE_KEEP_MS / 1000)
         self._let_go(self.upstream_ms - self.settings.max_replay_s * 1000)
 
     def _input_finished(self, now: float) -> None:
