@@ -3,6 +3,7 @@ the run, and per-test key prefixes."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,7 +14,12 @@ import redis.asyncio as aioredis
 
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_cluster import LocalCluster
-from vlpipe.shared.redis_server import RedisServer
+from vlpipe.shared.redis_server import (
+    FREE_PORTS_ENV,
+    PRIVATE_PORTS_FROM,
+    RedisServer,
+    ephemeral_low,
+)
 from vlpipe.shared.streams import connect
 
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "speech-16k-beckett.wav"
@@ -30,6 +36,18 @@ for about half a core: the modules of a group run on one worker, one test at a t
 at most two such tests share the two cores (three at once starved Redis clients past
 their 1 s timeout). Every other module is a unit of its own."""
 SPEECH_WORDS = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each parallel worker (and the processes it starts) picks ports from a range of its
+    own: a cluster node another worker killed for a moment keeps its ports, and a port
+    picked is free only until its server binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if worker.startswith("gw") and count > 1:
+        span = (ephemeral_low() - PRIVATE_PORTS_FROM) // count
+        low = PRIVATE_PORTS_FROM + int(worker[2:]) * span
+        os.environ[FREE_PORTS_ENV] = f"{low}-{low + span - 1}"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -97,9 +97,10 @@ def test_a_new_owner_expects_the_producer_seq_of_the_first_chunk_it_rereads() ->
                        frames_key="vl:audio:{s1}", direct_input=True)  # fmt: skip
     core.upstream_opened(0.0)
     direct = DirectInput("s1", PCM)
-    # 3 s of silence, numbered from 100: all but the last 1.5 s is let go.
+    # 3 s of silence in real time, numbered from 100: all but the last 1.5 s is let go.
     frames, _, _ = take(direct, [chunk(n, 100 + n) for n in range(150)])
-    core.audio(frames, 0.0)
+    for n, frame in enumerate(frames):
+        core.audio([frame], n * 0.02)
     kept = [sent.seq for sent in core.retained]
     assert kept and kept[0] > 100 and kept[-1] == 249
     checkpoint = core.checkpoint()

@@ -28,25 +28,52 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Picked below the kernel's ephemeral range where it can be: a port from that range
     (what binding port 0 gives) can be taken by any outgoing connection in the seconds
-    before the child binds it, and a busy machine (tests in parallel) makes thousands."""
-    low = _ephemeral_low()
-    tries = 64 if low > PRIVATE_PORTS_FROM else 0
-    below = [random.randrange(PRIVATE_PORTS_FROM, low) for _ in range(tries)]
+    before the child binds it, and a busy machine (tests in parallel) makes thousands.
+    Never one this process gave before (a server killed for a moment keeps its port), and
+    within `VLPIPE_FREE_PORTS` when set (processes side by side each with their own)."""
+    low, high = _port_range()
+    tries = 64 if high > low else 0
+    below = [random.randrange(low, high) for _ in range(tries)]
     for port in (*below, 0):  # 0: any port, the last resort
+        if port in _given:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue  # in use: another
-            return int(s.getsockname()[1])
+            given = int(s.getsockname()[1])
+        _given.add(given)
+        return given
     raise OSError(f"no free port on {host}")
 
 
 PRIVATE_PORTS_FROM = 20000
 """The lowest port `free_port` picks (below: ports that well-known services use)."""
+FREE_PORTS_ENV = "VLPIPE_FREE_PORTS"
+"""`LOW-HIGH` (inclusive): where `free_port` picks instead. Processes that start servers
+side by side (the test run's parallel workers) each get a range of their own, so none
+picks a port another has picked and not bound yet, or let go of for a moment."""
+_given: set[int] = set()
 
 
-def _ephemeral_low() -> int:
+def _port_range() -> tuple[int, int]:
+    """Where `free_port` picks: [low, high)."""
+    value = os.environ.get(FREE_PORTS_ENV)
+    if not value:
+        return PRIVATE_PORTS_FROM, ephemeral_low()
+    try:
+        low, high = (int(part) for part in value.split("-"))
+    except ValueError:
+        raise ValueError(
+            f"{FREE_PORTS_ENV}={value!r}: expected LOW-HIGH, e.g. 20000-24000"
+        ) from None
+    if not 0 < low <= high <= 65535:
+        raise ValueError(f"{FREE_PORTS_ENV}={value!r}: not a range of ports (1-65535)")
+    return low, high + 1
+
+
+def ephemeral_low() -> int:
     """The first port of the kernel's range for outgoing connections (Linux), else 32768."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
