@@ -90,3 +90,21 @@ async def test_on_a_cluster_each_master_waits_for_its_own_replica(
         with redis_cluster.client(replica) as plain:
             plain.execute_command("READONLY")
             assert plain.xlen(keys.frames(sid)) == 2
+    # One master's replica stops: the writes to that master go unconfirmed, the others'
+    # masters still confirm theirs (each waits on its own connection for its own replica).
+    stalled = redis_cluster.master_of_key(keys.frames(sids[0]))
+    (stopped,) = redis_cluster.replicas_of(stalled)
+    mine = [sid for sid in sids if redis_cluster.master_of_key(keys.frames(sid)) is stalled]
+    others = [sid for sid in sids if sid not in mine]
+    writer.wait = Wait(replicas=1, timeout_ms=300)
+    redis_cluster.pause(stopped)
+    try:
+        await asyncio.gather(
+            *(writer.apply(_frames_write(keys, sid, 2, 2), fences[sid]) for sid in others)
+        )
+        assert writer.unconfirmed == 0
+        await writer.apply(_frames_write(keys, mine[0], 2, 2), fences[mine[0]])
+        assert writer.unconfirmed == 1
+    finally:
+        redis_cluster.resume(stopped)
+    await asyncio.to_thread(redis_cluster.wait_ok, 30)
