@@ -11,11 +11,14 @@ end announcement.
 from __future__ import annotations
 
 import asyncio
+import signal
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.broker.helpers import read_wav, running_broker, statuses, wait_for_event
+from tests.broker.helpers import read_wav, running_broker, start_broker, statuses, wait_for_event
 from tests.broker.test_core import VAD, make_core
+from tests.waiting import wait_until
 from vlpipe.services.broker.core import SessionCore
 from vlpipe.services.broker.direct import NO_SEQ, DirectFrame, DirectInput
 from vlpipe.services.broker.settings import BrokerSettings
@@ -24,7 +27,7 @@ from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import RawAudio, SessionConfig, SessionStart, encode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.reorder import Gap, Notice, Stale
-from vlpipe.shared.streams import Entry
+from vlpipe.shared.streams import Entry, entry_key
 
 PCM = AudioFormat.PCM16
 
@@ -155,3 +158,50 @@ async def test_the_broker_answers_a_direct_session_with_no_ingest_running(
     stale = [s for s in await statuses(redis, keys, "d1") if s.kind == "stale"]
     assert [s.detail for s in stale] == [{"seq": 3}]
     assert await redis.xlen(keys.frames("d1")) == 0  # nothing went through a frames stream
+
+
+async def test_a_chunk_refused_once_is_not_refused_again_by_the_owner_that_takes_over(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    # The new owner reads the producer's chunks again from the checkpoint (before the
+    # silence still kept for a replay): a bad chunk among them was dead-lettered already.
+    fmt = AudioFormat.PCM16_16K
+    start = SessionStart(session="r1", config=SessionConfig(input_audio_format=fmt), audio_in=fmt)
+    chunk = {"format": "pcm16", "rate": 16000, "audio": b"\0\0" * 320}  # 20 ms of silence
+    async with running_engine(model="echo", output_pace=0) as engine:
+        brokers = [start_broker(redis_url, keys.prefix, engine.endpoint) for _ in range(2)]
+        try:
+            await redis.xadd(keys.sessions, encode(start))  # type: ignore[arg-type]
+
+            async def send(chunks: int) -> None:
+                for _ in range(chunks):
+                    await redis.xadd(keys.audio("r1"), chunk)  # type: ignore[arg-type]
+                    await asyncio.sleep(0.02)
+
+            await send(25)
+            await redis.xadd(keys.audio("r1"), {**chunk, "rate": 8000})  # type: ignore[arg-type]
+            await send(5)
+
+            async def refused() -> bool:
+                return await redis.xlen(keys.dead) == 1
+
+            await wait_until(refused)
+            owner: Any = await redis.hget(keys.session_state("r1"), "broker.owner")
+            victim = next(b for b in brokers if b.pid == int(owner.decode().rsplit("-", 1)[1]))
+            victim.send_signal(signal.SIGTERM)  # hands the session over with its checkpoint
+            assert victim.wait(30) == 0
+            frames_id: Any = await redis.hget(keys.session_state("r1"), "broker.frames_id")
+            bad_id = (await redis.xrange(keys.dead))[0][1][b"id"].decode()
+            assert entry_key(frames_id.decode()) < entry_key(bad_id)  # to be read again
+            await send(5)
+            await redis.xadd(keys.sessions, {"type": "end", "session": "r1"})
+            evs = await wait_for_event(redis, keys, "r1", "vlpipe.session.ended", within=60)
+        finally:
+            for proc in brokers:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(20)
+    assert [e for e in evs if e.type == "vlpipe.upstream.connected" and e.event["takeover"]]
+    assert await redis.xlen(keys.dead) == 1
+    errors = [s for s in await statuses(redis, keys, "r1") if s.kind == "error"]
+    assert len(errors) == 1 and "got pcm16 at 8000 Hz" in errors[0].message, errors

@@ -41,6 +41,7 @@ What it guarantees, each tested without a socket (tests/broker/test_core.py):
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -70,7 +71,7 @@ from vlpipe.shared.contracts import (
     UpdateSession,
     playback_ms,
 )
-from vlpipe.shared.streams import Entry, entry_ms
+from vlpipe.shared.streams import Entry, entry_key, entry_ms
 
 TOOL_TIMEOUT_OUTPUT = '{"error":"timeout","message":"the tool did not answer in time"}'
 SILENCE_KEEP_MS = 1500.0
@@ -149,6 +150,10 @@ class SessionCore:
         self.source_seq = int(cp["source_seq"]) if cp.get("source_seq") else None
         """Direct input: the producer `seq` expected after `frames_id`, if it numbers."""
         self.ctl_id = cp.get("ctl_id", "0-0")
+        self.refused: dict[str, str] = json.loads(cp["refused"]) if cp.get("refused") else {}
+        """The last entry of each input stream dead-lettered: a new owner reads on from
+        positions that may lie before it, and refuses nothing twice."""
+        self.refused_dirty = False
         self.config = (
             SessionConfig.model_validate_json(cp["config"]) if cp.get("config") else start_config
         )
@@ -251,12 +256,25 @@ class SessionCore:
         }  # fmt: skip
         if self.direct_input and self.source_seq is not None:
             values["source_seq"] = self.source_seq
+        if self.refused_dirty:
+            values["refused"] = json.dumps(self.refused)
+            self.refused_dirty = False
         if self.conversation_dirty:
             values["conversation"] = self.conv.dump()
             values["config"] = self.config.model_dump_json()
         self.dirty = False
         self.conversation_dirty = False
         return values
+
+    def refused_already(self, entry: Entry) -> bool:
+        """Whether `entry` was dead-lettered already (by this owner or an earlier one)."""
+        last = self.refused.get(entry.stream)
+        return last is not None and entry_key(entry.id) <= entry_key(last)
+
+    def refused_entry(self, entry: Entry) -> None:
+        """`entry` was dead-lettered: the checkpoint says so."""
+        self.refused[entry.stream] = entry.id
+        self.refused_dirty = self.dirty = True
 
     def _send(self, event: dict[str, Any]) -> None:
         self.upstream.append(event)

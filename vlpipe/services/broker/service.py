@@ -143,7 +143,7 @@ class BrokerService:
             except ContractError as exc:
                 refused.append((entry, str(exc)))
         queue = (lambda: session.queue_frames(frames)) if frames else None
-        return self._refusing(session.sid, refused, queue)
+        return self._refusing(session, refused, queue)
 
     def on_audio(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:
         """Direct input (`vlpipe.services.broker.direct`): the producer's own chunks."""
@@ -160,7 +160,7 @@ class BrokerService:
                 refused.append((entry, str(exc)))
         chunks, mismatched = session.direct.split(decoded)
         refused += mismatched
-        return self._refusing(session.sid, refused, lambda: session.direct_frames(chunks))
+        return self._refusing(session, refused, lambda: session.direct_frames(chunks))
 
     def on_ctl(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:
         session = self.sessions.get(_sid(key))
@@ -185,13 +185,18 @@ class BrokerService:
             for entry, msg in controls:
                 session.queue_control(entry, msg)
 
-        return self._refusing(session.sid, refused, queue)
+        return self._refusing(session, refused, queue)
 
     def _refusing(
-        self, sid: str, refused: list[tuple[Entry, str]], then: Callable[[], object] | None
-    ) -> Awaitable[None] | None:
+        self, session: BrokerSession, refused: list[tuple[Entry, str]],
+        then: Callable[[], object] | None,
+    ) -> Awaitable[None] | None:  # fmt: skip
         """`then()` at once when nothing is refused; else a coroutine that refuses each
-        entry, then calls it."""
+        entry, then calls it. An entry dead-lettered already (read again by a new owner)
+        is passed over, as it was the first time."""
+        refused = [
+            (entry, why) for entry, why in refused if not session.core.refused_already(entry)
+        ]
         if not refused:
             if then is not None:
                 then()
@@ -199,7 +204,8 @@ class BrokerService:
 
         async def refuse_then() -> None:
             for entry, reason in refused:
-                await self.refuse(sid, entry, reason)
+                await self.refuse(session.sid, entry, reason)
+                session.refused(entry)
             if then is not None:
                 then()
 

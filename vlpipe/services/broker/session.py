@@ -415,6 +415,11 @@ class BrokerSession:
 
     # ---------------------------------------------------------------- to Redis
 
+    def refused(self, entry: Entry) -> None:
+        """An input entry was dead-lettered: into the next checkpoint."""
+        self.core.refused_entry(entry)
+        self._changed()
+
     def _changed(self) -> None:
         """Wake the writer for what the core queued."""
         core = self.core
