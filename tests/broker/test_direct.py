@@ -67,6 +67,16 @@ def test_a_repeated_or_late_chunk_is_dropped_and_a_skipped_number_reported() -> 
     assert refused == []
 
 
+def test_a_new_owner_reading_chunks_again_does_not_report_their_gaps_twice() -> None:
+    # The earlier owner reported the gap before 8 and the repeated 8 (read up to 1003-0).
+    direct = DirectInput("s1", PCM, expected=5, noticed_through="1003-0")
+    frames, notices, _ = take(
+        direct, [chunk(0, 5), chunk(1, 8), chunk(2, 8), chunk(3, 9), chunk(4, 11)]
+    )
+    assert [f.seq for _, f in frames] == [5, 8, 9, 11]  # the same chunks go upstream
+    assert notices == [Gap(10, 10)]  # only what the earlier owner had not read
+
+
 def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None:
     direct = DirectInput("s1", PCM)
     bad = [
@@ -164,7 +174,8 @@ async def test_a_chunk_refused_once_is_not_refused_again_by_the_owner_that_takes
     redis_url: str, redis: aioredis.Redis, keys: StreamKeys
 ) -> None:
     # The new owner reads the producer's chunks again from the checkpoint (before the
-    # silence still kept for a replay): a bad chunk among them was dead-lettered already.
+    # silence still kept for a replay): a bad chunk among them was dead-lettered already,
+    # and a gap before it reported already.
     fmt = AudioFormat.PCM16_16K
     start = SessionStart(session="r1", config=SessionConfig(input_audio_format=fmt), audio_in=fmt)
     chunk = {"format": "pcm16", "rate": 16000, "audio": b"\0\0" * 320}  # 20 ms of silence
@@ -173,12 +184,17 @@ async def test_a_chunk_refused_once_is_not_refused_again_by_the_owner_that_takes
         try:
             await redis.xadd(keys.sessions, encode(start))  # type: ignore[arg-type]
 
+            numbers = iter(range(1000))
+
             async def send(chunks: int) -> None:
                 for _ in range(chunks):
-                    await redis.xadd(keys.audio("r1"), chunk)  # type: ignore[arg-type]
+                    numbered = {**chunk, "seq": next(numbers)}
+                    await redis.xadd(keys.audio("r1"), numbered)  # type: ignore[arg-type]
                     await asyncio.sleep(0.02)
 
-            await send(25)
+            await send(20)
+            next(numbers)  # a chunk the producer never sent: a gap
+            await send(5)
             await redis.xadd(keys.audio("r1"), {**chunk, "rate": 8000})  # type: ignore[arg-type]
             await send(5)
 
@@ -203,5 +219,9 @@ async def test_a_chunk_refused_once_is_not_refused_again_by_the_owner_that_takes
                     proc.wait(20)
     assert [e for e in evs if e.type == "vlpipe.upstream.connected" and e.event["takeover"]]
     assert await redis.xlen(keys.dead) == 1
-    errors = [s for s in await statuses(redis, keys, "r1") if s.kind == "error"]
+    said = await statuses(redis, keys, "r1")
+    errors = [s for s in said if s.kind == "error"]
     assert len(errors) == 1 and "got pcm16 at 8000 Hz" in errors[0].message, errors
+    assert [s.detail for s in said if s.kind == "gap"] == [
+        {"first_missing": 20, "last_missing": 20}
+    ]

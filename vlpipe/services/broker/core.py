@@ -149,6 +149,9 @@ class SessionCore:
         """Frames are the producer's own chunks (`vlpipe.services.broker.direct`)."""
         self.source_seq = int(cp["source_seq"]) if cp.get("source_seq") else None
         """Direct input: the producer `seq` expected after `frames_id`, if it numbers."""
+        self.input_read = cp.get("input_read", "0-0")
+        """Direct input: the last chunk whose sequence notices (gap, stale) were made; a
+        new owner reading chunks again up to it does not report them twice."""
         self.ctl_id = cp.get("ctl_id", "0-0")
         self.refused: dict[str, str] = json.loads(cp["refused"]) if cp.get("refused") else {}
         """The last entry of each input stream dead-lettered: a new owner reads on from
@@ -254,8 +257,10 @@ class SessionCore:
             "answer": int(self.answer_owed and not self.pending_commits),
             "turn": self.turn_marker, "trace": self.trace.traceparent or "",
         }  # fmt: skip
-        if self.direct_input and self.source_seq is not None:
-            values["source_seq"] = self.source_seq
+        if self.direct_input:
+            values["input_read"] = self.input_read
+            if self.source_seq is not None:
+                values["source_seq"] = self.source_seq
         if self.refused_dirty:
             values["refused"] = json.dumps(self.refused)
             self.refused_dirty = False

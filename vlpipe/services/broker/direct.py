@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import RawAudio
 from vlpipe.shared.reorder import Notice, SequenceWindow
-from vlpipe.shared.streams import Entry
+from vlpipe.shared.streams import Entry, entry_key
 
 NO_SEQ = -1
 """The frame number of a chunk the producer did not number."""
@@ -38,6 +38,9 @@ class DirectInput:
     fmt: AudioFormat
     expected: int | None = None
     """The producer `seq` expected next (from the checkpoint), if the producer numbers."""
+    noticed_through: str = "0-0"
+    """The last chunk an earlier owner made sequence notices for: read again, its notices
+    are not made twice."""
     order: SequenceWindow[tuple[Entry, RawAudio]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,7 +72,8 @@ class DirectInput:
         notices: list[Notice] = []
         for entry, chunk in chunks:
             ready, noticed = self.order.accept(chunk.seq, (entry, chunk))
-            notices += noticed
+            if noticed and entry_key(entry.id) > entry_key(self.noticed_through):
+                notices += noticed
             for ready_entry, ready_chunk in ready:
                 if ready_chunk.audio:
                     frames.append((ready_entry.id, self._frame(ready_chunk)))

@@ -79,11 +79,10 @@ class BrokerSession:
             frames_key=self.input_key, producer_traceparent=start.traceparent,
             direct_input=start.direct_input,
         )  # fmt: skip
-        self.direct = (
-            DirectInput(owned.sid, start.config.input_audio_format, self.core.source_seq)
-            if start.direct_input
-            else None
-        )
+        self.direct: DirectInput | None = None
+        if start.direct_input:
+            fmt = start.config.input_audio_format
+            self.direct = DirectInput(owned.sid, fmt, self.core.source_seq, self.core.input_read)
         # Work queued by the shared reader for the sender.
         self.frames: deque[tuple[str, InputFrame]] = deque()
         self.controls: deque[tuple[Entry, Message]] = deque()
@@ -525,6 +524,8 @@ class BrokerSession:
         frames, notices = self.direct.accept(chunks)
         for notice in notices:
             self.core.status(*describe(notice))
+        if chunks:
+            self.core.input_read = chunks[-1][0].id
         if notices:
             self._changed()
         if frames:
