@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.metrics import Observation
@@ -88,11 +89,7 @@ class EgressService:
             await self._relay(owned.sid)
         if checkpoint.get("ended") == "1":
             return
-        config = owned.start.config
-        outputs = SessionOutputs(
-            owned.sid, owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
-        )
-        outputs.load(checkpoint)
+        outputs = self._outputs(owned, checkpoint)
         next_event = int(checkpoint.get("next_event", "0"))
         state = SessionEgress(owned, outputs, next_event, checkpointed={
             **{k: checkpoint[k] for k in STATE_FIELDS if k in checkpoint}, "next_event": next_event,
@@ -140,13 +137,19 @@ class EgressService:
 
     def _rewind(self, state: SessionEgress) -> None:
         """The session's state as of its last applied write (its checkpoint)."""
-        sid, config = state.owned.sid, state.owned.start.config
-        outputs = SessionOutputs(
-            sid, state.owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
+        state.outputs = self._outputs(
+            state.owned, {k: str(v) for k, v in state.checkpointed.items()}
         )
-        outputs.load({k: str(v) for k, v in state.checkpointed.items()})
-        state.outputs = outputs
         state.next_event = int(state.checkpointed.get("next_event", 0))
+
+    def _outputs(self, owned: OwnedSession, checkpoint: Mapping[str, str]) -> SessionOutputs:
+        """The session's output state as of `checkpoint`."""
+        config = owned.start.config
+        outputs = SessionOutputs(
+            owned.sid, owned.start.audio_out, config.output_audio_format, self.settings.partial_ms
+        )
+        outputs.load(checkpoint)
+        return outputs
 
     async def _write(self, state: SessionEgress, out: Outputs, events_id: str) -> None:
         """Outputs, playback position, checkpoint and trim in one fenced write (and, with

@@ -97,21 +97,12 @@ class IngestService:
         if owned.start.direct_input:
             return  # already the upstream's format: the broker reads the chunks itself
         checkpoint = owned.checkpoint
+        normalizer, next_seq, order = self._resume(owned, checkpoint)
         state = SessionIngest(
-            owned=owned,
-            normalizer=Normalizer.resume(
-                owned.start.config.input_audio_format, self.settings.frame_ms, checkpoint
-            ),
+            owned=owned, normalizer=normalizer, next_seq=next_seq, order=order,
             checkpointed={k: checkpoint[k] for k in SNAPSHOT_FIELDS if k in checkpoint},
-            next_seq=int(checkpoint.get("next_seq", "0")),
             last_id=checkpoint.get("audio_id", "0-0"),
-            order=SequenceWindow(
-                window=self.settings.reorder_window,
-                expected=int(checkpoint["expected_seq"])
-                if checkpoint.get("expected_seq")
-                else None,
-            ),
-        )
+        )  # fmt: skip
         if checkpoint.get("final") == "1":
             return
         self.sessions[owned.sid] = state
@@ -175,14 +166,21 @@ class IngestService:
         takeover."""
         owned = state.owned
         checkpoint = {**owned.checkpoint, **{k: str(v) for k, v in state.checkpointed.items()}}
-        state.normalizer = Normalizer.resume(
+        state.normalizer, state.next_seq, state.order = self._resume(owned, checkpoint)
+
+    def _resume(
+        self, owned: OwnedSession, checkpoint: dict[str, str]
+    ) -> tuple[Normalizer, int, SequenceWindow[tuple[Entry, RawAudio]]]:
+        """The normalizer, the next frame number and the reordering window as of
+        `checkpoint`."""
+        normalizer = Normalizer.resume(
             owned.start.config.input_audio_format, self.settings.frame_ms, checkpoint
         )
-        state.next_seq = int(checkpoint.get("next_seq", "0"))
         expected = checkpoint.get("expected_seq")
-        state.order = SequenceWindow(
+        order: SequenceWindow[tuple[Entry, RawAudio]] = SequenceWindow(
             window=self.settings.reorder_window, expected=int(expected) if expected else None
         )
+        return normalizer, int(checkpoint.get("next_seq", "0")), order
 
     async def _normalize(self, state: SessionIngest, entry: Entry, chunk: RawAudio) -> list[Frame]:
         try:
