@@ -416,13 +416,11 @@ class SessionCore:
     def _let_go(self, upto_ms: float, sent_by: float = float("inf")) -> None:
         """What ends by `upto_ms` (and was sent by `sent_by`) needs no replay: committed,
         or silence outside a turn."""
-        retained = self.retained
-        if retained and retained[0].end_ms <= upto_ms + 0.5 and retained[0].sent_s <= sent_by:
-            while (
-                retained and retained[0].end_ms <= upto_ms + 0.5
-                and retained[0].sent_s <= sent_by
-            ):  # fmt: skip
-                retained.popleft()
+        retained, moved = self.retained, False
+        while retained and retained[0].end_ms <= upto_ms + 0.5 and retained[0].sent_s <= sent_by:
+            retained.popleft()
+            moved = True
+        if moved:
             self._moved_frames_id()
 
     def _let_go_span(self, start_ms: float, end_ms: float) -> None:

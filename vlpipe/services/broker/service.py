@@ -194,9 +194,8 @@ class BrokerService:
         """`then()` at once when nothing is refused; else a coroutine that refuses each
         entry, then calls it. An entry dead-lettered already (read again by a new owner)
         is passed over, as it was the first time."""
-        refused = [
-            (entry, why) for entry, why in refused if not session.core.refused_already(entry)
-        ]
+        if refused:  # nearly never: no list made for every delivery
+            refused = [(e, why) for e, why in refused if not session.core.refused_already(e)]
         if not refused:
             if then is not None:
                 then()
