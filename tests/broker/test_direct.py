@@ -15,16 +15,25 @@ import signal
 from typing import Any
 
 import redis.asyncio as aioredis
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tests.broker.helpers import read_wav, running_broker, start_broker, statuses, wait_for_event
 from tests.broker.test_core import VAD, make_core
 from tests.waiting import wait_until
 from vlpipe.services.broker.core import SessionCore
-from vlpipe.services.broker.direct import NO_SEQ, DirectFrame, DirectInput
+from vlpipe.services.broker.direct import NO_SEQ, Chunk, DirectFrame, DirectInput
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.audio import AudioFormat
-from vlpipe.shared.contracts import RawAudio, SessionConfig, SessionStart, encode
+from vlpipe.shared.contracts import (
+    MAX_AUDIO_BYTES,
+    RawAudio,
+    SessionConfig,
+    SessionStart,
+    decode,
+    encode,
+)
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.reorder import Gap, Notice, Stale
 from vlpipe.shared.streams import Entry, entry_key
@@ -32,18 +41,26 @@ from vlpipe.shared.streams import Entry, entry_key
 PCM = AudioFormat.PCM16
 
 
-def chunk(n: int, seq: int | None, **fields: object) -> tuple[Entry, RawAudio]:
+def as_read(raw: RawAudio) -> dict[bytes, bytes]:
+    """`raw`'s stream fields as redis-py reads them back: bytes names, bytes values."""
+    return {
+        k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in encode(raw).items()
+    }
+
+
+def chunk(n: int, seq: int | None, **fields: object) -> Entry:
     raw = RawAudio.model_validate(
         {"audio": b"\1\0" * 480, "format": "pcm16", "rate": 24000, "seq": seq, **fields}
     )
-    return Entry("vl:audio:{s1}", f"{1000 + n}-0", {}), raw
+    return Entry("vl:audio:{s1}", f"{1000 + n}-0", as_read(raw))
 
 
 def take(
-    direct: DirectInput, chunks: list[tuple[Entry, RawAudio]]
+    direct: DirectInput, entries: list[Entry]
 ) -> tuple[list[tuple[str, DirectFrame]], list[Notice], list[tuple[Entry, str]]]:
-    """What the broker does with a batch: the format check, then the sequence."""
-    good, refused = direct.split(chunks)
+    """What the broker does with a batch: the contract and format checks, then the
+    sequence."""
+    good, refused = direct.read(entries)
     frames, notices = direct.accept(good)
     return frames, notices, refused
 
@@ -77,6 +94,87 @@ def test_a_new_owner_reading_chunks_again_does_not_report_their_gaps_twice() -> 
     assert notices == [Gap(10, 10)]  # only what the earlier owner had not read
 
 
+FIELD_VALUES: dict[bytes, list[bytes]] = {
+    b"audio": [b"", b"\1\0" * 480, b"\0" * 3, b"\xff" * 160, b"\0" * (MAX_AUDIO_BYTES + 2)],
+    b"format": [b"pcm16", b"PCM16", b" pcm16", b"s16le", b"g711_ulaw", b"ulaw", b"f32", b"x"],
+    b"rate": [b"24000", b"16000", b"8000", b"024000", b"24000.0", b"", b"-1", b"99999"],
+    b"channels": [b"1", b"2", b"01", b"3", b"one"],
+    b"seq": [b"0", b"7", b"007", b"-1", b"1.5", b"", b"\xd9\xa1", b"9" * 18, b"9" * 40],
+    b"v": [b"1", b"2", b"01", b"x"],
+    b"ts": [b"1.5", b"nan"],
+    b"traceparent": [b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", b"bad"],
+    b"junk": [b"1"],
+}
+
+
+def usual_fields(fmt: AudioFormat) -> dict[bytes, bytes]:
+    return {b"audio": b"\1\0" * 480, b"format": fmt.wire_name.encode(),
+            b"rate": str(fmt.rate).encode(), b"seq": b"7"}  # fmt: skip
+
+
+@st.composite
+def chunk_fields(draw: st.DrawFn) -> tuple[AudioFormat, dict[bytes, bytes]]:
+    """A usual chunk of one of the formats, with up to three of its fields changed,
+    dropped or added (values that are right, wrong, or right in another spelling)."""
+    fmt = draw(st.sampled_from([PCM, AudioFormat.PCM16_16K, AudioFormat.G711_ULAW]))
+    fields = usual_fields(fmt)
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(sorted(FIELD_VALUES)))
+        if draw(st.booleans()) and name in fields:
+            del fields[name]
+        else:
+            fields[name] = draw(st.sampled_from(FIELD_VALUES[name]))
+    return fmt, fields
+
+
+@settings(max_examples=500, deadline=None)
+@given(chunk_fields())
+@example((PCM, {b"audio": b"\1\0", b"format": b"pcm16", b"rate": b"24000"}))
+def test_a_chunk_taken_without_the_model_is_one_the_model_takes_the_same(
+    case: tuple[AudioFormat, dict[bytes, bytes]],
+) -> None:
+    """`DirectInput.plain` (the hot path) may pass a chunk over to the model, never take
+    one the model refuses or read it differently."""
+    fmt, fields = case
+    direct = DirectInput("s1", fmt)
+    plain = direct.plain(fields)
+    if plain is None:
+        return
+    raw = decode(RawAudio, fields)  # raises if the model refuses it
+    assert direct.mismatch(raw) is None
+    assert plain == Chunk(raw.seq, raw.audio, raw.traceparent)
+
+
+def test_the_usual_chunks_are_taken_without_the_model() -> None:
+    for fmt, fields in [
+        (PCM, {b"audio": b"\1\0" * 480, b"format": b"pcm16", b"rate": b"24000"}),
+        (PCM, as_read(RawAudio(audio=b"\1\0" * 480, rate=24000, seq=12))),
+        (AudioFormat.G711_ULAW, {b"audio": b"\xff" * 160, b"format": b"g711_ulaw", b"seq": b"0"}),
+    ]:
+        assert DirectInput("s1", fmt).plain(fields) is not None
+
+
+def test_entries_that_are_no_raw_audio_are_refused_in_stream_order() -> None:
+    direct = DirectInput("s1", PCM)
+    entries = [
+        Entry("k", "1-0", {b"audio": b"\1\0", b"format": b"pcm16", b"rate": b"24000"}),
+        Entry("k", "2-0", {b"garbage": b"1"}),
+        Entry("k", "3-0", {b"audio": b"\1\0", b"format": b"wav9", b"rate": b"24000"}),
+        Entry("k", "4-0", {b"audio": b"\1\0", b"format": b"pcm16", b"rate": b"16000"}),
+        Entry(
+            "k", "5-0", {b"audio": b"\1\0", b"format": b"pcm16", b"rate": b"24000", b"seq": b"x"}
+        ),
+    ]
+    good, refused = direct.read(entries)
+    assert [e.id for e, _ in good] == ["1-0"]
+    assert [e.id for e, _ in refused] == ["2-0", "3-0", "4-0", "5-0"]
+    reasons = [why for _, why in refused]
+    assert "invalid RawAudio" in reasons[0] and "'garbage'" in reasons[0]
+    assert "field 'format'" in reasons[1]
+    assert "announced audio_in pcm16" in reasons[2] and "16000 Hz" in reasons[2]
+    assert "field 'seq'" in reasons[3]
+
+
 def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None:
     direct = DirectInput("s1", PCM)
     bad = [
@@ -101,7 +199,7 @@ def test_a_chunk_in_another_format_is_refused_naming_what_was_expected() -> None
 def test_g711_chunks_need_no_rate() -> None:
     direct = DirectInput("s1", AudioFormat.G711_ULAW)
     raw = RawAudio.model_validate({"audio": b"\xff" * 160, "format": "ulaw", "seq": 0})
-    frames, _, refused = take(direct, [(Entry("k", "1-0", {}), raw)])
+    frames, _, refused = take(direct, [Entry("k", "1-0", as_read(raw))])
     assert len(frames) == 1 and refused == []
 
 

@@ -6,7 +6,8 @@ cost of a second stream hop and a fenced write per 20 ms chunk. The broker reads
 `vl:audio:{sid}` itself and sends each chunk upstream as it is (any length; the core's
 replay accounting goes by duration, not by frame count).
 
-What ingest does for such chunks still happens here, purely (`DirectInput.accept`):
+What ingest does for such chunks still happens here, purely (`DirectInput.read` and
+`DirectInput.accept`):
 
 * producer `seq`: a duplicate or a chunk older than one already sent is dropped and
   reported (`stale`), a skipped number is reported (`gap`). Chunks are not held back to
@@ -21,15 +22,38 @@ The producer sequence number a new owner expects next is part of the broker's ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlpipe.shared.audio import AudioFormat
-from vlpipe.shared.contracts import RawAudio
+from vlpipe.shared.contracts import (
+    MAX_AUDIO_BYTES,
+    SCHEMA_VERSION,
+    ContractError,
+    RawAudio,
+    decode,
+)
 from vlpipe.shared.reorder import Notice, SequenceWindow
 from vlpipe.shared.streams import Entry, entry_key
 
 NO_SEQ = -1
 """The frame number of a chunk the producer did not number."""
+
+_PLAIN_FIELDS = frozenset({b"audio", b"format", b"rate", b"channels", b"seq", b"v"})
+_PLAIN_VERSION = str(SCHEMA_VERSION).encode()
+_SEQ_DIGITS = 18
+"""A plain chunk's `seq` has at most this many digits (well inside a 64-bit integer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A producer's chunk that can go upstream as it is: what of `RawAudio` the broker
+    uses."""
+
+    seq: int | None
+    audio: bytes
+    traceparent: str | None
 
 
 @dataclass
@@ -41,33 +65,76 @@ class DirectInput:
     noticed_through: str = "0-0"
     """The last chunk an earlier owner made sequence notices for: read again, its notices
     are not made twice."""
-    order: SequenceWindow[tuple[Entry, RawAudio]] = field(init=False)
+    order: SequenceWindow[tuple[Entry, Chunk]] = field(init=False)
+    _plain_format: bytes = field(init=False)
+    _plain_rate: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         self.order = SequenceWindow(window=0, expected=self.expected)
+        self._plain_format = self.fmt.wire_name.encode()
+        self._plain_rate = str(self.fmt.rate).encode()
 
-    def split(
-        self, chunks: list[tuple[Entry, RawAudio]]
-    ) -> tuple[list[tuple[Entry, RawAudio]], list[tuple[Entry, str]]]:
-        """The chunks that can go upstream as they are, and the refused ones with the
-        reason; nothing changes (the shell writes the refusals before it accepts the rest,
-        so a failed refusal retried accepts nothing twice). A refused chunk's number is not
-        taken: a gap if none comes for it."""
-        good: list[tuple[Entry, RawAudio]] = []
+    def read(
+        self, entries: list[Entry]
+    ) -> tuple[list[tuple[Entry, Chunk]], list[tuple[Entry, str]]]:
+        """The entries' chunks that can go upstream as they are, and the refused entries
+        with the reason (not a `RawAudio`, or not the session's format); nothing changes
+        (the shell writes the refusals before it accepts the rest, so a failed refusal
+        retried accepts nothing twice). A refused chunk's number is not taken: a gap if
+        none comes for it."""
+        good: list[tuple[Entry, Chunk]] = []
         refused: list[tuple[Entry, str]] = []
-        for entry, chunk in chunks:
-            problem = self.mismatch(chunk)
-            if problem is None:
-                good.append((entry, chunk))
-            else:
-                refused.append((entry, problem))
+        for entry in entries:
+            chunk = self.plain(entry.fields)
+            if chunk is None:
+                try:
+                    raw: RawAudio = decode(RawAudio, entry.fields)
+                except ContractError as exc:
+                    refused.append((entry, str(exc)))
+                    continue
+                problem = self.mismatch(raw)
+                if problem is not None:
+                    refused.append((entry, problem))
+                    continue
+                chunk = Chunk(raw.seq, raw.audio, raw.traceparent)
+            good.append((entry, chunk))
         return good, refused
 
+    def plain(self, fields: Mapping[Any, Any]) -> Chunk | None:
+        """The usual chunk, seen to be good without building `RawAudio` (which costs
+        several times the rest of a chunk's way to the upstream socket): the session's
+        codec and rate as its wire names, mono, numbered in plain digits or not numbered,
+        no other field. None for anything else, which goes through `RawAudio` (that names
+        what is wrong); a chunk this takes, `RawAudio` and `mismatch` take as the same."""
+        if not fields.keys() <= _PLAIN_FIELDS:
+            return None
+        audio = fields.get(b"audio")
+        if (
+            type(audio) is not bytes or not audio or len(audio) > MAX_AUDIO_BYTES
+            or len(audio) % self.fmt.bytes_per_sample
+            or fields.get(b"format") != self._plain_format
+            or fields.get(b"channels", b"1") != b"1"
+            or fields.get(b"v", _PLAIN_VERSION) != _PLAIN_VERSION
+        ):  # fmt: skip
+            return None
+        rate = fields.get(b"rate")
+        if rate != self._plain_rate and not (rate is None and self.fmt.is_g711):
+            return None
+        seq = fields.get(b"seq")
+        if seq is None:
+            return Chunk(None, audio, None)
+        if (
+            type(seq) is not bytes or not seq.isdigit() or len(seq) > _SEQ_DIGITS
+            or (len(seq) > 1 and seq.startswith(b"0"))
+        ):  # fmt: skip
+            return None
+        return Chunk(int(seq), audio, None)
+
     def accept(
-        self, chunks: list[tuple[Entry, RawAudio]]
+        self, chunks: list[tuple[Entry, Chunk]]
     ) -> tuple[list[tuple[str, DirectFrame]], list[Notice]]:
         """The frames for the upstream and the sequence notices, for a batch of chunks
-        `split` let through, in stream order."""
+        `read` let through, in stream order."""
         frames: list[tuple[str, DirectFrame]] = []
         notices: list[Notice] = []
         for entry, chunk in chunks:
@@ -97,7 +164,7 @@ class DirectInput:
             )
         return None
 
-    def _frame(self, chunk: RawAudio) -> DirectFrame:
+    def _frame(self, chunk: Chunk) -> DirectFrame:
         seq = NO_SEQ if chunk.seq is None else chunk.seq
         return DirectFrame(seq, self.fmt, chunk.audio, False, chunk.traceparent)
 

@@ -21,7 +21,7 @@ from vlpipe.services.broker.session import LATENCY_SAMPLE_EVERY, BrokerSession
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
 from vlpipe.shared import telemetry
-from vlpipe.shared.contracts import ContractError, Control, Frame, Message, RawAudio, decode
+from vlpipe.shared.contracts import ContractError, Control, Frame, Message, decode
 from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.service import ServiceContext
@@ -151,15 +151,7 @@ class BrokerService:
         if session is None:
             return None
         assert session.direct is not None
-        decoded: list[tuple[Entry, RawAudio]] = []
-        refused: list[tuple[Entry, str]] = []
-        for entry in entries:
-            try:
-                decoded.append((entry, decode(RawAudio, entry.fields)))
-            except ContractError as exc:
-                refused.append((entry, str(exc)))
-        chunks, mismatched = session.direct.split(decoded)
-        refused += mismatched
+        chunks, refused = session.direct.read(entries)
         return self._refusing(session, refused, lambda: session.direct_frames(chunks))
 
     def on_ctl(self, key: str, entries: list[Entry]) -> Awaitable[None] | None:

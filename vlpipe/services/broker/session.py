@@ -40,9 +40,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from vlpipe.services.broker.core import InputFrame, SessionCore, SessionEnded
-from vlpipe.services.broker.direct import DirectInput
+from vlpipe.services.broker.direct import Chunk, DirectInput
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
-from vlpipe.shared.contracts import EndSession, Message, RawAudio, SessionEnd, encode
+from vlpipe.shared.contracts import EndSession, Message, SessionEnd, encode
 from vlpipe.shared.fencing import SessionLost, SessionWrite
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.reorder import describe
@@ -517,9 +517,9 @@ class BrokerSession:
             await asyncio.sleep(0.05)
         self.queue_frames([(read, self.direct.final())])
 
-    def direct_frames(self, chunks: list[tuple[Entry, RawAudio]]) -> None:
+    def direct_frames(self, chunks: list[tuple[Entry, Chunk]]) -> None:
         """Direct input: queue what goes upstream, report sequence notices (the chunks
-        `DirectInput.split` let through)."""
+        `DirectInput.read` let through)."""
         assert self.direct is not None
         frames, notices = self.direct.accept(chunks)
         for notice in notices:
