@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import logging
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -14,9 +15,10 @@ import urllib.request
 import pytest
 from opentelemetry.metrics import CallbackOptions
 
-from tests.shared.procs import ROOT
+from tests.shared.procs import ROOT, start_worker
 from vlpipe.shared import logs
 from vlpipe.shared.config import ServiceSettings, redact_url
+from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer, free_port
 from vlpipe.shared.service import GcPauses, ServiceContext, serve_health
 from vlpipe.shared.streams import DeadLetters, connect
@@ -113,6 +115,10 @@ async def test_health_readiness_and_metrics_endpoints(redis_url: str) -> None:
         status, body = await asyncio.to_thread(get, "/metrics")
         assert status == 200 and "# TYPE" in body
         assert (await asyncio.to_thread(get, "/nope"))[0] == 404
+        ctx.fail("the claims loop died: WRONGTYPE")  # a work loop died: stop, and say so
+        assert ctx.stop.is_set()
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 503 and body == "failed: the claims loop died: WRONGTYPE\n"
     finally:
         server.close()
         await server.wait_closed()
@@ -163,6 +169,27 @@ async def test_healthz_fails_when_a_work_loop_is_wedged_but_not_while_redis_is_d
         server.close()
         await server.wait_closed()
         await redis.aclose()
+
+
+def test_a_service_that_does_not_stop_when_cancelled_exits_non_zero_and_says_where_it_hung(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    worker = start_worker("stubborn", redis_url, keys.prefix)
+    assert worker.stderr is not None
+    try:
+        started = worker.stderr.readline().decode()
+        assert "service started" in started, started
+        worker.send_signal(signal.SIGTERM)
+        # The drain (1 s) runs out, the cancellation is swallowed, 5 s later it exits.
+        assert worker.wait(timeout=60) == 1
+        log = worker.stderr.read().decode()
+        assert "drain took too long; cancelling" in log
+        assert "the service did not stop when cancelled; exiting" in log
+        assert "stubborn" in log  # where the body hung
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 def test_gc_pauses_are_counted_per_generation_and_the_longest_resets_when_observed() -> None:

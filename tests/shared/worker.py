@@ -3,12 +3,14 @@
     python -m tests.shared.worker consume REDIS_URL PREFIX STREAM GROUP NAME DELAY_S
     python -m tests.shared.worker own REDIS_URL PREFIX NAME HEARTBEAT_MS CLAIM_IDLE_MS [STEP_S
         [SLOW_STOP_S]]
+    python -m tests.shared.worker stubborn REDIS_URL PREFIX
 
 `consume` handles entries idempotently by (session, seq): the effect (INCR of the
 `effects` counter) happens only when (session, seq) is new. `own` runs the ownership
 helper; each owned session counts up `pos` from its checkpoint, checkpointing each step
 (every STEP_S, 0.02 s unless given); cancelled, a session task takes SLOW_STOP_S to end
-(a session stuck closing its upstream).
+(a session stuck closing its upstream). `stubborn` is a body with a bug: it swallows its
+own cancellation and goes on waiting.
 """
 
 from __future__ import annotations
@@ -78,8 +80,21 @@ async def own(ctx: ServiceContext, step_s: float, slow_stop_s: float) -> None:
     await ownership.run(ctx.stop, drain_budget_s=ctx.settings.shutdown_grace_s)
 
 
+async def stubborn(ctx: ServiceContext) -> None:
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            continue  # the bug
+
+
 def main(argv: list[str]) -> int:
     mode, url, prefix, *rest = argv
+    if mode == "stubborn":
+        settings = ServiceSettings(
+            redis_url=url, stream_prefix=prefix, http_host="127.0.0.1", shutdown_grace_s=1
+        )
+        return asyncio.run(run_service("worker", settings, stubborn))
     if mode == "consume":
         stream, group, name, delay = rest
         settings = ServiceSettings(

@@ -52,6 +52,17 @@ class ServiceContext:
     ready_checks: list[ReadyCheck] = field(default_factory=list)
     http_port: int = 0
     watchdog: Watchdog = field(default_factory=Watchdog)
+    failure: str | None = None
+    """Why the service stops itself (a work loop died of an error no retry fixes): from
+    then on `/healthz` fails with it and the process exits non-zero, also when its drain
+    is cut short."""
+
+    def fail(self, reason: str) -> None:
+        """A work loop died: fail health checks and stop (the first reason is kept)."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("service failing", extra={"reason": reason[:500]})
+        self.stop.set()
 
     @property
     def retention(self) -> Retention:
@@ -90,6 +101,8 @@ async def serve_health(ctx: ServiceContext, host: str, port: int) -> Server:
         return None
 
     async def liveness() -> str | None:
+        if ctx.failure is not None:
+            return f"failed: {ctx.failure}"
         stalled = ctx.watchdog.stalled(ctx.settings.watchdog_s)
         if not stalled or await redis_down():
             return None  # waiting for Redis is not a wedge; /readyz reports the outage
@@ -120,6 +133,28 @@ async def serve_health(ctx: ServiceContext, host: str, port: int) -> Server:
         await conn.close()
 
     return await serve(no_websocket, host, port, process_request=process_request)
+
+
+CANCEL_WAIT_S = 5.0
+"""How long a cancelled body may take to unwind before the process exits regardless."""
+
+
+async def _cancelled_or_exit(task: asyncio.Task[None]) -> None:
+    """Wait for the cancelled body; if it has not ended within `CANCEL_WAIT_S` (something
+    in it kept running through the cancellation), log where every task stands and exit
+    at once, non-zero: a process that neither works nor ends would hold its sessions'
+    streams and its port until killed by hand."""
+    await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+    if task.done():
+        return
+    stacks = {
+        t.get_name(): [f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                       for f in t.get_stack(limit=4)]
+        for t in asyncio.all_tasks() if t is not asyncio.current_task()
+    }  # fmt: skip
+    log.error("the service did not stop when cancelled; exiting", extra={"tasks": stacks})
+    logging.shutdown()
+    os._exit(1)
 
 
 def run_process(
@@ -252,11 +287,13 @@ async def run_service(
             except TimeoutError:
                 log.warning("drain took too long; cancelling")
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await _cancelled_or_exit(task)
     except Exception:
         log.exception("service failed")
         code = 1
     finally:
+        if ctx.failure is not None:
+            code = 1
         stopper.cancel()
         health.close()
         await health.wait_closed()

@@ -69,13 +69,17 @@ async def run_sessions(
 
     def reader_ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            ctx.stop.set()  # a reader died: hand the sessions over, then fail
+            # A reader died: hand the sessions over, then fail.
+            ctx.fail(f"a session reader died: {task.exception()!r}")
 
     for task in reading:
         task.add_done_callback(reader_ended)
     watching = asyncio.create_task(_watch_group(ctx, ownership.service))
     try:
         await ownership.run(ctx.stop, drain_budget_s=settings.shutdown_grace_s)
+    except Exception as exc:
+        ctx.fail(f"the claims loop died: {exc!r}")
+        raise
     finally:
         ctx.stop.set()  # whatever ended the claims, SIGTERM or a failure, ends the reader
         watching.cancel()
