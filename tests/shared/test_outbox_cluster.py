@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from tests.shared.test_fencing import _claim
+from tests.waiting import wait_until
 from vlpipe.shared.fencing import Fence, SessionWrite, Writer
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.outbox import SharedOutbox
@@ -139,6 +140,16 @@ async def test_relayed_entries_the_shared_streams_master_lost_in_a_failover_are_
     shard = next(s for s in redis_cluster.shards() if s.master is home)
     old, heirs = shard.master, shard.replicas  # one, unless a failover left it two
     assert heirs
+    # The client knows the heirs too (a view learned while an earlier test's old master
+    # was rejoining as a replica would lack them).
+    slot = key_slot(keys.transcripts.encode())
+    await cluster_redis.initialize()
+
+    async def client_knows_a_replica() -> bool:
+        await cluster_redis.nodes_manager.initialize()
+        return len(cluster_redis.nodes_manager.slots_cache[slot]) > 1
+
+    await wait_until(client_knows_a_replica, within=20, step=0.2)
     sid = _session_away_from(redis_cluster, keys.transcripts, "olost-")
     writer, fence = Writer(cluster_redis), await _claim(cluster_redis, keys, sid)
 

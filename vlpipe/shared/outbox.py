@@ -207,7 +207,6 @@ class SharedOutbox:
         await cluster.initialize()
         slot = key_slot(self.shared.encode())
         node = cluster.nodes_manager.get_node_from_slot(slot)
-        no_replicas = len(cluster.nodes_manager.slots_cache.get(slot, [node])) <= 1
         script = ("EVALSHA", self._relay.sha, 2, self.shared, self.marker(sid), *args)
         wait = ("WAIT", 1, RELAY_WAIT_MS)
         try:
@@ -220,11 +219,12 @@ class SharedOutbox:
             replies = replies[1:]
         if isinstance(replies[0], REDIRECTED):  # the slot moved or moves: follow it
             reply: Any = await send_to_slot(cluster, slot, script, script=_RELAY)
-            return int(reply[0]), no_replicas  # not confirmed: kept for the next relay
+            # Not confirmed: kept for the next relay (unless there is no replica to wait for).
+            return int(reply[0]), await _without_replicas(cluster, slot)
         if isinstance(replies[0], Exception):
             raise replies[0]
         acked = replies[1] if isinstance(replies[1], int) else 0
-        return int(replies[0][0]), acked >= 1 or no_replicas
+        return int(replies[0][0]), acked >= 1 or await _without_replicas(cluster, slot)
 
     def _place(self, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
         """An entry's place in the session's order: its number (`order_field`) when the
@@ -232,6 +232,18 @@ class SharedOutbox:
         if self.order_field is not None and self.order_field in fields:
             return f"{int(fields[self.order_field]) + 1}-0"  # after the marker's "0-0"
         return _text(entry_id)
+
+
+async def _without_replicas(cluster: RedisCluster, slot: int) -> bool:
+    """Whether the master of `slot` has no replica at all (so no relay of it can be
+    confirmed, and none is waited for). The client's view of the slots is asked again
+    before it is believed: one learned while a replica was joining or rejoining (after a
+    failover, the old master comes back as one) lacks it, and would pass every relay as
+    confirmed until the client next relearned the slots."""
+    if len(cluster.nodes_manager.slots_cache.get(slot, ())) > 1:
+        return False
+    await relearn_slots(cluster)
+    return len(cluster.nodes_manager.slots_cache.get(slot, ())) <= 1
 
 
 def _text(value: bytes | str) -> str:
