@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
-        [--input direct|ingest] [--start staggered|together] [--busy-above 25]
-        [--busy-wait 120]
+        [--input direct|ingest] [--start staggered|together] [--rounds 1]
+        [--busy-above 25] [--busy-wait 120]
 
 The measured baseline and how to read it: docs/performance.md.
 
@@ -825,6 +825,8 @@ class Bench:
     """`staggered` or `together` (`start_ticks`)."""
     replicas: int = 1
     """Processes of each service (sessions spread over them through the consumer groups)."""
+    pipelines: int = 0
+    """Pipeline runs so far: each gets a Redis of its own (`--rounds` repeats an N)."""
 
     def open_upstreams(self) -> int:
         return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
@@ -878,8 +880,9 @@ class Bench:
         sids = [f"s{i}" for i in range(n)]
         # The class runs AOF with `always` (every acknowledged write survives a crash, which
         # the fault tests need); production runs `everysec` unless told otherwise.
+        self.pipelines += 1
         server = RedisServer(
-            self.tmp / f"redis-{n}", extra_args=("--appendfsync", self.appendfsync)
+            self.tmp / f"redis-{n}-{self.pipelines}", extra_args=("--appendfsync", self.appendfsync)
         )
         server.start()
         started: list[Child] = []
@@ -1071,6 +1074,19 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
     return "\n".join(out)
 
 
+def ratio_spread(results: list[tuple[ModeResult, ModeResult]]) -> str:
+    """Per N, the pipeline/direct CPU ratio of each round and their median: on a shared
+    host one run's ratio moves by ±10% with the host's own speed."""
+    by_n: dict[int, list[float]] = {}
+    for pipe, direct in results:
+        by_n.setdefault(pipe.n, []).append(pipe.cpu_ms_per_audio_s / direct.cpu_ms_per_audio_s)
+    lines = ["Pipeline / direct CPU over the rounds (each round runs both modes):", ""]
+    for n, ratios in by_n.items():
+        each = ", ".join(f"{r:.2f}×" for r in ratios)
+        lines.append(f"- N={n}: median {statistics.median(ratios):.2f}× ({each})")
+    return "\n".join(lines)
+
+
 # ==================================================================== main
 
 
@@ -1105,25 +1121,30 @@ async def run(args: argparse.Namespace) -> None:
                           args.appendfsync, args.telemetry == "on", Path(tmp),
                           args.input == "direct", args.start, args.replicas)  # fmt: skip
             for n in sessions:
-                modes = []
-                for mode in (bench.direct, bench.pipeline):
-                    before = await quiet_machine(args.busy_above, args.busy_wait)
-                    result = await mode(n)
-                    result.busy_before = before
-                    print(f"N={n} {result.mode:<8} {result.cpu_ms_per_audio_s:6.1f} ms CPU/audio-s, "
-                          f"machine {before:.0f}% before, {result.window.machine_percent:.0f}% "
-                          f"during; audio in time {result.turns.delivered:.1%}", flush=True)  # fmt: skip
-                    modes.append(result)
-                direct, pipe = modes
-                results.append((pipe, direct))
+                for round_ in range(args.rounds):
+                    # Alternate which mode goes first: the host's speed drifts over minutes.
+                    order = [bench.direct, bench.pipeline][:: -1 if round_ % 2 else 1]
+                    modes = {}
+                    for mode in order:
+                        before = await quiet_machine(args.busy_above, args.busy_wait)
+                        result = await mode(n)
+                        result.busy_before = before
+                        print(f"N={n} {result.mode:<8} {result.cpu_ms_per_audio_s:6.1f} ms "
+                              f"CPU/audio-s, machine {before:.0f}% before, "
+                              f"{result.window.machine_percent:.0f}% during; audio in time "
+                              f"{result.turns.delivered:.1%}", flush=True)  # fmt: skip
+                        modes[result.mode] = result
+                    results.append((modes["pipeline"], modes["direct"]))
         except StartFailed as exc:
             raise SystemExit(f"benchmark stopped: {exc}") from None
         finally:
             await children.stop_all()
             if results:  # also what was measured before a failure or Ctrl-C
-                done = len(results) == len(sessions)
+                done = len(results) == len(sessions) * args.rounds
                 print(f"\n{machine_line(args)}" + ("" if done else "; stopped early") + "\n")
                 print(report(results), flush=True)
+                if args.rounds > 1:
+                    print("\n" + ratio_spread(results), flush=True)
 
 
 def main() -> None:
@@ -1146,6 +1167,9 @@ def main() -> None:
     parser.add_argument(
         "--busy-wait", type=float, default=120.0, help="...but at most this many seconds"
     )
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each N this many times, both modes each time, "
+                        "alternating which goes first; prints the ratio's median")  # fmt: skip
     parser.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
     parser.add_argument("--telemetry", choices=["on", "off"], default="on",
                         help="off: the services run with OTEL_SDK_DISABLED=true")  # fmt: skip
