@@ -51,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """The run's pytest-xdist workers (`-n 3`, pyproject.toml) take whole modules, in
+    """The run's pytest-xdist workers (`-n 3`, the README's command) take whole modules, in
     order (module fixtures are built once; some modules' last test checks what the ones
     before left), or whole groups of modules (`SHARED_WORKERS`)."""
     from xdist.scheduler import LoadScopeScheduling
