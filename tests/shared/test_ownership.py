@@ -10,9 +10,10 @@ import redis.asyncio as aioredis
 
 from tests.shared.procs import start_worker
 from tests.waiting import consuming, wait_until
-from vlpipe.shared.contracts import SessionEnd, SessionStart
+from vlpipe.shared.contracts import SessionEnd, SessionStart, Status, decode
 from vlpipe.shared.keys import StreamKeys
-from vlpipe.shared.streams import publish
+from vlpipe.shared.ownership import OwnedSession, SessionOwnership
+from vlpipe.shared.streams import DeadLetters, connect, publish
 
 HEARTBEAT_MS = "100"
 CLAIM_IDLE_MS = "600"
@@ -235,3 +236,44 @@ async def test_a_stopping_replica_hands_over_within_its_drain_budget_even_when_a
             if p is not None and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+
+
+async def test_writes_redis_lost_are_reported_though_the_session_stops_at_once(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    """The owner's write finds its write numbers went back (Redis lost acknowledged
+    writes): the session is stopped at once, and the loss still reaches its status stream,
+    although the write was made from the very task that stopping cancels."""
+    redis = connect(redis_url)
+    stop = asyncio.Event()
+    steps: list[int] = []
+
+    async def run_session(owned: OwnedSession) -> None:
+        while True:  # a checkpoint every step, from the session's own task
+            await ownership.checkpoint(owned, {"pos": len(steps)})
+            steps.append(1)
+            await asyncio.sleep(0.02)
+
+    ownership = SessionOwnership(
+        redis, keys, service="broker", replica="r1", run_session=run_session,
+        dead=DeadLetters(redis, keys, "broker"), heartbeat_ms=200, claim_idle_ms=2000,
+    )  # fmt: skip
+    runner = asyncio.create_task(ownership.run(stop, drain_budget_s=2))
+    try:
+        await publish(redis, keys.sessions, SessionStart(session="lossy"))
+
+        async def stepping() -> bool:
+            return len(steps) >= 5
+
+        await wait_until(stepping)
+        await redis.hset(keys.session_state("lossy"), "broker.written", 1)  # writes lost
+
+        async def reported() -> bool:
+            seen = [decode(Status, f) for _, f in await redis.xrange(keys.status("lossy"))]
+            return any(s.service == "broker" and "lost writes" in s.message for s in seen)
+
+        await wait_until(reported, within=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()

@@ -31,7 +31,6 @@ checkpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -78,6 +77,7 @@ from vlpipe.shared.streams import (
     _redis_down,
     _sleep_or_stop,
     entry_ms,
+    through_outages,
 )
 
 log = logging.getLogger("vlpipe.ownership")
@@ -176,6 +176,8 @@ class SessionOwnership:
         self.owned: dict[str, OwnedSession] = {}
         self.writer = Writer(redis, wait)
         self._stop: asyncio.Event | None = None
+        self._reports: set[asyncio.Task[None]] = set()
+        """Reports of lost writes still being written (`_resume_from_redis`)."""
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")
         self._takeover_counter = meter.create_counter(
@@ -344,17 +346,34 @@ class SessionOwnership:
             owned.task.cancel()
 
     async def _resume_from_redis(self, owned: OwnedSession, why: str) -> None:
-        """Redis lost writes it acknowledged: stop the session here and let it be claimed
-        again at once (by any replica) from the checkpoint Redis still has."""
-        self._lose(owned, f"Redis lost acknowledged writes: {why}")
-        await self._status(owned.sid, "error", "Redis lost writes it had acknowledged (a "
-                           "restart from an older AOF, or a failover); the session resumes "
-                           f"from the checkpoint Redis has: {why}")  # fmt: skip
-        with contextlib.suppress(Exception):
-            await self._set_idle([owned.entry_id], self.claim_idle_ms)
+        """Redis lost writes it acknowledged: stop the session here, report the loss on the
+        session's status stream and let it be claimed again at once (by any replica) from
+        the checkpoint Redis still has.
 
-    async def _status(self, sid: str, kind: str, message: str) -> None:
-        """A note on the session's status stream (a service name the contract knows)."""
+        The report and the release run in a task of their own, retried through outages:
+        the session's teardown cancels the task this is called from (its writer), and
+        right after a failover the first writes may still meet the outage's tail (a
+        connection to the old master); a loss must not go unreported for either."""
+        self._lose(owned, f"Redis lost acknowledged writes: {why}")
+        report = asyncio.create_task(self._report_loss(owned, why))
+        self._reports.add(report)
+        report.add_done_callback(self._reports.discard)
+
+    async def _report_loss(self, owned: OwnedSession, why: str) -> None:
+        message = ("Redis lost writes it had acknowledged (a restart from an older AOF, or a "
+                   f"failover); the session resumes from the checkpoint Redis has: {why}")  # fmt: skip
+        try:
+            await through_outages(
+                lambda: self._status(owned.sid, "error", message, retry=True), "report lost writes"
+            )
+            await self._set_idle([owned.entry_id], self.claim_idle_ms)
+        except Exception as exc:  # it goes idle and is claimed all the same
+            log.warning("could not report lost writes", extra={"session": owned.sid,
+                                                               "error": repr(exc)})  # fmt: skip
+
+    async def _status(self, sid: str, kind: str, message: str, *, retry: bool = False) -> None:
+        """A note on the session's status stream (a service name the contract knows); when
+        Redis is down it is dropped, or with `retry` the error is raised (to retry)."""
         try:
             service: Any = self.service
             status = Status(session=sid, service=service, kind=kind, message=message)
@@ -366,7 +385,7 @@ class SessionOwnership:
                 maxlen=self.retention.status, approximate=True,
             )  # fmt: skip
         except Exception as exc:
-            if not _redis_down(exc):
+            if retry or not _redis_down(exc):
                 raise
 
     # ---------------------------------------------------------------- internals
