@@ -22,7 +22,7 @@ from tests.broker.helpers import read_wav, running_broker, start_broker, statuse
 from tests.broker.test_core import VAD, make_core
 from tests.waiting import wait_until
 from vlpipe.services.broker.core import SessionCore
-from vlpipe.services.broker.direct import NO_SEQ, Chunk, DirectFrame, DirectInput
+from vlpipe.services.broker.direct import NO_SEQ, DirectFrame, DirectInput
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.audio import AudioFormat
@@ -142,7 +142,7 @@ def test_a_chunk_taken_without_the_model_is_one_the_model_takes_the_same(
         return
     raw = decode(RawAudio, fields)  # raises if the model refuses it
     assert direct.mismatch(raw) is None
-    assert plain == Chunk(raw.seq, raw.audio, raw.traceparent)
+    assert plain == direct.frame(raw)
 
 
 def test_the_usual_chunks_are_taken_without_the_model() -> None:

@@ -46,16 +46,6 @@ _SEQ_DIGITS = 18
 """A plain chunk's `seq` has at most this many digits (well inside a 64-bit integer)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A producer's chunk that can go upstream as it is: what of `RawAudio` the broker
-    uses."""
-
-    seq: int | None
-    audio: bytes
-    traceparent: str | None
-
-
 @dataclass
 class DirectInput:
     sid: str
@@ -65,7 +55,7 @@ class DirectInput:
     noticed_through: str = "0-0"
     """The last chunk an earlier owner made sequence notices for: read again, its notices
     are not made twice."""
-    order: SequenceWindow[tuple[Entry, Chunk]] = field(init=False)
+    order: SequenceWindow[tuple[Entry, DirectFrame]] = field(init=False)
     _plain_format: bytes = field(init=False)
     _plain_rate: bytes = field(init=False)
 
@@ -76,13 +66,13 @@ class DirectInput:
 
     def read(
         self, entries: list[Entry]
-    ) -> tuple[list[tuple[Entry, Chunk]], list[tuple[Entry, str]]]:
-        """The entries' chunks that can go upstream as they are, and the refused entries
-        with the reason (not a `RawAudio`, or not the session's format); nothing changes
-        (the shell writes the refusals before it accepts the rest, so a failed refusal
-        retried accepts nothing twice). A refused chunk's number is not taken: a gap if
-        none comes for it."""
-        good: list[tuple[Entry, Chunk]] = []
+    ) -> tuple[list[tuple[Entry, DirectFrame]], list[tuple[Entry, str]]]:
+        """The entries' chunks that can go upstream as they are (as frames; `accept` then
+        checks their producer order), and the refused entries with the reason (not a
+        `RawAudio`, or not the session's format); nothing changes (the shell writes the
+        refusals before it accepts the rest, so a failed refusal retried accepts nothing
+        twice). A refused chunk's number is not taken: a gap if none comes for it."""
+        good: list[tuple[Entry, DirectFrame]] = []
         refused: list[tuple[Entry, str]] = []
         for entry in entries:
             chunk = self.plain(entry.fields)
@@ -96,11 +86,11 @@ class DirectInput:
                 if problem is not None:
                     refused.append((entry, problem))
                     continue
-                chunk = Chunk(raw.seq, raw.audio, raw.traceparent)
+                chunk = self.frame(raw)
             good.append((entry, chunk))
         return good, refused
 
-    def plain(self, fields: Mapping[Any, Any]) -> Chunk | None:
+    def plain(self, fields: Mapping[Any, Any]) -> DirectFrame | None:
         """The usual chunk, seen to be good without building `RawAudio` (1.3 µs a chunk
         instead of 3.7, on every 20 ms chunk of every session): the session's codec and
         rate as their wire names, mono, numbered in plain digits or not numbered, no other
@@ -122,28 +112,29 @@ class DirectInput:
             return None
         seq = fields.get(b"seq")
         if seq is None:
-            return Chunk(None, audio, None)
+            return DirectFrame(NO_SEQ, self.fmt, audio, False, None)
         if (
             type(seq) is not bytes or not seq.isdigit() or len(seq) > _SEQ_DIGITS
             or (len(seq) > 1 and seq.startswith(b"0"))
         ):  # fmt: skip
             return None
-        return Chunk(int(seq), audio, None)
+        return DirectFrame(int(seq), self.fmt, audio, False, None)
 
     def accept(
-        self, chunks: list[tuple[Entry, Chunk]]
+        self, chunks: list[tuple[Entry, DirectFrame]]
     ) -> tuple[list[tuple[str, DirectFrame]], list[Notice]]:
         """The frames for the upstream and the sequence notices, for a batch of chunks
         `read` let through, in stream order."""
         frames: list[tuple[str, DirectFrame]] = []
         notices: list[Notice] = []
         for entry, chunk in chunks:
-            ready, noticed = self.order.accept(chunk.seq, (entry, chunk))
+            seq = None if chunk.seq == NO_SEQ else chunk.seq
+            ready, noticed = self.order.accept(seq, (entry, chunk))
             if noticed and entry_key(entry.id) > entry_key(self.noticed_through):
                 notices += noticed
             for ready_entry, ready_chunk in ready:
                 if ready_chunk.audio:
-                    frames.append((ready_entry.id, self._frame(ready_chunk)))
+                    frames.append((ready_entry.id, ready_chunk))
         return frames, notices
 
     def mismatch(self, chunk: RawAudio) -> str | None:
@@ -164,7 +155,8 @@ class DirectInput:
             )
         return None
 
-    def _frame(self, chunk: Chunk) -> DirectFrame:
+    def frame(self, chunk: RawAudio) -> DirectFrame:
+        """A chunk the model and `mismatch` let through, as the frame it goes upstream as."""
         seq = NO_SEQ if chunk.seq is None else chunk.seq
         return DirectFrame(seq, self.fmt, chunk.audio, False, chunk.traceparent)
 

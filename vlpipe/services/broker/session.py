@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from vlpipe.services.broker.core import InputFrame, SessionCore, SessionEnded
-from vlpipe.services.broker.direct import Chunk, DirectInput
+from vlpipe.services.broker.direct import DirectFrame, DirectInput
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
 from vlpipe.shared.contracts import EndSession, Message, SessionEnd, encode
 from vlpipe.shared.fencing import SessionLost, SessionWrite
@@ -517,7 +517,7 @@ class BrokerSession:
             await asyncio.sleep(0.05)
         self.queue_frames([(read, self.direct.final())])
 
-    def direct_frames(self, chunks: list[tuple[Entry, Chunk]]) -> None:
+    def direct_frames(self, chunks: list[tuple[Entry, DirectFrame]]) -> None:
         """Direct input: queue what goes upstream, report sequence notices (the chunks
         `DirectInput.read` let through)."""
         assert self.direct is not None
