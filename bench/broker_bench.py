@@ -10,7 +10,7 @@ use manual turns and clear their input buffer every 5 s, so the engine only buff
 audio and the figures are the broker's. Printed per session count: the broker's CPU
 microseconds per frame (process CPU time over frames sent) and the added latency from a
 frame's arrival on its frames stream (its entry id's time) to its append on the upstream
-socket, p50 and p99.
+socket, p50 and p99 (of one batch in ten per session, as the broker samples them).
 
 Soak mode: `--sessions` sessions with server VAD talk to the echo engine for `--soak`
 seconds (the sample recording, looped, at real-time pace), and the broker's resident
@@ -161,13 +161,13 @@ async def latency_run(url: str, endpoint: str, n: int, seconds: float) -> None:
     )
     cpu0 = time.process_time()
     frames0 = service.totals["frames"]
-    service.recent_latency_ms.clear()
+    service.sampled_latency_ms.clear()
     producer.start()
     await asyncio.to_thread(producer.join)
     await poll(lambda: service.totals["frames"] - frames0 >= n * int(seconds * 50))
     cpu = time.process_time() - cpu0
     frames = service.totals["frames"] - frames0
-    latencies = list(service.recent_latency_ms)
+    latencies = list(service.sampled_latency_ms)
     await poll(lambda: not service.sessions)
     stop.set()
     await task
@@ -175,7 +175,7 @@ async def latency_run(url: str, endpoint: str, n: int, seconds: float) -> None:
     print(
         f"{n:>4} sessions  {frames:>7} frames  {service.totals['appends']:>7} appends  "
         f"CPU {cpu / frames * 1e6:6.1f} us/frame  latency p50 {percentile(latencies, 50):6.2f} ms  "
-        f"p99 {percentile(latencies, 99):7.2f} ms  (of the last {len(latencies)} frames)",
+        f"p99 {percentile(latencies, 99):7.2f} ms  (of {len(latencies)} sampled batches)",
         flush=True,
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 from enum import StrEnum
+from functools import cached_property
 
 import numpy as np
 import soxr
@@ -27,7 +28,10 @@ SAMPLE_WIDTH = 2  # bytes per PCM16 sample
 
 
 class AudioFormat(StrEnum):
-    """A session's audio wire format, named as Voice Live names its output formats."""
+    """A session's audio wire format, named as Voice Live names its output formats.
+
+    Its properties are computed once per member (they are read for every frame).
+    """
 
     PCM16 = "pcm16"  # PCM16 at 24 kHz
     PCM16_16K = "pcm16_16000hz"
@@ -35,20 +39,20 @@ class AudioFormat(StrEnum):
     G711_ULAW = "g711_ulaw"  # 8 kHz
     G711_ALAW = "g711_alaw"  # 8 kHz
 
-    @property
+    @cached_property
     def rate(self) -> int:
         """Sample rate in Hz."""
         return _RATES[self]
 
-    @property
+    @cached_property
     def is_g711(self) -> bool:
         return self in (AudioFormat.G711_ULAW, AudioFormat.G711_ALAW)
 
-    @property
+    @cached_property
     def bytes_per_sample(self) -> int:
         return 1 if self.is_g711 else SAMPLE_WIDTH
 
-    @property
+    @cached_property
     def wire_name(self) -> str:
         """The codec name Voice Live uses for `input_audio_format`: pcm16, g711_ulaw or g711_alaw."""
         return self.value if self.is_g711 else "pcm16"

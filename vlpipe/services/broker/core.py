@@ -143,8 +143,8 @@ class SessionCore:
         self.settings = settings
         cp = checkpoint
         self.seq = int(cp.get("seq", "0"))
-        self.frames_id = cp.get("frames_id", "0-0")
-        """The last frame let go: a new owner reads (and replays) the frames after it."""
+        self._frames_mark = (cp.get("frames_id", "0-0"), False)
+        """`frames_id` as it is, or the id just after it (True): the oldest frame kept."""
         self.direct_input = direct_input
         """Frames are the producer's own chunks (`vlpipe.services.broker.direct`)."""
         self.source_seq = int(cp["source_seq"]) if cp.get("source_seq") else None
@@ -215,6 +215,17 @@ class SessionCore:
         self.turns = TurnTracer(sid, self.trace.traceparent, frames_key)
         self.frame_traceparent: str | None = None
         self.turn_marker = ""
+
+    @property
+    def frames_id(self) -> str:
+        """The last frame let go: a new owner reads (and replays) the frames after it. Made
+        when asked (at a write), not each time the oldest frame kept changes (each frame)."""
+        mark, after = self._frames_mark
+        return _id_before(mark) if after else mark
+
+    @frames_id.setter
+    def frames_id(self, value: str) -> None:
+        self._frames_mark = (value, False)
 
     # ================================================================ outputs
 
@@ -388,8 +399,7 @@ class SessionCore:
     def _append(self, frames: list[SentFrame], *, replay: bool) -> list[int]:
         if not frames:
             return []
-        fmt = self.config.input_audio_format
-        max_bytes = fmt.bytes_for_ms(self.settings.max_append_ms)
+        max_bytes = self.config.input_audio_format.bytes_for_ms(self.settings.max_append_ms)
         appends: list[int] = []
         chunk: list[bytes] = []
         size = 0
@@ -413,11 +423,21 @@ class SessionCore:
     def _send_audio(self, audio: bytes) -> None:
         self._send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
 
-    def _let_go(self, upto_ms: float, sent_by: float = float("inf")) -> None:
-        """What ends by `upto_ms` (and was sent by `sent_by`) needs no replay: committed,
-        or silence outside a turn."""
+    def _let_go(
+        self, upto_ms: float, sent_by: float = float("inf"), anyway_upto_ms: float = -1.0
+    ) -> None:
+        """What ends by `upto_ms` (and was sent by `sent_by`), or by `anyway_upto_ms`,
+        needs no replay: committed, silence outside a turn, or past the most kept. The
+        frames are in the order they were sent and of their place in the audio, so what
+        either rule lets go is the oldest frames: one pass."""
         retained, moved = self.retained, False
-        while retained and retained[0].end_ms <= upto_ms + 0.5 and retained[0].sent_s <= sent_by:
+        upto_ms += 0.5
+        anyway_upto_ms += 0.5
+        while retained:
+            oldest = retained[0]
+            end_ms = oldest.end_ms
+            if end_ms > anyway_upto_ms and (end_ms > upto_ms or oldest.sent_s > sent_by):
+                break
             retained.popleft()
             moved = True
         if moved:
@@ -439,9 +459,10 @@ class SessionCore:
         """The checkpoint's frame position: just before the oldest frame still kept (a new
         owner reads on from there), or the last frame had when none is kept."""
         if self.retained:
-            self.frames_id = _id_before(self.retained[0].entry_id)
-            if self.retained[0].seq >= 0:
-                self.source_seq = self.retained[0].seq
+            oldest = self.retained[0]
+            self._frames_mark = (oldest.entry_id, True)
+            if oldest.seq >= 0:
+                self.source_seq = oldest.seq
         elif self.last_frame_id:
             self.frames_id = self.last_frame_id
             if self.last_frame_seq >= 0:
@@ -451,10 +472,18 @@ class SessionCore:
     def _let_go_of_silence(self) -> None:
         """Outside any turn, silence older than `SILENCE_KEEP_MS` (in audio and since it
         was sent) is no longer needed; and never more than `max_replay_s` is kept."""
-        detection = self.config.turn_detection
-        if detection is not None and not self.conv.user_speaking and not self.pending_commits:
-            self._let_go(self.upstream_ms - SILENCE_KEEP_MS, self.now - SILENCE_KEEP_MS / 1000)
-        self._let_go(self.upstream_ms - self.settings.max_replay_s * 1000)
+        if not self.retained:
+            return
+        kept_ms = self.upstream_ms - self.settings.max_replay_s * 1000
+        if (
+            self.config.turn_detection is not None
+            and not self.conv.user_speaking
+            and not self.pending_commits
+        ):
+            silence_ms = self.upstream_ms - SILENCE_KEEP_MS
+            self._let_go(silence_ms, self.now - SILENCE_KEEP_MS / 1000, anyway_upto_ms=kept_ms)
+        else:
+            self._let_go(kept_ms)
 
     def _input_finished(self, now: float) -> None:
         """The final frame marker: let the turn in flight finish, then close."""

@@ -56,7 +56,7 @@ class BrokerService:
         )  # fmt: skip
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
-        self.recent_latency_ms: deque[float] = deque(maxlen=50_000)
+        self.sampled_latency_ms: deque[float] = deque(maxlen=50_000)  # for benchmarks
         ctx.ready_checks.append(self.upstream_ready)
         meter = telemetry.meter("broker")
         # Counted per frame in `totals` and observed only when metrics are collected: an

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from vlpipe.services.broker.service import BrokerService
 
 LATENCY_SAMPLE_EVERY = 10
-"""Of a session's appends, the one in this many whose latency the histogram records."""
+"""Of a session's batches of frames, the one in this many whose latency is recorded."""
 
 log = logging.getLogger("vlpipe.broker")
 
@@ -312,17 +312,17 @@ class BrokerSession:
         await self._pump()
 
     def _audio(self, batch: Sequence[tuple[str, InputFrame]]) -> None:
-        """The frames to the core (which queues their appends), and their count."""
-        now_ms = time.time() * 1000
-        latency = max(0.0, now_ms - entry_ms(batch[0][0]))  # the oldest frame's
-        self.svc.recent_latency_ms.append(latency)
+        """The frames to the core (which queues their appends), and their count; the
+        latency of one batch in `LATENCY_SAMPLE_EVERY` (the oldest frame's)."""
         self.batches += 1
         if self.batches % LATENCY_SAMPLE_EVERY == 0:
+            latency = max(0.0, time.time() * 1000 - entry_ms(batch[0][0]))
             self.svc.frame_latency.record(latency)
+            self.svc.sampled_latency_ms.append(latency)
         appends = self.core.audio(batch, time.monotonic())
         if self.core.input_final:
             self.due = True  # the drain may be over already
-        sent = sum(1 for _, frame in batch if not frame.final)
+        sent = len(batch) - 1 if batch[-1][1].final else len(batch)  # an end marker is last
         if sent:
             totals = self.svc.totals
             totals["frames"] += sent
