@@ -28,10 +28,9 @@ SAMPLE_WIDTH = 2  # bytes per PCM16 sample
 
 
 class AudioFormat(StrEnum):
-    """A session's audio wire format, named as Voice Live names its output formats.
+    """A session's audio wire format, named as Voice Live names its output formats."""
 
-    Its properties are computed once per member (they are read for every frame).
-    """
+    # The properties are computed once per member: they are read for every frame.
 
     PCM16 = "pcm16"  # PCM16 at 24 kHz
     PCM16_16K = "pcm16_16000hz"
