@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
-        [--input direct|ingest] [--start staggered|together] [--rounds 1]
+        [--input direct|ingest] [--start staggered|together] [--phases 1] [--rounds 1]
         [--busy-above 25] [--busy-wait 120]
 
 The measured baseline and how to read it: docs/performance.md.
@@ -27,6 +27,11 @@ upstream:
   the same tick, and all N answers start in the same millisecond, a burst of N answers'
   events that the transport works through one after another (the worst case, and what
   this benchmark measured before `--start` existed).
+* **When in each tick calls send.** `--phases 1` (the default): every call's chunk is
+  sent on the shared 20 ms tick, in both modes. `--phases K`: call i sends `i % K / K`
+  of a tick later, so the calls' 20 ms clocks are spread over the tick, as those of calls
+  that began at unrelated moments are; latencies are taken from each call's own send
+  time.
 * **Direct mode.** One process holds N `azure.ai.voicelive.aio.connect` clients. A shared
   ticker sends each of them 20 ms of 24 kHz PCM16 every 20 ms (`input_audio_buffer.append`,
   base64-encoded per send as an app would); each client reads the SDK's typed events and
@@ -409,16 +414,19 @@ async def direct_role(params: dict[str, Any]) -> None:
     listeners = [asyncio.create_task(listen(i, c)) for i, c in enumerate(connections)]
     emit(ready=True, t0=t0, idle_rss=idle_rss)
     ticks: list[float] = []
+    phases = params["phases"]
     for k in range(round((warmup + seconds + GRACE_S) / TICK_S)):
-        delay = t0 + k * TICK_S - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        ticks.append(time.time())
-        for connection, start in zip(connections, starts, strict=True):
-            if k < start:
-                continue  # this call has not begun yet
-            audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
-            await connection.input_audio_buffer.append(audio=audio)
+        for phase in range(phases):
+            delay = t0 + k * TICK_S + phase_offset_s(phase, phases) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if phase == 0:
+                ticks.append(time.time())
+            for i in range(phase, n, phases):
+                if k < starts[i]:
+                    continue  # this call has not begun yet
+                audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
+                await connections[i].input_audio_buffer.append(audio=audio)
     for manager in managers:
         with contextlib.suppress(Exception):
             await manager.__aexit__(None, None, None)
@@ -432,7 +440,7 @@ async def direct_role(params: dict[str, Any]) -> None:
 
 async def producer_role(params: dict[str, Any]) -> None:
     """The same 20 ms chunk for every session that has begun, each tick: one pipeline of
-    XADDs per tick."""
+    XADDs per tick, or per phase of it (`phase_offset_s`)."""
     import redis.asyncio as aioredis
 
     from vlpipe.shared.keys import StreamKeys
@@ -446,18 +454,21 @@ async def producer_role(params: dict[str, Any]) -> None:
         emit(error=f"producer ready {time.time() - t0:.1f} s after the start time")
         return
     ticks: list[float] = []
+    starts, phases = params["starts"], params["phases"]
     for k in range(round(params["duration"] / TICK_S)):
-        delay = t0 + k * TICK_S - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        ticks.append(time.time())
-        async with redis.pipeline(transaction=False) as pipe:
-            for key, start in zip(audio_keys, params["starts"], strict=True):
-                if k < start:
-                    continue  # this call has not begun yet
-                pipe.execute_command("XADD", key, "*", "audio", CHUNK, "format", "pcm16",
-                                     "rate", RATE)  # fmt: skip
-            await pipe.execute()
+        for phase in range(phases):
+            delay = t0 + k * TICK_S + phase_offset_s(phase, phases) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if phase == 0:
+                ticks.append(time.time())
+            async with redis.pipeline(transaction=False) as pipe:
+                for i in range(phase, len(audio_keys), phases):
+                    if k < starts[i]:
+                        continue  # this call has not begun yet
+                    pipe.execute_command("XADD", audio_keys[i], "*", "audio", CHUNK,
+                                         "format", "pcm16", "rate", RATE)  # fmt: skip
+                await pipe.execute()
     await redis.aclose()
     emit(result=True, ticks=ticks)
 
@@ -511,6 +522,13 @@ def start_ticks(n: int, start: str) -> list[int]:
     return [i * BLOCK_TICKS // n for i in range(n)]
 
 
+def phase_offset_s(phase: int, phases: int) -> float:
+    """When, within each 20 ms tick, the calls of `phase` send (call i is in phase
+    `i % phases`): `--phases 1` sends every call's chunk on the tick itself; more spread
+    the calls' clocks over the tick, as calls that began at unrelated moments are."""
+    return phase * TICK_S / phases
+
+
 def percentile(values: list[float], q: int) -> float:
     if not values:
         return math.nan
@@ -531,10 +549,10 @@ class Turns:
 
 def turn_figures(
     t0: float, ticks: list[float], rows: Iterable[list[float]], starts: list[int],
-    warmup: float, seconds: float,
+    warmup: float, seconds: float, phases: int = 1,
 ) -> Turns:  # fmt: skip
     """Turns of answers to blocks completed by ticks in the window [warmup, warmup+seconds)
-    (session i sent its first chunk on tick `starts[i]`)."""
+    (session i sent its first chunk on tick `starts[i]`, `phase_offset_s` into each tick)."""
     first_tick, end_tick = round(warmup / TICK_S), round((warmup + seconds) / TICK_S)
     seen = {(int(r[0]), int(r[1])): r[2:] for r in rows}
     turns = Turns(expected=0, latency_ms=[], uplink_ms=[], downlink_ms=[], delivered=0.0,
@@ -551,7 +569,7 @@ def turn_figures(
             if got is None:
                 continue
             first, stamp, in_time = got
-            tick = ticks[completing[m]]
+            tick = ticks[completing[m]] + phase_offset_s(session % phases, phases)
             turns.latency_ms.append((first - tick) * 1000)
             turns.uplink_ms.append((stamp - tick) * 1000)
             turns.downlink_ms.append((first - stamp) * 1000)
@@ -825,6 +843,8 @@ class Bench:
     """`staggered` or `together` (`start_ticks`)."""
     replicas: int = 1
     """Processes of each service (sessions spread over them through the consumer groups)."""
+    phases: int = 1
+    """How many points in each 20 ms tick the calls send at (`phase_offset_s`)."""
     pipelines: int = 0
     """Pipeline runs so far: each gets a Redis of its own (`--rounds` repeats an N)."""
 
@@ -839,7 +859,8 @@ class Bench:
         await self.quiet_upstream()
         starts = start_ticks(n, self.start)
         params = {"endpoint": f"http://127.0.0.1:{self.null_port}", "sessions": n,
-                  "warmup": self.warmup, "seconds": self.seconds, "starts": starts}  # fmt: skip
+                  "warmup": self.warmup, "seconds": self.seconds, "starts": starts,
+                  "phases": self.phases}  # fmt: skip
         app = await self.children.role(f"direct-{n}", "direct", params)
         try:
             ready = await app.message("ready", within=60 + n * 0.5)
@@ -852,7 +873,7 @@ class Bench:
         finally:
             await self.children.stop(app)
         turns = turn_figures(t0, result["ticks"], result["answers"], starts, self.warmup,
-                             self.seconds)  # fmt: skip
+                             self.seconds, self.phases)  # fmt: skip
         return ModeResult("direct", n, window, ("direct",), {"direct": ready["idle_rss"]}, turns)
 
     def service_env(self, name: str, redis_url: str, prefix: str, http_port: int) -> dict[str, str]:
@@ -926,7 +947,8 @@ class Bench:
             t0 = time.time() + 3.0  # the producer and consumer start in well under that
             until = t0 + self.warmup + self.seconds + GRACE_S
             starts = start_ticks(n, self.start)
-            base = {"url": server.url, "prefix": prefix, "sids": sids, "starts": starts}
+            base = {"url": server.url, "prefix": prefix, "sids": sids, "starts": starts,
+                    "phases": self.phases}  # fmt: skip
             consumer = await self.children.role(f"consumer-{n}", "consumer",
                                                 {**base, "until": until})  # fmt: skip
             producer = await self.children.role(
@@ -946,7 +968,7 @@ class Bench:
             await self.children.stop(*started)
             server.stop()
         turns = turn_figures(t0, produced["ticks"], consumed["answers"], starts, self.warmup,
-                             self.seconds)  # fmt: skip
+                             self.seconds, self.phases)  # fmt: skip
         transport = (*SERVICES, "redis-server")
         return ModeResult("pipeline", n, window, transport, idle_rss, turns)
 
@@ -984,7 +1006,8 @@ def machine_line(args: argparse.Namespace) -> str:
         f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
         f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
         f"{args.telemetry}, {args.input} input, sessions started {args.start}, "
-        f"{args.replicas} process(es) of each service; "
+        f"{args.replicas} process(es) of each service, calls sending at "
+        f"{args.phases} point(s) of each 20 ms tick; "
         f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
     )
@@ -1119,7 +1142,8 @@ async def run(args: argparse.Namespace) -> None:
             await null.message("ready", within=30)
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp),
-                          args.input == "direct", args.start, args.replicas)  # fmt: skip
+                          args.input == "direct", args.start, args.replicas,
+                          args.phases)  # fmt: skip
             for n in sessions:
                 for round_ in range(args.rounds):
                     # Alternate which mode goes first: the host's speed drifts over minutes.
@@ -1176,6 +1200,10 @@ def main() -> None:
     parser.add_argument(
         "--replicas", type=int, default=1, help="processes of each service (default 1)"
     )
+    parser.add_argument("--phases", type=int, default=1,
+                        help="the points of each 20 ms tick the calls send at (call i at "
+                        "i %% PHASES / PHASES of it): 1, every call on the tick; more, "
+                        "calls whose clocks are not aligned, as real calls' are not")  # fmt: skip
     parser.add_argument("--input", choices=["direct", "ingest"], default="direct",
                         help="direct: sessions announce audio_in pcm16, so the broker reads "
                         "the producer's chunks itself; ingest: they go through ingest")  # fmt: skip

@@ -21,6 +21,7 @@ from bench.pipeline_vs_direct import (
     TICK_S,
     NullVoiceLive,
     appended_bytes,
+    phase_offset_s,
     start_ticks,
     turn_figures,
 )
@@ -84,3 +85,15 @@ def test_a_staggered_calls_turn_is_timed_from_its_own_completing_tick() -> None:
     assert [round(v, 6) for v in turns.latency_ms] == [10.0]
     assert [round(v, 6) for v in turns.uplink_ms] == [4.0]
     assert [round(v, 6) for v in turns.downlink_ms] == [6.0]
+
+
+def test_a_call_in_a_later_phase_is_timed_from_its_own_send_within_the_tick() -> None:
+    t0, starts, phases = 1000.0, [0, 0], 2
+    assert [phase_offset_s(p, phases) for p in range(phases)] == [0.0, TICK_S / 2]
+    ticks = [t0 + k * TICK_S for k in range(BLOCK_TICKS)]
+    sent = ticks[-1] + TICK_S / 2  # call 1's 150th chunk went half a tick after the tick
+    rows = [[1, 1, sent + 0.010, sent + 0.004, DELTA_BYTES * 10]]
+    turns = turn_figures(t0, ticks, rows, starts, 0.0, len(ticks) * TICK_S, phases)
+    assert turns.expected == 2
+    assert [round(v, 6) for v in turns.latency_ms] == [10.0]
+    assert [round(v, 6) for v in turns.uplink_ms] == [4.0]

@@ -212,6 +212,42 @@ async def test_session_reader_follows_streams_from_checkpoints_and_wakes_for_new
     await task
 
 
+async def test_chunks_of_calls_whose_clocks_are_not_aligned_share_a_read_within_the_interval(
+    fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    """Ten calls each send a chunk 10 ms after the one before, as calls that began at
+    unrelated moments do. Each chunk would wake the blocking read (a read of every stream
+    per chunk); with a floor on the interval between reads, they wait for the next read
+    and share it. The reads are counted by the server, a private one."""
+    redis = connect(fresh_redis_server.url)
+    got: dict[str, int] = {}
+
+    def handle(key: str, entries: list[Entry]) -> None:
+        got[key] = got.get(key, 0) + len(entries)
+
+    calls = [keys.audio(f"c{i}") for i in range(10)]
+    reader, stop, task = _running_reader(redis, keys, block_ms=60_000, min_interval_s=2.0)
+    for key in calls:
+        reader.add(key, "0-0", handle)
+    await redis.xadd(calls[0], {"seq": "0"})
+    await wait_until(lambda: _true(got.get(calls[0]) == 1), within=10)
+    before = await _xread_calls(redis)
+    for key in calls:  # well within the 2 s since the read that had the first chunk began
+        await redis.xadd(key, {"seq": "1"})
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: _true(sum(got.values()) == 11), within=10)
+    assert await _xread_calls(redis) - before <= 2, "the ten chunks shared one read"
+    stop.set()
+    reader.wake()
+    await task
+    await redis.aclose()
+
+
+async def _xread_calls(redis: aioredis.Redis) -> int:
+    stats: Any = await redis.info("commandstats")
+    return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+
 def _running_reader(
     redis: aioredis.Redis, keys: StreamKeys, **options: Any
 ) -> tuple[SessionStreamReader, asyncio.Event, asyncio.Task[None]]:

@@ -64,6 +64,14 @@ class ServiceSettings(BaseSettings):
     # Stream runtime tuning (see vlpipe.shared.streams).
     read_batch: int = Field(default=64, ge=1, description="Entries per XREAD/XREADGROUP.")
     block_ms: int = Field(default=1000, ge=1, description="How long a read blocks, in ms.")
+    read_interval_ms: float = Field(
+        default=4.0,
+        ge=0,
+        le=100,
+        description="Least time between the starts of two reads of the sessions' streams, in "
+        "ms (0: none). Each read names every session's stream, and calls whose 20 ms clocks "
+        "are not aligned would wake it for nearly every chunk; a chunk waits at most this.",
+    )
     max_deliveries: int = Field(
         default=5, ge=1, description="Deliveries before a failing entry is dead-lettered."
     )

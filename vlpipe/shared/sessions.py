@@ -29,6 +29,7 @@ def session_reader(
     return SessionStreamReader(
         ctx.redis, wake_key=wake, dead=ctx.dead, count=settings.read_batch,
         block_ms=settings.block_ms, max_deliveries=settings.max_deliveries,
+        min_interval_s=settings.read_interval_ms / 1000,
         progress=ctx.watchdog.loop(f"{purpose or 'session'} reader"),
     )  # fmt: skip
 

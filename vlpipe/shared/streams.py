@@ -604,7 +604,7 @@ class SessionStreamReader:
     blocking read when streams are added, so a new session starts at once. A handler that
     raises is retried with the same entries; after `max_deliveries` failures the first
     entry is dead-lettered and skipped. A handler that raises `SessionLost` is no longer
-    followed.
+    followed. Reads begin at most once per `min_interval_s` (`_paced`).
 
     On a Redis Cluster one XREAD may only name keys of one slot (CROSSSLOT otherwise, even
     when two slots sit on one node), so a read per node cannot be: the followed keys are
@@ -624,6 +624,8 @@ class SessionStreamReader:
     count: int = 64
     block_ms: int = 1000
     max_deliveries: int = 5
+    min_interval_s: float = 0.0
+    """Least time between the starts of two reads (of one slot, on a cluster)."""
     progress: LoopProgress = field(default_factory=lambda: LoopProgress("session reader"))
     _followed: dict[str, _Followed] = field(default_factory=dict)
     _wake_id: str = "$"
@@ -715,6 +717,7 @@ class SessionStreamReader:
         try:
             while not stop.is_set():
                 try:
+                    started = time.monotonic()
                     with self.progress.turn():
                         if self._wake_id == "$":
                             self._wake_id = await _last_id(self.redis, self.wake_key)
@@ -722,6 +725,7 @@ class SessionStreamReader:
                             self._followed, self.wake_key, self._wake_id
                         )
                     backoff.reset()
+                    await self._paced(started)
                 except Exception as exc:
                     if not _redis_down(exc):
                         raise
@@ -779,6 +783,7 @@ class SessionStreamReader:
             if not keys:
                 return
             try:
+                started = time.monotonic()
                 with self.progress.turn():
                     wake_id = self._slot_wake_ids.get(slot)
                     if wake_id is None or time.monotonic() >= refresh_at:
@@ -793,6 +798,7 @@ class SessionStreamReader:
                         followed, wake_key, wake_id, slot=slot
                     )
                 backoff.reset()
+                await self._paced(started)
             except Exception as exc:
                 if not _redis_down(exc):
                     raise
@@ -805,6 +811,17 @@ class SessionStreamReader:
                         extra={"slot": slot, "error": str(exc), "retry_in_s": round(delay, 3)},
                     )
                 await _sleep_or_stop(stop, delay)
+
+    async def _paced(self, started: float) -> None:
+        """Wait until `min_interval_s` after the read that began at `started`. A read names
+        every followed stream, and Redis looks each one up whatever it holds (on 7.0 it
+        also seeks each stream's last entry), so its cost grows with the sessions, not with
+        what it returns. Calls whose 20 ms clocks are not aligned wake a blocking read for
+        nearly every chunk; at most one read per interval lets the chunks that arrive
+        within it go in one read (a read that blocked for longer goes on at once)."""
+        wait = started + self.min_interval_s - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _read_once(
         self, followed: dict[str, _Followed], wake_key: str, wake_id: str, slot: int | None = None
