@@ -112,7 +112,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -414,25 +414,33 @@ async def direct_role(params: dict[str, Any]) -> None:
     listeners = [asyncio.create_task(listen(i, c)) for i, c in enumerate(connections)]
     emit(ready=True, t0=t0, idle_rss=idle_rss)
     ticks: list[float] = []
-    phases = params["phases"]
-    for k in range(round((warmup + seconds + GRACE_S) / TICK_S)):
-        for phase in range(phases):
-            delay = t0 + k * TICK_S + phase_offset_s(phase, phases) - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if phase == 0:
-                ticks.append(time.time())
-            for i in range(phase, n, phases):
-                if k < starts[i]:
-                    continue  # this call has not begun yet
-                audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
-                await connections[i].input_audio_buffer.append(audio=audio)
+    tick_count = round((warmup + seconds + GRACE_S) / TICK_S)
+    async for calls in sends(t0, tick_count, starts, params["phases"], ticks):
+        for i in calls:
+            audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
+            await connections[i].input_audio_buffer.append(audio=audio)
     for manager in managers:
         with contextlib.suppress(Exception):
             await manager.__aexit__(None, None, None)
     for task in listeners:
         task.cancel()
     emit(result=True, t0=t0, ticks=ticks, answers=answers.rows())
+
+
+async def sends(
+    t0: float, tick_count: int, starts: list[int], phases: int, ticks: list[float]
+) -> AsyncIterator[list[int]]:
+    """The send schedule both modes follow: at each of the `phases` points of each 20 ms
+    tick from `t0` (`phase_offset_s`), when it comes, the calls that send then (those of
+    that phase that have begun, `starts`). Each tick's start goes into `ticks`."""
+    for k in range(tick_count):
+        for phase in range(phases):
+            delay = t0 + k * TICK_S + phase_offset_s(phase, phases) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if phase == 0:
+                ticks.append(time.time())
+            yield [i for i in range(phase, len(starts), phases) if k >= starts[i]]
 
 
 # ==================================================================== pipeline producer, consumer
@@ -454,21 +462,13 @@ async def producer_role(params: dict[str, Any]) -> None:
         emit(error=f"producer ready {time.time() - t0:.1f} s after the start time")
         return
     ticks: list[float] = []
-    starts, phases = params["starts"], params["phases"]
-    for k in range(round(params["duration"] / TICK_S)):
-        for phase in range(phases):
-            delay = t0 + k * TICK_S + phase_offset_s(phase, phases) - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if phase == 0:
-                ticks.append(time.time())
-            async with redis.pipeline(transaction=False) as pipe:
-                for i in range(phase, len(audio_keys), phases):
-                    if k < starts[i]:
-                        continue  # this call has not begun yet
-                    pipe.execute_command("XADD", audio_keys[i], "*", "audio", CHUNK,
-                                         "format", "pcm16", "rate", RATE)  # fmt: skip
-                await pipe.execute()
+    tick_count = round(params["duration"] / TICK_S)
+    async for calls in sends(t0, tick_count, params["starts"], params["phases"], ticks):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in calls:
+                pipe.execute_command("XADD", audio_keys[i], "*", "audio", CHUNK, "format",
+                                     "pcm16", "rate", RATE)  # fmt: skip
+            await pipe.execute()
     await redis.aclose()
     emit(result=True, ticks=ticks)
 

@@ -8,6 +8,7 @@ times anything.
 from __future__ import annotations
 
 import base64
+import time
 
 from azure.ai.voicelive.aio import connect
 from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
@@ -22,6 +23,7 @@ from bench.pipeline_vs_direct import (
     NullVoiceLive,
     appended_bytes,
     phase_offset_s,
+    sends,
     start_ticks,
     turn_figures,
 )
@@ -97,3 +99,12 @@ def test_a_call_in_a_later_phase_is_timed_from_its_own_send_within_the_tick() ->
     assert turns.expected == 2
     assert [round(v, 6) for v in turns.latency_ms] == [10.0]
     assert [round(v, 6) for v in turns.uplink_ms] == [4.0]
+
+
+async def test_both_modes_send_each_call_in_its_own_phase_once_it_has_begun() -> None:
+    ticks: list[float] = []
+    schedule = [
+        calls async for calls in sends(time.time() - 60, 3, [0, 1, 0, 2], 2, ticks)
+    ]  # a start long past: no waiting
+    assert schedule == [[0, 2], [], [0, 2], [1], [0, 2], [1, 3]]
+    assert len(ticks) == 3, "one start per tick, at its first phase"
