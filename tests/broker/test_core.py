@@ -7,7 +7,9 @@ network does. Properties (hypothesis):
 * every frame is sent at least once to each upstream session until the upstream has
   committed it and the core knows its transcript; nothing it knows that of is replayed,
   and no turn reaches a new upstream session both as remembered text and as audio;
-* a response request never reaches the upstream while a response is in progress there.
+* a response request never reaches the upstream while a response is in progress there;
+* letting go of kept frames in one pass (silence, or past the most kept) lets go of what
+  the two rules applied one after the other would.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from vlpipe.services.broker.core import SILENCE_KEEP_MS, SessionCore
+from vlpipe.services.broker.core import SILENCE_KEEP_MS, SentFrame, SessionCore
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import (
@@ -474,3 +476,46 @@ def test_vad_turns_ending_mid_frame_leave_nothing_behind_to_replay(
             pass
         assert not core.retained, [f.seq for f in core.retained]
         assert core.frames_id == f"{1000 + sent - 1}-0"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3)), min_size=0, max_size=40),
+    upto=st.floats(-50, 1000),
+    sent_by=st.floats(-1, 50),
+    anyway=st.one_of(st.none(), st.floats(-50, 1000)),
+)
+def test_one_pass_lets_go_of_what_the_two_rules_in_turn_would(
+    steps: list[tuple[int, int]], upto: float, sent_by: float, anyway: float | None
+) -> None:
+    """Kept frames are in order of their place in the audio and of when they were sent;
+    the silence rule (ended by `upto` and sent by `sent_by`) and the cap (ended by
+    `anyway`) applied in one pass keep exactly what applying them in turn keeps, and the
+    checkpoint's position is just before the oldest frame kept."""
+    frames, end_ms, sent_s = [], 0.0, 0.0
+    for i, (duration, later) in enumerate(steps):
+        end_ms += duration
+        sent_s += later
+        frames.append(SentFrame(f"{1000 + i}-0", i, b"", end_ms - duration, end_ms, 0.0, sent_s))
+
+    def silence(f: SentFrame) -> bool:
+        return f.end_ms <= upto + 0.5 and f.sent_s <= sent_by
+
+    def capped(f: SentFrame) -> bool:
+        return anyway is not None and f.end_ms <= anyway + 0.5
+
+    expected = deque(frames)
+    while expected and silence(expected[0]):  # the silence rule first,
+        expected.popleft()
+    while expected and capped(expected[0]):  # then the cap
+        expected.popleft()
+    core = make_core(VAD)
+    core.retained = deque(frames)
+    if anyway is None:
+        core._let_go(upto, sent_by)
+    else:
+        core._let_go(upto, sent_by, anyway_upto_ms=anyway)
+    assert list(core.retained) == list(expected)
+    if expected and len(expected) < len(frames):
+        ms = expected[0].entry_id.partition("-")[0]
+        assert core.frames_id == f"{int(ms) - 1}-{2**64 - 1}"  # just before the oldest kept

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -371,9 +372,10 @@ class SessionCore:
 
     # ================================================================ audio
 
-    def audio(self, frames: Sequence[tuple[str, InputFrame]], now: float) -> list[int]:
+    def audio(self, frames: Sequence[tuple[str, InputFrame]], now: float) -> tuple[int, list[int]]:
         """Frames to the upstream (appends of at most `max_append_ms`), kept for a replay.
-        Returns the size in bytes of each append queued. A final marker ends the input."""
+        Returns how many frames went and the size in bytes of each append queued. A final
+        marker ends the input (what comes after it is not sent)."""
         self.now = now
         batch: list[SentFrame] = []
         final = False
@@ -394,7 +396,7 @@ class SessionCore:
         self._let_go_of_silence()
         if final:
             self._input_finished(now)
-        return appends
+        return len(batch), appends
 
     def _append(self, frames: list[SentFrame], *, replay: bool) -> list[int]:
         if not frames:
@@ -424,7 +426,7 @@ class SessionCore:
         self._send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
 
     def _let_go(
-        self, upto_ms: float, sent_by: float = float("inf"), anyway_upto_ms: float = -1.0
+        self, upto_ms: float, sent_by: float = math.inf, anyway_upto_ms: float = -math.inf
     ) -> None:
         """What ends by `upto_ms` (and was sent by `sent_by`), or by `anyway_upto_ms`,
         needs no replay: committed, silence outside a turn, or past the most kept. The

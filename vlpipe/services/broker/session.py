@@ -319,10 +319,9 @@ class BrokerSession:
             latency = max(0.0, time.time() * 1000 - entry_ms(batch[0][0]))
             self.svc.frame_latency.record(latency)
             self.svc.sampled_latency_ms.append(latency)
-        appends = self.core.audio(batch, time.monotonic())
+        sent, appends = self.core.audio(batch, time.monotonic())
         if self.core.input_final:
             self.due = True  # the drain may be over already
-        sent = len(batch) - 1 if batch[-1][1].final else len(batch)  # an end marker is last
         if sent:
             totals = self.svc.totals
             totals["frames"] += sent
