@@ -43,7 +43,9 @@ upstream:
   3 s, so no VAD events are sent and no barge-in happens). A producer process XADDs the
   same 20 ms chunk for every session each tick, in one pipeline
   (`XADD vl:audio:{ID} * audio <960 bytes> format pcm16 rate 24000`); a consumer process
-  follows every `vl:audio-out:{ID}` with one `XREAD`. With `--input direct` (the default)
+  follows every `vl:audio-out:{ID}` with one `XREAD`. Both talk to redis-server through
+  hiredis directly (`RespConnection`: packed and parsed in C, each session's XADD packed
+  once), so that they take little of the cores the pipeline is measured on. With `--input direct` (the default)
   the sessions' starts say `audio_in pcm16`, as a producer of 24 kHz PCM16 should: the
   broker reads the chunks itself (direct input, docs/producers.md); `--input ingest`
   leaves it out, so every chunk goes through ingest and a frames stream.
@@ -54,7 +56,8 @@ tick:
 * **CPU.** Transport CPU is the sum over ingest, broker, egress and redis-server of
   psutil's user + system time (of each process, its reaped children, e.g. redis' AOF
   rewrite, and its live children). The producer and consumer are left out, as the direct
-  app's own audio source and player are; the direct figure is the whole direct process.
+  app's own audio source and player are (their CPU is printed apart, with the null
+  server's); the direct figure is the whole direct process.
   Printed: ms of CPU per second of audio (input audio, summed over sessions), the ratio,
   each process in % of one core, and the whole machine's CPU over the window
   (psutil.cpu_percent) with its core count, so that a saturated run shows. The null
@@ -117,6 +120,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -446,17 +450,67 @@ async def sends(
 # ==================================================================== pipeline producer, consumer
 
 
+class RespConnection:
+    """A plain connection to redis-server for the producer and the consumer: commands
+    packed by hiredis and replies parsed by `hiredis.Reader`, both in C. These two stand
+    for the producer's and the player's own machines but run on the cores the pipeline is
+    measured on, so they should take as little of them as they can: through redis-py
+    (which packs every argument of every command in Python) the producer took 30% of a
+    core at N=100 and the consumer 9%, while the pipeline itself took 115%."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import hiredis
+
+        self.reader = reader
+        self.writer = writer
+        self.parser = hiredis.Reader()
+
+    @classmethod
+    async def open(cls, url: str) -> RespConnection:
+        parts = urlsplit(url)
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 6379)
+        return cls(reader, writer)
+
+    async def call(self, packed: bytes, commands: int = 1) -> list[Any]:
+        """Send `packed` (that many commands, pipelined); their replies in order. An error
+        reply raises, naming it: a benchmark with a failing producer measures nothing."""
+        import hiredis
+
+        self.writer.write(packed)
+        replies: list[Any] = []
+        while len(replies) < commands:
+            reply = self.parser.gets()
+            if reply is False:  # not a whole reply yet
+                data = await self.reader.read(1 << 18)
+                if not data:
+                    raise ConnectionError("redis-server closed the connection")
+                self.parser.feed(data)
+            elif isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"redis-server refused a command: {reply}")
+            else:
+                replies.append(reply)
+        return replies
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
 async def producer_role(params: dict[str, Any]) -> None:
-    """The same 20 ms chunk for every session that has begun, each tick: one pipeline of
-    XADDs per tick, or per phase of it (`phase_offset_s`)."""
-    import redis.asyncio as aioredis
+    """The same 20 ms chunk for every session that has begun, each tick: the XADDs of a
+    tick (or of a phase of it, `phase_offset_s`) pipelined in one write. Each session's
+    XADD is the same bytes every tick (`*` lets Redis number the entry), so it is packed
+    once."""
+    import hiredis
 
     from vlpipe.shared.keys import StreamKeys
 
     keys = StreamKeys(params["prefix"])
-    audio_keys = [keys.audio(sid) for sid in params["sids"]]
-    redis = aioredis.Redis.from_url(params["url"])
-    await redis.ping()
+    chunk = ("audio", CHUNK, "format", "pcm16", "rate", RATE)
+    xadds = [hiredis.pack_command(("XADD", keys.audio(sid), "*", *chunk)) for sid in params["sids"]]
+    redis = await RespConnection.open(params["url"])
+    await redis.call(hiredis.pack_command(("PING",)))
     t0 = params["t0"]
     if time.time() > t0:
         emit(error=f"producer ready {time.time() - t0:.1f} s after the start time")
@@ -464,39 +518,39 @@ async def producer_role(params: dict[str, Any]) -> None:
     ticks: list[float] = []
     tick_count = round(params["duration"] / TICK_S)
     async for calls in sends(t0, tick_count, params["starts"], params["phases"], ticks):
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in calls:
-                pipe.execute_command("XADD", audio_keys[i], "*", "audio", CHUNK, "format",
-                                     "pcm16", "rate", RATE)  # fmt: skip
-            await pipe.execute()
-    await redis.aclose()
+        await redis.call(b"".join([xadds[i] for i in calls]), len(calls))
+    await redis.close()
     emit(result=True, ticks=ticks)
 
 
 async def consumer_role(params: dict[str, Any]) -> None:
     """Follows every session's audio-out stream with one XREAD until `until`."""
-    import redis.asyncio as aioredis
+    import hiredis
 
     from vlpipe.shared.keys import StreamKeys
 
     keys = StreamKeys(params["prefix"])
-    index = {keys.audio_out(sid).encode(): i for i, sid in enumerate(params["sids"])}
-    positions: dict[bytes, bytes] = {key: b"0-0" for key in index}
+    streams = [keys.audio_out(sid).encode() for sid in params["sids"]]
+    index = {key: i for i, key in enumerate(streams)}
+    positions: list[bytes] = [b"0-0"] * len(streams)
     answers = Answers(until=params["until"])
-    redis = aioredis.Redis.from_url(params["url"])
-    await redis.ping()
+    redis = await RespConnection.open(params["url"])
+    await redis.call(hiredis.pack_command(("PING",)))
     emit(ready=True)
     while time.time() < answers.until:
         # XREAD COUNT 100 BLOCK 200 STREAMS <every audio-out key> <its last id>
-        reply = await redis.xread(positions, count=100, block=200)  # type: ignore[arg-type]
+        command = hiredis.pack_command(("XREAD", "COUNT", 100, "BLOCK", 200, "STREAMS",
+                                        *streams, *positions))  # fmt: skip
+        (reply,) = await redis.call(command)
         now = time.time()
-        for key, entries in reply or []:
-            for entry_id, fields in entries:
-                positions[key] = entry_id
+        for key, entries in reply or ():
+            i = index[key]
+            for entry_id, flat in entries:
+                positions[i] = entry_id
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
                 if fields[b"kind"] == b"audio":
-                    answers.audio(index[key], fields[b"response_id"].decode(), fields[b"audio"],
-                                  now)  # fmt: skip
-    await redis.aclose()
+                    answers.audio(i, fields[b"response_id"].decode(), fields[b"audio"], now)
+    await redis.close()
     emit(result=True, answers=answers.rows())
 
 
@@ -958,7 +1012,9 @@ class Bench:
             await consumer.message("ready", within=t0 - time.time())
             metrics_ports = {name: [ports[of, r] for of, r in replicas if of == name]
                              for name in SERVICES}  # fmt: skip
-            window = await measure_window({**pids, "null server": self.null.pid},
+            harness = {"null server": self.null.pid, "producer": producer.pid,
+                       "consumer": consumer.pid}  # fmt: skip
+            window = await measure_window({**pids, **harness},
                                           self.null_port, t0 + self.warmup, self.seconds,
                                           redis, metrics_ports)  # fmt: skip
             produced = await producer.message("result", within=until - time.time() + 60)
@@ -1032,18 +1088,20 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
         )
     out += [
         "",
-        "CPU in % of one core (null server: the upstream stand-in, in neither figure):",
+        "CPU in % of one core (the null server, the upstream stand-in, and the pipeline's "
+        "producer and consumer, the callers' own machines, are in neither figure):",
         "",
         "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
-        "| null server (pipeline / direct) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| null server (pipeline / direct) | producer / consumer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pipe, direct in results:
         cells = [fmt(pipe.core_percent(name)) for name in (*SERVICES, "redis-server")]
         total = sum(pipe.core_percent(name) for name in pipe.transport)
         out.append(
             f"| {pipe.n} | {' | '.join(cells)} | {fmt(total)} | {fmt(direct.core_percent('direct'))}"
-            f" | {fmt(pipe.core_percent('null server'))} / {fmt(direct.core_percent('null server'))} |"
+            f" | {fmt(pipe.core_percent('null server'))} / {fmt(direct.core_percent('null server'))}"
+            f" | {fmt(pipe.core_percent('producer'))} / {fmt(pipe.core_percent('consumer'))} |"
         )
     out += [
         "",
