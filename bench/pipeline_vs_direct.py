@@ -35,7 +35,11 @@ upstream:
 * **Direct mode.** One process holds N `azure.ai.voicelive.aio.connect` clients. A shared
   ticker sends each of them 20 ms of 24 kHz PCM16 every 20 ms (`input_audio_buffer.append`,
   base64-encoded per send as an app would); each client reads the SDK's typed events and
-  takes the decoded audio of every `response.audio.delta`.
+  takes the decoded audio of every `response.audio.delta`. With `--direct-processes K`
+  the app runs K such processes (call i in process `i % K`), as an app that needs more
+  than one core for its calls would: one process is one core at most, and on a slow
+  host it cannot keep 250 calls in real time (the pipeline's services are processes of
+  their own). Its CPU is the sum of its processes'.
 * **Pipeline mode.** A private redis-server (AOF on, `appendfsync everysec` as production
   would run it unless `--appendfsync always`), and ingest, broker and egress as real
   processes with their default settings, the broker pointed at the null server. Sessions
@@ -372,7 +376,9 @@ class Answers:
 
 
 async def direct_role(params: dict[str, Any]) -> None:
-    """N SDK clients in this process, fed by one ticker; reports ticks and answers."""
+    """The SDK clients of this process's sessions (`indices`, of all N; all of them unless
+    the app runs several processes), fed by one ticker; reports ticks and answers, by each
+    session's number among all N."""
     # Imported here, before the idle figure: the app's resident SDK is not per session.
     from azure.ai.voicelive.aio import VoiceLiveConnection, connect
     from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
@@ -380,6 +386,7 @@ async def direct_role(params: dict[str, Any]) -> None:
 
     n, warmup, seconds = params["sessions"], params["warmup"], params["seconds"]
     starts: list[int] = params["starts"]
+    indices: list[int] = params.get("indices") or list(range(n))
     idle_rss = psutil.Process().memory_info().rss
     managers: list[Any] = []
 
@@ -401,11 +408,12 @@ async def direct_role(params: dict[str, Any]) -> None:
         )
         return connection
 
-    connections: list[VoiceLiveConnection] = []
-    for first in range(0, n, 50):  # in batches: no connection storm on the null server
-        connections += await asyncio.gather(
-            *(open_client() for _ in range(first, min(n, first + 50)))
+    opened: list[VoiceLiveConnection] = []
+    for first in range(0, len(indices), 50):  # in batches: no connection storm on the server
+        opened += await asyncio.gather(
+            *(open_client() for _ in range(first, min(len(indices), first + 50)))
         )
+    connections = dict(zip(indices, opened, strict=True))
     t0 = time.time() + 0.5
     answers = Answers(until=t0 + warmup + seconds + GRACE_S)
 
@@ -415,14 +423,17 @@ async def direct_role(params: dict[str, Any]) -> None:
                 # The SDK has decoded the base64 into bytes already.
                 answers.audio(index, event.response_id, event.delta, time.time())
 
-    listeners = [asyncio.create_task(listen(i, c)) for i, c in enumerate(connections)]
+    listeners = [asyncio.create_task(listen(i, c)) for i, c in connections.items()]
     emit(ready=True, t0=t0, idle_rss=idle_rss)
     ticks: list[float] = []
     tick_count = round((warmup + seconds + GRACE_S) / TICK_S)
     async for calls in sends(t0, tick_count, starts, params["phases"], ticks):
         for i in calls:
+            connection = connections.get(i)
+            if connection is None:  # another process's call
+                continue
             audio = base64.b64encode(CHUNK).decode()  # each call's audio is its own
-            await connections[i].input_audio_buffer.append(audio=audio)
+            await connection.input_audio_buffer.append(audio=audio)
     for manager in managers:
         with contextlib.suppress(Exception):
             await manager.__aexit__(None, None, None)
@@ -603,16 +614,18 @@ class Turns:
 
 def turn_figures(
     t0: float, ticks: list[float], rows: Iterable[list[float]], starts: list[int],
-    warmup: float, seconds: float, phases: int = 1,
+    warmup: float, seconds: float, phases: int = 1, sessions: Iterable[int] | None = None,
 ) -> Turns:  # fmt: skip
     """Turns of answers to blocks completed by ticks in the window [warmup, warmup+seconds)
-    (session i sent its first chunk on tick `starts[i]`, `phase_offset_s` into each tick)."""
+    (session i sent its first chunk on tick `starts[i]`, `phase_offset_s` into each tick),
+    of `sessions` (all of them unless said: those one process of the direct app ran)."""
     first_tick, end_tick = round(warmup / TICK_S), round((warmup + seconds) / TICK_S)
     seen = {(int(r[0]), int(r[1])): r[2:] for r in rows}
     turns = Turns(expected=0, latency_ms=[], uplink_ms=[], downlink_ms=[], delivered=0.0,
                   ticker_late_ms=[(t - t0 - k * TICK_S) * 1000 for k, t in enumerate(ticks)])  # fmt: skip
     delivered = 0.0
-    for session, start in enumerate(starts):
+    for session in range(len(starts)) if sessions is None else sessions:
+        start = starts[session]
         # The tick that completes block m: the session's (m * BLOCK_TICKS)th chunk.
         completing = {m: start + m * BLOCK_TICKS - 1
                       for m in range(1, (len(ticks) - start) // BLOCK_TICKS + 1)}  # fmt: skip
@@ -631,6 +644,20 @@ def turn_figures(
     if turns.expected:
         turns.delivered = delivered / (turns.expected * ANSWER_DELTAS * DELTA_BYTES)
     return turns
+
+
+def merged_turns(parts: list[Turns]) -> Turns:
+    """The turns of the direct app's processes as one app's (each process's ticker is timed
+    against its own schedule)."""
+    expected = sum(t.expected for t in parts)
+    return Turns(
+        expected=expected,
+        latency_ms=[x for t in parts for x in t.latency_ms],
+        uplink_ms=[x for t in parts for x in t.uplink_ms],
+        downlink_ms=[x for t in parts for x in t.downlink_ms],
+        delivered=sum(t.delivered * t.expected for t in parts) / expected if expected else 0.0,
+        ticker_late_ms=[x for t in parts for x in t.ticker_late_ms],
+    )
 
 
 # ==================================================================== child processes
@@ -899,6 +926,8 @@ class Bench:
     """Processes of each service (sessions spread over them through the consumer groups)."""
     phases: int = 1
     """How many points in each 20 ms tick the calls send at (`phase_offset_s`)."""
+    direct_processes: int = 1
+    """Processes the direct app runs, the sessions dealt out over them (`--direct-processes`)."""
     pipelines: int = 0
     """Pipeline runs so far: each gets a Redis of its own (`--rounds` repeats an N)."""
 
@@ -915,20 +944,28 @@ class Bench:
         params = {"endpoint": f"http://127.0.0.1:{self.null_port}", "sessions": n,
                   "warmup": self.warmup, "seconds": self.seconds, "starts": starts,
                   "phases": self.phases}  # fmt: skip
-        app = await self.children.role(f"direct-{n}", "direct", params)
+        shares = [list(range(p, n, self.direct_processes)) for p in range(self.direct_processes)]
+        shares = [share for share in shares if share]
+        apps = [await self.children.role(f"direct-{n}" + (f"-{p}" if p else ""), "direct",
+                                         {**params, "indices": share})
+                for p, share in enumerate(shares)]  # fmt: skip
         try:
-            ready = await app.message("ready", within=60 + n * 0.5)
-            t0 = ready["t0"]
+            ready = [await app.message("ready", within=60 + n * 0.5) for app in apps]
             window = await measure_window(
-                {"direct": app.pid, "null server": self.null.pid}, self.null_port,
-                t0 + self.warmup, self.seconds,
+                {"direct": [app.pid for app in apps], "null server": self.null.pid},
+                self.null_port, max(r["t0"] for r in ready) + self.warmup, self.seconds,
             )  # fmt: skip
-            result = await app.message("result", within=self.seconds + GRACE_S + 60)
+            results = [await app.message("result", within=self.seconds + GRACE_S + 60)
+                       for app in apps]  # fmt: skip
         finally:
-            await self.children.stop(app)
-        turns = turn_figures(t0, result["ticks"], result["answers"], starts, self.warmup,
-                             self.seconds, self.phases)  # fmt: skip
-        return ModeResult("direct", n, window, ("direct",), {"direct": ready["idle_rss"]}, turns)
+            await self.children.stop(*apps)
+        turns = merged_turns([
+            turn_figures(r["t0"], r["ticks"], r["answers"], starts, self.warmup, self.seconds,
+                         self.phases, sessions=share)
+            for r, share in zip(results, shares, strict=True)
+        ])  # fmt: skip
+        idle = {"direct": sum(r["idle_rss"] for r in ready)}
+        return ModeResult("direct", n, window, ("direct",), idle, turns)
 
     def service_env(self, name: str, redis_url: str, prefix: str, http_port: int) -> dict[str, str]:
         env = {
@@ -1062,7 +1099,8 @@ def machine_line(args: argparse.Namespace) -> str:
         f"{psutil.cpu_count()} cores ({cpu_model}), Python {platform.python_version()}, "
         f"redis-server {version} with AOF appendfsync {args.appendfsync}, telemetry "
         f"{args.telemetry}, {args.input} input, sessions started {args.start}, "
-        f"{args.replicas} process(es) of each service, calls sending at "
+        f"{args.replicas} process(es) of each service, {args.direct_processes} of the "
+        f"direct app, calls sending at "
         f"{args.phases} point(s) of each 20 ms tick; "
         f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
@@ -1201,7 +1239,7 @@ async def run(args: argparse.Namespace) -> None:
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp),
                           args.input == "direct", args.start, args.replicas,
-                          args.phases)  # fmt: skip
+                          args.phases, args.direct_processes)  # fmt: skip
             for n in sessions:
                 for round_ in range(args.rounds):
                     # Alternate which mode goes first: the host's speed drifts over minutes.
@@ -1262,6 +1300,10 @@ def main() -> None:
                         help="the points of each 20 ms tick the calls send at (call i at "
                         "i %% PHASES / PHASES of it): 1, every call on the tick; more, "
                         "calls whose clocks are not aligned, as real calls' are not")  # fmt: skip
+    parser.add_argument("--direct-processes", type=int, default=1,
+                        help="processes of the direct app, the sessions dealt out over them "
+                        "(1: one process holds every client; one a core is how an app "
+                        "would run hundreds of calls)")  # fmt: skip
     parser.add_argument("--input", choices=["direct", "ingest"], default="direct",
                         help="direct: sessions announce audio_in pcm16, so the broker reads "
                         "the producer's chunks itself; ingest: they go through ingest")  # fmt: skip

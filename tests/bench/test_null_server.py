@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 import time
 
+import pytest
 from azure.ai.voicelive.aio import connect
 from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
 from azure.core.credentials import AzureKeyCredential
 
 from bench.pipeline_vs_direct import (
+    ANSWER_DELTAS,
     BLOCK_TICKS,
     CHUNK,
     DELTA_BYTES,
@@ -22,6 +24,7 @@ from bench.pipeline_vs_direct import (
     TICK_S,
     NullVoiceLive,
     appended_bytes,
+    merged_turns,
     phase_offset_s,
     sends,
     start_ticks,
@@ -108,3 +111,31 @@ async def test_both_modes_send_each_call_in_its_own_phase_once_it_has_begun() ->
     ]  # a start long past: no waiting
     assert schedule == [[0, 2], [], [0, 2], [1], [0, 2], [1, 3]]
     assert len(ticks) == 3, "one start per tick, at its first phase"
+
+
+ANSWER_BYTES = ANSWER_DELTAS * DELTA_BYTES
+
+
+def test_the_direct_apps_processes_turns_add_up_to_one_apps() -> None:
+    # Four calls begun on tick 0, each completing its first block on tick 149; the app's
+    # two processes each ran two of them (call i in process i % 2), on their own tickers.
+    starts = [0, 0, 0, 0]
+    warmup, seconds = 1.0, 3.0
+    t0 = 1000.0
+    ticks = [t0 + k * TICK_S for k in range(BLOCK_TICKS + 100)]
+    late = [t + 0.004 for t in ticks]  # the second process's ticker runs 4 ms late
+
+    def answer(i: int, ms: float, tick: list[float]) -> list[float]:
+        first = tick[BLOCK_TICKS - 1] + ms / 1000
+        return [i, 1, first, first - 0.005, ANSWER_BYTES]
+
+    one = turn_figures(t0, ticks, [answer(0, 30, ticks), answer(2, 50, ticks)], starts,
+                       warmup, seconds, sessions=[0, 2])  # fmt: skip
+    two = turn_figures(t0, late, [answer(1, 40, late)], starts, warmup, seconds,
+                       sessions=[1, 3])  # fmt: skip
+    assert (one.expected, two.expected) == (2, 2)
+    app = merged_turns([one, two])
+    assert app.expected == 4
+    assert sorted(round(ms) for ms in app.latency_ms) == [30, 40, 50]
+    assert app.delivered == 0.75  # three of the four answers, each whole
+    assert max(app.ticker_late_ms) == pytest.approx(4.0)
