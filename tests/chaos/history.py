@@ -82,18 +82,45 @@ def stream_entries(data_dir: Path, prefix: str) -> set[tuple[str, bytes]]:
     return out
 
 
-def lost_entries(crashed: Path, survivors: Sequence[Path], prefix: str) -> dict[str, list[bytes]]:
+def lost_entries(
+    crashed: Path, survivors: Sequence[Path], prefix: str, *, retried_kept: bool = False
+) -> dict[str, list[bytes]]:
     """Per key, the ids of the entries the crashed master's AOF has and no survivor's has:
     writes it acknowledged that a failover lost (a promoted replica had not got them).
     Entry ids are the ms time of the master that added them, so an entry added after the
-    promotion never takes the id of a lost one (the promotion takes seconds)."""
+    promotion never takes the id of a lost one (the promotion takes seconds).
+
+    A write the master applied but whose reply the kill cut off was never acknowledged:
+    its writer sends it again, unchanged, to the promoted replica, which adds the same
+    fields under new ids. With `retried_kept`, an entry whose key and fields a survivor
+    has under another id is such a retry, not a loss (every entry of the pipeline's
+    streams carries its own sequence number, so two different entries never have the
+    same fields)."""
     kept: set[tuple[str, bytes]] = set()
+    contents: set[tuple[str, tuple[bytes, ...]]] = set()
     for path in survivors:
         kept |= stream_entries(path, prefix)
+        if retried_kept:
+            contents |= set(stream_contents(path, prefix).values())
+    crashed_contents = stream_contents(crashed, prefix) if retried_kept else {}
     lost: dict[str, list[bytes]] = defaultdict(list)
     for key, entry_id in sorted(stream_entries(crashed, prefix) - kept):
+        if crashed_contents.get((key, entry_id)) in contents:
+            continue
         lost[key].append(entry_id)
     return dict(lost)
+
+
+def stream_contents(
+    data_dir: Path, prefix: str
+) -> dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]]:
+    """(key, entry id) -> (key, the entry's fields) of every XADD under `prefix`."""
+    out = {}
+    for command in aof_commands(data_dir):
+        if command[0].upper() == b"XADD" and command[1].startswith(f"{prefix}:".encode()):
+            key = command[1].decode()
+            out[key, _entry_id(command)] = (key, tuple(command[_id_index(command) + 1 :]))
+    return out
 
 
 def _parse_resp(data: bytes) -> list[list[bytes]]:
