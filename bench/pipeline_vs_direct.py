@@ -539,9 +539,11 @@ async def consumer_role(params: dict[str, Any]) -> None:
     import hiredis
 
     from vlpipe.shared.keys import StreamKeys
+    from vlpipe.shared.streams import packed_args, packed_xread
 
     keys = StreamKeys(params["prefix"])
     streams = [keys.audio_out(sid).encode() for sid in params["sids"]]
+    packed_keys = packed_args(*streams)  # once: only the positions change between reads
     index = {key: i for i, key in enumerate(streams)}
     positions: list[bytes] = [b"0-0"] * len(streams)
     answers = Answers(until=params["until"])
@@ -550,9 +552,7 @@ async def consumer_role(params: dict[str, Any]) -> None:
     emit(ready=True)
     while time.time() < answers.until:
         # XREAD COUNT 100 BLOCK 200 STREAMS <every audio-out key> <its last id>
-        command = hiredis.pack_command(("XREAD", "COUNT", 100, "BLOCK", 200, "STREAMS",
-                                        *streams, *positions))  # fmt: skip
-        (reply,) = await redis.call(command)
+        (reply,) = await redis.call(packed_xread(100, 200, packed_keys, positions))
         now = time.time()
         for key, entries in reply or ():
             i = index[key]

@@ -4,6 +4,8 @@ be what the pipeline's contract says; nothing here times anything."""
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 import uuid
 
@@ -50,9 +52,6 @@ async def test_the_producer_writes_each_begun_call_one_chunk_a_tick_as_a_pcm16_p
 async def test_the_consumer_takes_each_answers_first_audio_from_every_session(
     redis_url: str, redis: aioredis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import json
-    import struct
-
     prefix = f"h{uuid.uuid4().hex[:8]}"
     keys = StreamKeys(prefix)
     stamp = struct.pack("<d", 123.5)

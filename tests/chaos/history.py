@@ -73,15 +73,6 @@ def aof_base(data_dir: Path) -> str | None:
                 None)  # fmt: skip
 
 
-def stream_entries(data_dir: Path, prefix: str) -> set[tuple[str, bytes]]:
-    """(key, entry id) of every XADD to a key under `prefix` in the node's AOF."""
-    out = set()
-    for command in aof_commands(data_dir):
-        if command[0].upper() == b"XADD" and command[1].startswith(f"{prefix}:".encode()):
-            out.add((command[1].decode(), _entry_id(command)))
-    return out
-
-
 def lost_entries(
     crashed: Path, survivors: Sequence[Path], prefix: str, *, retried_kept: bool = False
 ) -> dict[str, list[bytes]]:
@@ -99,13 +90,13 @@ def lost_entries(
     kept: set[tuple[str, bytes]] = set()
     contents: set[tuple[str, tuple[bytes, ...]]] = set()
     for path in survivors:
-        kept |= stream_entries(path, prefix)
-        if retried_kept:
-            contents |= set(stream_contents(path, prefix).values())
-    crashed_contents = stream_contents(crashed, prefix) if retried_kept else {}
+        survivor = stream_contents(path, prefix)
+        kept |= survivor.keys()
+        contents |= set(survivor.values())
+    crashed_contents = stream_contents(crashed, prefix)
     lost: dict[str, list[bytes]] = defaultdict(list)
-    for key, entry_id in sorted(stream_entries(crashed, prefix) - kept):
-        if crashed_contents.get((key, entry_id)) in contents:
+    for key, entry_id in sorted(crashed_contents.keys() - kept):
+        if retried_kept and crashed_contents[key, entry_id] in contents:
             continue
         lost[key].append(entry_id)
     return dict(lost)

@@ -21,6 +21,7 @@ from vlpipe.shared.streams import (
     GroupConsumer,
     SessionStreamReader,
     connect,
+    packed_args,
     packed_xread,
 )
 
@@ -362,4 +363,8 @@ def test_an_xread_packed_from_keys_packed_beforehand_is_the_command_hiredis_pack
     keys, ids = ["vl:frames:{a}", "vl:frames:{é}", "wake"], ["1-0", "1700000000000-12", "$"]
     whole = ("XREAD", "COUNT", 64, "BLOCK", 1000, "STREAMS", *keys, *ids)
     packed_keys = hiredis.pack_command(tuple(keys)).split(b"\r\n", 1)[1]
+    assert packed_args(*keys) == packed_keys
     assert packed_xread(64, 1000, packed_keys, ids) == hiredis.pack_command(whole)
+    # Positions as a reply gave them (bytes) pack the same.
+    as_bytes = [i.encode() for i in ids]
+    assert packed_xread(64, 1000, packed_keys, as_bytes) == hiredis.pack_command(whole)

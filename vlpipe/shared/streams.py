@@ -29,7 +29,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar, cast
@@ -573,17 +573,20 @@ class _PackedKeys:
 
     @classmethod
     def of(cls, generation: int, followed: dict[str, _Followed], wake_key: str) -> _PackedKeys:
-        return cls(generation, list(followed.values()), _packed_args(*followed, wake_key))
+        return cls(generation, list(followed.values()), packed_args(*followed, wake_key))
 
 
-def packed_xread(count: int, block_ms: int, packed_keys: bytes, ids: list[str]) -> bytes:
+def packed_xread(
+    count: int, block_ms: int, packed_keys: bytes, ids: Sequence[str | bytes]
+) -> bytes:
     """`XREAD COUNT count BLOCK block_ms STREAMS <keys> <ids>` in RESP, the same bytes as
-    `hiredis.pack_command` makes, from keys already packed (`len(ids)` of them)."""
-    head = _packed_args("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
-    return b"*%d\r\n%s%s%s" % (6 + 2 * len(ids), head, packed_keys, _packed_args(*ids))
+    `hiredis.pack_command` makes, from keys already packed (`packed_args`, `len(ids)` of
+    them)."""
+    head = packed_args("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS")
+    return b"*%d\r\n%s%s%s" % (6 + 2 * len(ids), head, packed_keys, packed_args(*ids))
 
 
-def _packed_args(*args: str | int) -> bytes:
+def packed_args(*args: str | bytes | int) -> bytes:
     """`args` as RESP bulk strings, without the array header of a command."""
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # (stub: a 1-tuple)
     return packed[packed.index(b"\r\n") + 2 :]
