@@ -86,6 +86,10 @@ tick:
 * **Memory.** Resident memory of each process at the end of the window minus its idle
   figure (services: ready, before any session; direct: after imports, before
   connecting), divided by N.
+* **Wake-ups.** How often each process's main thread blocked and was woken in the window
+  (voluntary context switches, from the kernel), a second. On a virtual machine a wake-up
+  costs tens of µs of CPU (`bench/wakeup_cost.py`), and each hop of the pipeline is one
+  on each side; it is where most of the pipeline's extra CPU at N=25 goes.
 * **Garbage collection.** Each service's GC pauses in the window, from its /metrics
   (`vlpipe.process.gc_pause`, `vlpipe.process.gc_longest_pause`): all of them and the
   longest, in ms.
@@ -795,6 +799,17 @@ def cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
+def wake_ups(proc: psutil.Process) -> int:
+    """How many times the main threads of `proc` and of its live children blocked and were
+    woken (voluntary context switches): on a virtual machine each costs tens of µs of CPU
+    (`bench/wakeup_cost.py`), and a pipeline of processes pays it at every hop."""
+    total = proc.num_ctx_switches().voluntary
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.num_ctx_switches().voluntary
+    return total
+
+
 @dataclass
 class Window:
     wall_s: float
@@ -807,6 +822,8 @@ class Window:
     gc_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per service: its processes' garbage collection pauses in the window, (total,
     longest), from their /metrics (`vlpipe.process.gc_pause`, `gc_longest_pause`)."""
+    wakes: dict[str, int] = field(default_factory=dict)
+    """Per measured process: its wake-ups in the window (`wake_ups`)."""
 
 
 def gc_pauses(port: int) -> tuple[float, float]:
@@ -848,12 +865,14 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
     began = time.monotonic()
     psutil.cpu_percent(interval=None)  # starts the machine-wide count
     cpu0 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
+    wakes0 = {name: sum(map(wake_ups, ps)) for name, ps in procs.items()}
     null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
     calls0 = await commandstats(redis) if redis is not None else {}
     gc0 = {name: [await asyncio.to_thread(gc_pauses, p) for p in ps] for name, ps in ports.items()}
     await sleep_until(start + seconds)
     gc1 = {name: [await asyncio.to_thread(gc_pauses, p) for p in ps] for name, ps in ports.items()}
     cpu1 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
+    wakes1 = {name: sum(map(wake_ups, ps)) for name, ps in procs.items()}
     machine = psutil.cpu_percent(interval=None)
     null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
     calls1 = await commandstats(redis) if redis is not None else {}
@@ -873,6 +892,7 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
         gc_ms={name: (sum(b[0] - a[0] for a, b in zip(gc0[name], gc1[name], strict=True)),
                       max(b[1] for b in gc1[name]))
                for name in ports},
+        wakes={name: wakes1[name] - wakes0[name] for name in procs},
     )  # fmt: skip
 
 
@@ -893,6 +913,9 @@ class ModeResult:
 
     def core_percent(self, name: str) -> float:
         return self.window.cpu_s.get(name, math.nan) * 100 / self.window.wall_s
+
+    def wakes_per_s(self, name: str) -> float:
+        return self.window.wakes.get(name, math.nan) / self.window.wall_s
 
     def rss_per_session_kib(self, name: str) -> float:
         if name not in self.idle_rss:
@@ -1140,6 +1163,24 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
             f"| {pipe.n} | {' | '.join(cells)} | {fmt(total)} | {fmt(direct.core_percent('direct'))}"
             f" | {fmt(pipe.core_percent('null server'))} / {fmt(direct.core_percent('null server'))}"
             f" | {fmt(pipe.core_percent('producer'))} / {fmt(pipe.core_percent('consumer'))} |"
+        )
+    out += [
+        "",
+        "Wake-ups a second (each time a process's main thread blocked and was woken; on a "
+        "virtual machine each costs tens of µs):",
+        "",
+        "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
+        "| null server (pipeline / direct) | producer / consumer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pipe, direct in results:
+        cells = [fmt(pipe.wakes_per_s(name), 0) for name in (*SERVICES, "redis-server")]
+        total = sum(pipe.wakes_per_s(name) for name in pipe.transport)
+        out.append(
+            f"| {pipe.n} | {' | '.join(cells)} | {fmt(total, 0)} "
+            f"| {fmt(direct.wakes_per_s('direct'), 0)} | {fmt(pipe.wakes_per_s('null server'), 0)}"
+            f" / {fmt(direct.wakes_per_s('null server'), 0)} | {fmt(pipe.wakes_per_s('producer'), 0)}"
+            f" / {fmt(pipe.wakes_per_s('consumer'), 0)} |"
         )
     out += [
         "",
