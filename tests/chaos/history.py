@@ -92,25 +92,23 @@ def lost_entries(
     for path in survivors:
         survivor = stream_contents(path, prefix)
         kept |= survivor.keys()
-        contents |= set(survivor.values())
+        contents |= {(key, fields) for (key, _), fields in survivor.items()}
     crashed_contents = stream_contents(crashed, prefix)
     lost: dict[str, list[bytes]] = defaultdict(list)
     for key, entry_id in sorted(crashed_contents.keys() - kept):
-        if retried_kept and crashed_contents[key, entry_id] in contents:
+        if retried_kept and (key, crashed_contents[key, entry_id]) in contents:
             continue
         lost[key].append(entry_id)
     return dict(lost)
 
 
-def stream_contents(
-    data_dir: Path, prefix: str
-) -> dict[tuple[str, bytes], tuple[str, tuple[bytes, ...]]]:
-    """(key, entry id) -> (key, the entry's fields) of every XADD under `prefix`."""
+def stream_contents(data_dir: Path, prefix: str) -> dict[tuple[str, bytes], tuple[bytes, ...]]:
+    """(key, entry id) -> the entry's fields, of every XADD under `prefix` in the node's
+    AOF."""
     out = {}
     for command in aof_commands(data_dir):
         if command[0].upper() == b"XADD" and command[1].startswith(f"{prefix}:".encode()):
-            key = command[1].decode()
-            out[key, _entry_id(command)] = (key, tuple(command[_id_index(command) + 1 :]))
+            out[command[1].decode(), _entry_id(command)] = tuple(command[_id_index(command) + 1 :])
     return out
 
 
