@@ -23,14 +23,14 @@ from vlpipe.shared.redis_server import (
 from vlpipe.shared.streams import connect
 
 SPEECH_WAV = Path(__file__).resolve().parents[1] / "samples" / "speech-16k-beckett.wav"
-SHARED_WORKERS = {
-    "tests/chaos/test_no_word_lost.py": "chaos-heavy",
-    "tests/chaos/test_cluster_faults.py": "chaos-heavy",
-    "tests/chaos/test_zombie.py": "chaos-heavy",
-    "tests/chaos/test_redis_refuses_writes.py": "chaos-heavy",
-    "tests/chaos/test_redis_restart.py": "chaos-heavy",
-    "tests/chaos/test_proxy_faults.py": "chaos-heavy",
-}
+HEAVY_MODULES = frozenset({
+    "tests/chaos/test_no_word_lost.py",
+    "tests/chaos/test_cluster_faults.py",
+    "tests/chaos/test_zombie.py",
+    "tests/chaos/test_redis_refuses_writes.py",
+    "tests/chaos/test_redis_restart.py",
+    "tests/chaos/test_proxy_faults.py",
+})  # fmt: skip
 """Test modules that run the whole pipeline and the local engine as processes, each test
 for about half a core on a fast host and a whole core on one half as fast: they run on one
 worker, one test at a time. Three at once starved Redis clients past their 1 s timeout;
@@ -54,13 +54,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """The run's pytest-xdist workers (`-n 3`, the README's command) take whole modules, in
     order (module fixtures are built once; some modules' last test checks what the ones
-    before left), or whole groups of modules (`SHARED_WORKERS`)."""
+    before left); the `HEAVY_MODULES` all go to one worker, one after another."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModulesAndGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return SHARED_WORKERS.get(module, module)
+            return "chaos-heavy" if module in HEAVY_MODULES else module
 
     return ModulesAndGroups(config, log)
 
