@@ -1130,6 +1130,34 @@ def machine_line(args: argparse.Namespace) -> str:
     )
 
 
+def per_process_table(
+    results: list[tuple[ModeResult, ModeResult]],
+    figure: Callable[[ModeResult, str], float],
+    digits: int,
+) -> list[str]:
+    """A table of one figure per process (`figure(result, name)`): the pipeline's
+    services and redis-server, their sum, the direct app, and the processes in neither
+    mode's cost (the null server in both modes, the pipeline's producer and consumer)."""
+    rows = [
+        "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
+        "| null server (pipeline / direct) | producer / consumer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pipe, direct in results:
+
+        def cell(result: ModeResult, name: str) -> str:
+            return fmt(figure(result, name), digits)
+
+        services = " | ".join(cell(pipe, name) for name in (*SERVICES, "redis-server"))
+        total = fmt(sum(figure(pipe, name) for name in pipe.transport), digits)
+        rows.append(
+            f"| {pipe.n} | {services} | {total} | {cell(direct, 'direct')} "
+            f"| {cell(pipe, 'null server')} / {cell(direct, 'null server')} "
+            f"| {cell(pipe, 'producer')} / {cell(pipe, 'consumer')} |"
+        )
+    return rows
+
+
 def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
     out = [
         "| N | pipeline ms CPU / audio-s | direct | ratio | added turn latency p50 / p99 "
@@ -1152,36 +1180,13 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
         "CPU in % of one core (the null server, the upstream stand-in, and the pipeline's "
         "producer and consumer, the callers' own machines, are in neither figure):",
         "",
-        "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
-        "| null server (pipeline / direct) | producer / consumer |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for pipe, direct in results:
-        cells = [fmt(pipe.core_percent(name)) for name in (*SERVICES, "redis-server")]
-        total = sum(pipe.core_percent(name) for name in pipe.transport)
-        out.append(
-            f"| {pipe.n} | {' | '.join(cells)} | {fmt(total)} | {fmt(direct.core_percent('direct'))}"
-            f" | {fmt(pipe.core_percent('null server'))} / {fmt(direct.core_percent('null server'))}"
-            f" | {fmt(pipe.core_percent('producer'))} / {fmt(pipe.core_percent('consumer'))} |"
-        )
-    out += [
+        *per_process_table(results, ModeResult.core_percent, digits=1),
         "",
         "Wake-ups a second (each time a process's main thread blocked and was woken; on a "
         "virtual machine each costs tens of µs):",
         "",
-        "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
-        "| null server (pipeline / direct) | producer / consumer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *per_process_table(results, ModeResult.wakes_per_s, digits=0),
     ]
-    for pipe, direct in results:
-        cells = [fmt(pipe.wakes_per_s(name), 0) for name in (*SERVICES, "redis-server")]
-        total = sum(pipe.wakes_per_s(name) for name in pipe.transport)
-        out.append(
-            f"| {pipe.n} | {' | '.join(cells)} | {fmt(total, 0)} "
-            f"| {fmt(direct.wakes_per_s('direct'), 0)} | {fmt(pipe.wakes_per_s('null server'), 0)}"
-            f" / {fmt(direct.wakes_per_s('null server'), 0)} | {fmt(pipe.wakes_per_s('producer'), 0)}"
-            f" / {fmt(pipe.wakes_per_s('consumer'), 0)} |"
-        )
     out += [
         "",
         "Resident memory per session, KiB (RSS at the window's end minus idle, / N):",
