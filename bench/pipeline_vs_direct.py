@@ -538,15 +538,48 @@ async def producer_role(params: dict[str, Any]) -> None:
     emit(result=True, ticks=ticks)
 
 
+def answer_audio(follows: str) -> Callable[[dict[bytes, bytes]], tuple[str, bytes] | None]:
+    """What finds the answer audio in one entry of the stream the consumer follows: its
+    (response id, audio), or None. `follows="audio-out"`: an `AudioOut` of kind `audio` on
+    `vl:audio-out:{ID}`; `follows="events"` (the `--outputs events` experiment: the
+    broker's events read with no egress between): a `response.audio.delta` `Event` on
+    `vl:events:{ID}`."""
+    if follows == "audio-out":
+
+        def audio_out(fields: dict[bytes, bytes]) -> tuple[str, bytes] | None:
+            if fields[b"kind"] != b"audio":
+                return None
+            return fields[b"response_id"].decode(), fields[b"audio"]
+
+        return audio_out
+    import msgpack
+
+    from vlpipe.shared.contracts import ENVELOPE_FIELD
+
+    envelope = ENVELOPE_FIELD.encode()
+
+    def event(fields: dict[bytes, bytes]) -> tuple[str, bytes] | None:
+        message = msgpack.unpackb(fields[envelope])
+        if message["type"] != "response.audio.delta":
+            return None
+        return message["event"]["response_id"], message["audio"]
+
+    return event
+
+
 async def consumer_role(params: dict[str, Any]) -> None:
-    """Follows every session's audio-out stream with one XREAD until `until`."""
+    """Follows every session's audio-out stream (or events stream, `follows`) with one
+    XREAD until `until`."""
     import hiredis
 
     from vlpipe.shared.keys import StreamKeys
     from vlpipe.shared.streams import packed_args, packed_xread
 
     keys = StreamKeys(params["prefix"])
-    streams = [keys.audio_out(sid).encode() for sid in params["sids"]]
+    follows = params["follows"]
+    answer_of = answer_audio(follows)
+    stream_of = keys.audio_out if follows == "audio-out" else keys.events
+    streams = [stream_of(sid).encode() for sid in params["sids"]]
     packed_keys = packed_args(*streams)  # once: only the positions change between reads
     index = {key: i for i, key in enumerate(streams)}
     positions: list[bytes] = [b"0-0"] * len(streams)
@@ -555,16 +588,16 @@ async def consumer_role(params: dict[str, Any]) -> None:
     await redis.call(hiredis.pack_command(("PING",)))
     emit(ready=True)
     while time.time() < answers.until:
-        # XREAD COUNT 100 BLOCK 200 STREAMS <every audio-out key> <its last id>
+        # XREAD COUNT 100 BLOCK 200 STREAMS <every followed key> <its last id>
         (reply,) = await redis.call(packed_xread(100, 200, packed_keys, positions))
         now = time.time()
         for key, entries in reply or ():
             i = index[key]
             for entry_id, flat in entries:
                 positions[i] = entry_id
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                if fields[b"kind"] == b"audio":
-                    answers.audio(i, fields[b"response_id"].decode(), fields[b"audio"], now)
+                audio = answer_of(dict(zip(flat[::2], flat[1::2], strict=True)))
+                if audio is not None:
+                    answers.audio(i, *audio, now)
     await redis.close()
     emit(result=True, answers=answers.rows())
 
@@ -953,6 +986,15 @@ class Bench:
     """Processes the direct app runs, the sessions dealt out over them (`--direct-processes`)."""
     pipelines: int = 0
     """Pipeline runs so far: each gets a Redis of its own (`--rounds` repeats an N)."""
+    outputs: str = "egress"
+    """`egress`, or `events`: an experiment, egress not run and the consumer reading the
+    broker's events (what the pipeline would cost with the outputs written by the broker,
+    egress's hop gone, before the broker's own cost of writing them)."""
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services the pipeline mode runs."""
+        return SERVICES if self.outputs == "egress" else ("ingest", "broker")
 
     def open_upstreams(self) -> int:
         return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
@@ -1026,7 +1068,7 @@ class Bench:
             fsync = (await redis.config_get("appendfsync")).get("appendfsync")
             if fsync != self.appendfsync:
                 raise StartFailed(f"redis-server runs appendfsync {fsync}, not {self.appendfsync}")
-            replicas = [(name, r) for name in SERVICES for r in range(self.replicas)]
+            replicas = [(name, r) for name in self.services for r in range(self.replicas)]
             ports = {replica: free_port() for replica in replicas}
             for name, r in replicas:
                 started.append(await self.children.start(
@@ -1042,7 +1084,7 @@ class Bench:
             assert server.proc is not None
             pids: dict[str, int | list[int]] = {
                 name: [c.pid for c, (of, _) in zip(started, replicas, strict=True) if of == name]
-                for name in SERVICES
+                for name in self.services
             }
             pids["redis-server"] = server.proc.pid
             idle_rss = {name: sum(psutil.Process(pid).memory_info().rss
@@ -1063,15 +1105,16 @@ class Bench:
             starts = start_ticks(n, self.start)
             base = {"url": server.url, "prefix": prefix, "sids": sids, "starts": starts,
                     "phases": self.phases}  # fmt: skip
+            follows = "audio-out" if self.outputs == "egress" else "events"
             consumer = await self.children.role(f"consumer-{n}", "consumer",
-                                                {**base, "until": until})  # fmt: skip
+                                                {**base, "until": until, "follows": follows})  # fmt: skip
             producer = await self.children.role(
                 f"producer-{n}", "producer", {**base, "t0": t0, "duration": until - t0}
             )
             started += [consumer, producer]
             await consumer.message("ready", within=t0 - time.time())
             metrics_ports = {name: [ports[of, r] for of, r in replicas if of == name]
-                             for name in SERVICES}  # fmt: skip
+                             for name in self.services}  # fmt: skip
             harness = {"null server": self.null.pid, "producer": producer.pid,
                        "consumer": consumer.pid}  # fmt: skip
             window = await measure_window({**pids, **harness},
@@ -1085,7 +1128,7 @@ class Bench:
             server.stop()
         turns = turn_figures(t0, produced["ticks"], consumed["answers"], starts, self.warmup,
                              self.seconds, self.phases)  # fmt: skip
-        transport = (*SERVICES, "redis-server")
+        transport = (*self.services, "redis-server")
         return ModeResult("pipeline", n, window, transport, idle_rss, turns)
 
 
@@ -1127,7 +1170,9 @@ def machine_line(args: argparse.Namespace) -> str:
         f"{args.phases} point(s) of each 20 ms tick; "
         f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
-    )
+        + ("; egress not run, the consumer reads the broker's events (`--outputs events`)"
+           if args.outputs == "events" else "")
+    )  # fmt: skip
 
 
 def per_process_table(
@@ -1285,7 +1330,8 @@ async def run(args: argparse.Namespace) -> None:
             bench = Bench(children, null, null_port, args.warmup, args.seconds,
                           args.appendfsync, args.telemetry == "on", Path(tmp),
                           args.input == "direct", args.start, args.replicas,
-                          args.phases, args.direct_processes)  # fmt: skip
+                          args.phases, args.direct_processes,
+                          outputs=args.outputs)  # fmt: skip
             for n in sessions:
                 for round_ in range(args.rounds):
                     # Alternate which mode goes first: the host's speed drifts over minutes.
@@ -1357,6 +1403,10 @@ def main() -> None:
                         help="staggered: the calls begin one after another over a 3 s block, "
                         "so their turns end at different ticks; together: all on the first "
                         "tick, so all N answers start at once (a burst)")  # fmt: skip
+    parser.add_argument("--outputs", choices=["egress", "events"], default="egress",
+                        help="events (an experiment): egress does not run and the consumer "
+                        "reads the broker's events streams, to measure what egress's hop "
+                        "costs; the pipeline's figures then leave out the outputs' making")  # fmt: skip
     args = parser.parse_args()
     if args.start == "staggered" and args.warmup < BLOCK_TICKS * TICK_S:
         parser.error(f"--start staggered needs --warmup >= {BLOCK_TICKS * TICK_S:g} s: the "

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.pipeline_vs_direct import CHUNK, RATE, RespConnection, consumer_role, producer_role
+from vlpipe.shared.contracts import Event, encode
 from vlpipe.shared.keys import StreamKeys
 
 
@@ -49,17 +50,32 @@ async def test_the_producer_writes_each_begun_call_one_chunk_a_tick_as_a_pcm16_p
     assert fields == {b"audio": CHUNK, b"format": b"pcm16", b"rate": str(RATE).encode()}
 
 
+@pytest.mark.parametrize("follows", ["audio-out", "events"])
 async def test_the_consumer_takes_each_answers_first_audio_from_every_session(
-    redis_url: str, redis: aioredis.Redis, capsys: pytest.CaptureFixture[str]
+    redis_url: str, redis: aioredis.Redis, capsys: pytest.CaptureFixture[str], follows: str
 ) -> None:
+    """From egress's audio-out streams, or (`--outputs events`) from the broker's events
+    streams as the broker writes them: only answer audio counts."""
     prefix = f"h{uuid.uuid4().hex[:8]}"
     keys = StreamKeys(prefix)
     stamp = struct.pack("<d", 123.5)
-    for sid, answer in (("a", "resp_1"), ("b", "resp_2"), ("b", "resp_2")):
-        await redis.xadd(keys.audio_out(sid), {"kind": "audio", "response_id": answer,
-                                               "audio": stamp + b"\0" * 8})  # fmt: skip
-    await redis.xadd(keys.audio_out("a"), {"kind": "end", "response_id": "resp_1"})
-    params = {"url": redis_url, "prefix": prefix, "sids": ["a", "b"], "until": time.time() + 0.5}
+    for seq, (sid, answer) in enumerate((("a", "resp_1"), ("b", "resp_2"), ("b", "resp_2"))):
+        if follows == "audio-out":
+            await redis.xadd(keys.audio_out(sid), {"kind": "audio", "response_id": answer,
+                                                   "audio": stamp + b"\0" * 8})  # fmt: skip
+        else:
+            delta = Event(session=sid, seq=seq, received=time.time() * 1000,
+                          type="response.audio.delta", audio=stamp + b"\0" * 8,
+                          event={"type": "response.audio.delta", "response_id": answer})  # fmt: skip
+            await redis.xadd(keys.events(sid), encode(delta))  # type: ignore[arg-type]
+    if follows == "audio-out":
+        await redis.xadd(keys.audio_out("a"), {"kind": "end", "response_id": "resp_1"})
+    else:
+        done = Event(session="a", seq=9, received=time.time() * 1000, type="response.done",
+                     event={"type": "response.done", "response": {"id": "resp_1"}})  # fmt: skip
+        await redis.xadd(keys.events("a"), encode(done))  # type: ignore[arg-type]
+    params = {"url": redis_url, "prefix": prefix, "sids": ["a", "b"],
+              "until": time.time() + 0.5, "follows": follows}  # fmt: skip
     await consumer_role(params)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     answers = sorted(lines[-1]["answers"])
