@@ -142,7 +142,7 @@ async def poll(done: Callable[[], bool]) -> None:
         await asyncio.sleep(0.05)
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return (
         statistics.quantiles(values, n=100, method="inclusive")[q - 1]
         if len(values) > 1
@@ -182,7 +182,8 @@ async def latency_run(url: str, endpoint: str, n: int, seconds: float) -> None:
 
 def speech() -> bytes:
     with wave.open(str(ROOT / "samples" / "speech-16k-beckett.wav")) as w:
-        return w.readframes(w.getnframes()) + b"\0" * 32000 * 2
+        pcm: bytes = w.readframes(w.getnframes())
+    return pcm + b"\0" * 32000 * 2
 
 
 async def soak_run(url: str, endpoint: str, n: int, seconds: float) -> None:
@@ -200,8 +201,8 @@ async def soak_run(url: str, endpoint: str, n: int, seconds: float) -> None:
     while producer.is_alive():
         await asyncio.sleep(10)
         gc.collect()
-        events = sum(s.seq for s in service.sessions.values())
-        items = sum(len(s.conv.items) for s in service.sessions.values())
+        events = sum(s.core.seq for s in service.sessions.values())
+        items = sum(len(s.core.conv.items) for s in service.sessions.values())
         print(
             f"  t={time.monotonic() - start:5.0f} s  RSS {me.memory_info().rss / 2**20:7.1f} MiB  "
             f"events {events:>7}  remembered items {items:>5}  frames {service.totals['frames']:>8}",

@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,9 @@ from bench.pipeline_vs_direct import (
     StartFailed,
     commandstats,
     cpu_seconds,
-    http_get,
     percentile,
     quiet_machine,
+    ready,
     wait_for,
 )
 from vlpipe.shared.keys import StreamKeys
@@ -141,7 +142,7 @@ def start_store(mode: str, base: Path, replicas: int, appendfsync: str) -> Store
     return Store(mode, cluster=cluster)
 
 
-def placed_keys(store: Store) -> tuple[StreamKeys, list[range | Any]]:
+def placed_keys(store: Store) -> tuple[StreamKeys, list[Container[int]]]:
     """Keys under a fresh prefix and where calls go. On the cluster, `vl:sessions` alone on
     the last master (the other shared streams elsewhere) and the calls on the two others,
     so that master's work is the sessions stream's alone. (Not the first master: redis-py's
@@ -156,7 +157,7 @@ def placed_keys(store: Store) -> tuple[StreamKeys, list[range | Any]]:
         if key_slot(keys.sessions.encode()) in last and not any(
             key_slot(k.encode()) in last for k in shared
         ):
-            return keys, others
+            return keys, list(others)
 
 
 def sessions_node(store: Store, keys: StreamKeys) -> tuple[str, Any]:
@@ -361,8 +362,7 @@ async def one_run(args: argparse.Namespace, children: Children, null_port: int, 
                 env=env))  # fmt: skip
         for child, name in zip(started, SERVICES, strict=True):
             port = ports[name]
-            await wait_for(f"{name} ready (/readyz)",
-                           lambda p=port: "ready" in (http_get(p, "/readyz") or ""), 60,
+            await wait_for(f"{name} ready (/readyz)", ready(port), 60,
                            watch=started, tails=[child])  # fmt: skip
         pids = {**{n: c.pid for n, c in zip(SERVICES, started, strict=True)}, **store.pids()}
         procs = {name: psutil.Process(pid) for name, pid in pids.items()}

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import psutil
@@ -50,6 +51,7 @@ def feed(url: str, prefix: str, sids: list[str], seconds: float) -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 for sid in sids:
                     now = time.time() * 1000
+                    event: dict[str, Any]
                     if k == 0:
                         event = {"type": "vlpipe.session.started", "config": {}}
                         audio = None

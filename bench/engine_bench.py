@@ -56,7 +56,7 @@ def load_turn() -> bytes:
     with wave.open(str(SPEECH)) as wav:
         pcm = wav.readframes(wav.getnframes())
     phrase = np.frombuffer(pcm, dtype="<i2")[: 16 * PHRASE_MS]
-    audio = soxr.resample(phrase, 16000, RATE).astype("<i2").tobytes()
+    audio: bytes = soxr.resample(phrase, 16000, RATE).astype("<i2").tobytes()
     return audio + b"\0\0" * (RATE * PAUSE_MS // 1000)
 
 

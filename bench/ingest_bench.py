@@ -82,7 +82,7 @@ def chunks_for(fmt: str, seconds: float) -> list[RawAudio]:
                 layout="mono",
             )
             frame.sample_rate = rate
-            for packet in [*stream.encode(frame), *stream.encode(None)]:  # type: ignore[union-attr]
+            for packet in [*stream.encode(frame), *stream.encode(None)]:  # type: ignore[union-attr,arg-type]
                 out.mux(packet)
         data = buf.getvalue()
         kind = InputFormat(container)
@@ -136,7 +136,7 @@ async def bench_service(seconds: float) -> None:
             await redis.xadd("bench:sessions", {"type": "end", "session": "b1"})
             while True:
                 last = await redis.xrevrange("bench:frames:{b1}", count=1)
-                if last and decode(Frame, last[0][1]).final:
+                if last and decode(Frame, last[0][1] or {}).final:
                     break
                 await asyncio.sleep(0.02)
             wall = time.perf_counter() - started

@@ -127,7 +127,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import psutil
@@ -385,7 +385,12 @@ async def direct_role(params: dict[str, Any]) -> None:
     session's number among all N."""
     # Imported here, before the idle figure: the app's resident SDK is not per session.
     from azure.ai.voicelive.aio import VoiceLiveConnection, connect
-    from azure.ai.voicelive.models import RequestSession, ServerEventType, ServerVad
+    from azure.ai.voicelive.models import (
+        RequestSession,
+        ServerEventResponseAudioDelta,
+        ServerEventType,
+        ServerVad,
+    )
     from azure.core.credentials import AzureKeyCredential
 
     n, warmup, seconds = params["sessions"], params["warmup"], params["seconds"]
@@ -425,7 +430,8 @@ async def direct_role(params: dict[str, Any]) -> None:
         async for event in connection:  # the SDK's typed events, as an app reads them
             if event.type == ServerEventType.RESPONSE_AUDIO_DELTA:
                 # The SDK has decoded the base64 into bytes already.
-                answers.audio(index, event.response_id, event.delta, time.time())
+                delta = cast(ServerEventResponseAudioDelta, event)
+                answers.audio(index, delta.response_id, delta.delta, time.time())
 
     listeners = [asyncio.create_task(listen(i, c)) for i, c in connections.items()]
     emit(ready=True, t0=t0, idle_rss=idle_rss)
@@ -523,7 +529,8 @@ async def producer_role(params: dict[str, Any]) -> None:
 
     keys = StreamKeys(params["prefix"])
     chunk = ("audio", CHUNK, "format", "pcm16", "rate", RATE)
-    xadds = [hiredis.pack_command(("XADD", keys.audio(sid), "*", *chunk)) for sid in params["sids"]]
+    xadds = [hiredis.pack_command(("XADD", keys.audio(sid), "*", *chunk))  # type: ignore[arg-type]  # (stub: a 1-tuple)
+             for sid in params["sids"]]  # fmt: skip
     redis = await RespConnection.open(params["url"])
     await redis.call(hiredis.pack_command(("PING",)))
     t0 = params["t0"]
@@ -803,6 +810,11 @@ def http_get(port: int, path: str) -> str | None:
         return None
 
 
+def ready(port: int) -> Callable[[], bool]:
+    """Whether the service whose HTTP port is `port` says it is ready (`/readyz`)."""
+    return lambda: "ready" in (http_get(port, "/readyz") or "")
+
+
 async def wait_for(what: str, ready: Callable[[], bool], within: float,
                    watch: Iterable[Child] = (), tails: Iterable[Child] = ()) -> None:  # fmt: skip
     """Poll `ready` until true; fail with the logs if a watched child exits or time runs out."""
@@ -824,7 +836,7 @@ async def wait_for(what: str, ready: Callable[[], bool], within: float,
 def cpu_seconds(proc: psutil.Process) -> float:
     """User + system CPU of `proc`, of its children it has reaped, and of live children."""
     times = proc.cpu_times()
-    total = times.user + times.system + times.children_user + times.children_system
+    total: float = times.user + times.system + times.children_user + times.children_system
     for child in proc.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child_times = child.cpu_times()
@@ -836,7 +848,7 @@ def wake_ups(proc: psutil.Process) -> int:
     """How many times the main threads of `proc` and of its live children blocked and were
     woken (voluntary context switches): on a virtual machine each costs tens of µs of CPU
     (`bench/wakeup_cost.py`), and a pipeline of processes pays it at every hop."""
-    total = proc.num_ctx_switches().voluntary
+    total: int = proc.num_ctx_switches().voluntary
     for child in proc.children(recursive=True):
         with contextlib.suppress(psutil.Error):
             total += child.num_ctx_switches().voluntary
@@ -899,7 +911,8 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
     psutil.cpu_percent(interval=None)  # starts the machine-wide count
     cpu0 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     wakes0 = {name: sum(map(wake_ups, ps)) for name, ps in procs.items()}
-    null0 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    stats0 = await asyncio.to_thread(http_get, null_port, "/stats")
+    null0 = json.loads(stats0 or "{}")
     calls0 = await commandstats(redis) if redis is not None else {}
     gc0 = {name: [await asyncio.to_thread(gc_pauses, p) for p in ps] for name, ps in ports.items()}
     await sleep_until(start + seconds)
@@ -907,7 +920,8 @@ async def measure_window(pids: dict[str, int | list[int]], null_port: int, start
     cpu1 = {name: sum(map(cpu_seconds, ps)) for name, ps in procs.items()}
     wakes1 = {name: sum(map(wake_ups, ps)) for name, ps in procs.items()}
     machine = psutil.cpu_percent(interval=None)
-    null1 = json.loads(await asyncio.to_thread(http_get, null_port, "/stats") or "{}")
+    stats1 = await asyncio.to_thread(http_get, null_port, "/stats")
+    null1 = json.loads(stats1 or "{}")
     calls1 = await commandstats(redis) if redis is not None else {}
     wall = time.monotonic() - began
     calls = {
@@ -1078,9 +1092,8 @@ class Bench:
                 ))  # fmt: skip
             for child, replica in zip(started, replicas, strict=True):
                 port = ports[replica]
-                await wait_for(f"{replica[0]} ready (/readyz)",
-                               lambda p=port: "ready" in (http_get(p, "/readyz") or ""),
-                               60, watch=started, tails=[child])  # fmt: skip
+                await wait_for(f"{replica[0]} ready (/readyz)", ready(port), 60,
+                               watch=started, tails=[child])  # fmt: skip
             assert server.proc is not None
             pids: dict[str, int | list[int]] = {
                 name: [c.pid for c, (of, _) in zip(started, replicas, strict=True) if of == name]
@@ -1265,9 +1278,9 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
             )
     out += ["", "Garbage collection pauses in the window, ms in all / the longest:", ""]
     for pipe, _ in results:
-        cells = ", ".join(f"{name} {fmt(total)} / {fmt(longest)}"
-                          for name, (total, longest) in pipe.window.gc_ms.items())  # fmt: skip
-        out.append(f"- N={pipe.n}: {cells}")
+        pauses = ", ".join(f"{name} {fmt(total)} / {fmt(longest)}"
+                           for name, (total, longest) in pipe.window.gc_ms.items())  # fmt: skip
+        out.append(f"- N={pipe.n}: {pauses}")
     out += [
         "",
         "Redis commands per input frame (N × 50 frames/s) in the pipeline, and redis-server's "
@@ -1278,9 +1291,9 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
         frames = pipe.n * pipe.window.wall_s / TICK_S
         ranked = sorted(pipe.window.redis_calls.items(), key=lambda kv: -kv[1][0])
         total = sum(c for c, _ in pipe.window.redis_calls.values())
-        cells = ", ".join(f"{name} {c / frames:.2f} ({u / frames:.1f} µs)"
-                          for name, (c, u) in ranked)  # fmt: skip
-        out.append(f"- N={pipe.n}: {total / frames:.2f} commands per frame: {cells}")
+        commands = ", ".join(f"{name} {c / frames:.2f} ({u / frames:.1f} µs)"
+                             for name, (c, u) in ranked)  # fmt: skip
+        out.append(f"- N={pipe.n}: {total / frames:.2f} commands per frame: {commands}")
     return "\n".join(out)
 
 
@@ -1305,7 +1318,7 @@ async def quiet_machine(busy_above: float, patience: float) -> float:
     drop to `busy_above` or less: others' work on a shared machine skews the figures."""
     deadline = time.monotonic() + patience
     while True:
-        busy = await asyncio.to_thread(psutil.cpu_percent, 2.0)
+        busy: float = await asyncio.to_thread(psutil.cpu_percent, 2.0)
         if busy <= busy_above or time.monotonic() > deadline:
             if busy > busy_above:
                 print(f"machine still {busy:.0f}% busy after {patience:.0f} s; measuring anyway "

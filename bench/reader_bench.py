@@ -114,6 +114,7 @@ async def one_run(
     producer = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--produce", url, str(n), str(seconds + warmup + 1)
     )
+    assert server.proc is not None  # started
     redis_proc = psutil.Process(server.proc.pid)
     try:
         await asyncio.sleep(warmup)

@@ -15,7 +15,11 @@ import asyncio
 import resource
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
 
 from vlpipe.shared.audio import AudioFormat
 from vlpipe.shared.contracts import Frame, decode, encode
@@ -29,11 +33,11 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def produce(redis, key: str, n: int, fields: dict) -> None:  # type: ignore[no-untyped-def]
+async def produce(redis: aioredis.Redis, key: str, n: int, fields: Mapping[str, Any]) -> None:
     for start in range(0, n, 500):
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(min(500, n - start)):
-                pipe.xadd(key, fields)
+                pipe.xadd(key, dict(fields))  # type: ignore[arg-type]  # (stub: keys invariant)
             await pipe.execute()
 
 
