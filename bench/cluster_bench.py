@@ -76,7 +76,7 @@ from bench.pipeline_vs_direct import (
     cpu_seconds,
     percentile,
     quiet_machine,
-    ready,
+    says_ready,
     wait_for,
 )
 from vlpipe.shared.keys import StreamKeys
@@ -362,7 +362,7 @@ async def one_run(args: argparse.Namespace, children: Children, null_port: int, 
                 env=env))  # fmt: skip
         for child, name in zip(started, SERVICES, strict=True):
             port = ports[name]
-            await wait_for(f"{name} ready (/readyz)", ready(port), 60,
+            await wait_for(f"{name} ready (/readyz)", says_ready(port), 60,
                            watch=started, tails=[child])  # fmt: skip
         pids = {**{n: c.pid for n, c in zip(SERVICES, started, strict=True)}, **store.pids()}
         procs = {name: psutil.Process(pid) for name, pid in pids.items()}

@@ -3,7 +3,7 @@
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
         [--input direct|ingest] [--start staggered|together] [--phases 1] [--rounds 1]
-        [--busy-above 25] [--busy-wait 120]
+        [--busy-above 25] [--busy-wait 120] [--outputs egress|events]
 
 The measured baseline and how to read it: docs/performance.md.
 
@@ -52,7 +52,10 @@ upstream:
   once), so that they take little of the cores the pipeline is measured on. With `--input direct` (the default)
   the sessions' starts say `audio_in pcm16`, as a producer of 24 kHz PCM16 should: the
   broker reads the chunks itself (direct input, docs/producers.md); `--input ingest`
-  leaves it out, so every chunk goes through ingest and a frames stream.
+  leaves it out, so every chunk goes through ingest and a frames stream. `--outputs
+  events` is an experiment: egress does not run and the consumer follows the broker's
+  `vl:events:{ID}` instead, taking each `response.audio.delta`'s audio: the pipeline's
+  cost without egress's hop.
 
 Measurements, over a window of `--seconds` that starts `--warmup` seconds after the first
 tick:
@@ -810,7 +813,7 @@ def http_get(port: int, path: str) -> str | None:
         return None
 
 
-def ready(port: int) -> Callable[[], bool]:
+def says_ready(port: int) -> Callable[[], bool]:
     """Whether the service whose HTTP port is `port` says it is ready (`/readyz`)."""
     return lambda: "ready" in (http_get(port, "/readyz") or "")
 
@@ -1092,7 +1095,7 @@ class Bench:
                 ))  # fmt: skip
             for child, replica in zip(started, replicas, strict=True):
                 port = ports[replica]
-                await wait_for(f"{replica[0]} ready (/readyz)", ready(port), 60,
+                await wait_for(f"{replica[0]} ready (/readyz)", says_ready(port), 60,
                                watch=started, tails=[child])  # fmt: skip
             assert server.proc is not None
             pids: dict[str, int | list[int]] = {
