@@ -1199,16 +1199,16 @@ def per_process_table(
     """A table of one figure per process (`figure(result, name)`): the pipeline's
     services and redis-server, their sum, the direct app, and the processes in neither
     mode's cost (the null server in both modes, the pipeline's producer and consumer)."""
+
+    def cell(result: ModeResult, name: str) -> str:
+        return fmt(figure(result, name), digits)
+
     rows = [
         "| N | ingest | broker | egress | redis-server | pipeline total | direct app "
         "| null server (pipeline / direct) | producer / consumer |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for pipe, direct in results:
-
-        def cell(result: ModeResult, name: str) -> str:
-            return fmt(figure(result, name), digits)
-
         services = " | ".join(cell(pipe, name) for name in (*SERVICES, "redis-server"))
         total = fmt(sum(figure(pipe, name) for name in pipe.transport), digits)
         rows.append(

@@ -15,14 +15,12 @@ import asyncio
 import resource
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio as aioredis
 
 from vlpipe.shared.audio import AudioFormat
-from vlpipe.shared.contracts import Frame, decode, encode
+from vlpipe.shared.contracts import Fields, Frame, decode, encode
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import RedisServer
 from vlpipe.shared.streams import DeadLetters, Entry, GroupConsumer, connect
@@ -33,11 +31,11 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def produce(redis: aioredis.Redis, key: str, n: int, fields: Mapping[str, Any]) -> None:
+async def produce(redis: aioredis.Redis, key: str, n: int, fields: Fields) -> None:
     for start in range(0, n, 500):
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(min(500, n - start)):
-                pipe.xadd(key, dict(fields))  # type: ignore[arg-type]  # (stub: keys invariant)
+                pipe.xadd(key, fields)  # type: ignore[arg-type]  # (stub: keys invariant)
             await pipe.execute()
 
 
