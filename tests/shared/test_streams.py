@@ -11,6 +11,7 @@ import hiredis
 import redis.asyncio as aioredis
 
 from tests.shared.procs import start_worker
+from tests.shared.worker import apply_once
 from tests.waiting import wait_until
 from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.keys import StreamKeys
@@ -52,8 +53,7 @@ async def test_killed_consumer_entries_are_finished_by_another_without_loss_or_d
     async def handle(entry: Entry) -> None:
         key = entry.fields[b"session"] + b":" + entry.fields[b"seq"]
         handled.append(key)
-        if await redis.sadd(f"{keys.prefix}:handled", key):
-            await redis.incr(f"{keys.prefix}:effects")
+        await apply_once(redis, keys.prefix, key)
 
     stop = asyncio.Event()
     rescuer = GroupConsumer(

@@ -6,7 +6,8 @@
     python -m tests.shared.worker stubborn REDIS_URL PREFIX
 
 `consume` handles entries idempotently by (session, seq): the effect (INCR of the
-`effects` counter) happens only when (session, seq) is new. `own` runs the ownership
+`effects` counter) happens only when (session, seq) is new, in one script with the
+check (`apply_once`), so a SIGKILL cannot fall between the two. `own` runs the ownership
 helper; each owned session counts up `pos` from its checkpoint, checkpointing each step
 (every STEP_S, 0.02 s unless given); cancelled, a session task takes SLOW_STOP_S to end
 (a session stuck closing its upstream). `stubborn` is a body with a bug: it swallows its
@@ -18,21 +19,31 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import redis.asyncio as aioredis
+
 from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.ownership import OwnedSession, SessionOwnership
 from vlpipe.shared.service import ServiceContext, run_service
 from vlpipe.shared.streams import Entry, GroupConsumer
 
+_ONCE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then redis.call('INCR', KEYS[2]) end
+"""
+
+
+async def apply_once(redis: aioredis.Redis, prefix: str, key: bytes) -> None:
+    """The effect of the entry `key` ((session, seq)): `{prefix}:effects` counts up the
+    first time `key` joins `{prefix}:handled`, atomically with it. (Two commands, the
+    check and then the effect, lost the effect when the process died between them.)"""
+    await redis.eval(_ONCE, 2, f"{prefix}:handled", f"{prefix}:effects", key)
+
 
 async def consume(ctx: ServiceContext, stream: str, group: str, delay_s: float) -> None:
-    handled = f"{ctx.keys.prefix}:handled"
-
     async def handle(entry: Entry) -> None:
         await asyncio.sleep(delay_s)
         key = entry.fields[b"session"] + b":" + entry.fields[b"seq"]
-        if await ctx.redis.sadd(handled, key):
-            await ctx.redis.incr(f"{ctx.keys.prefix}:effects")
+        await apply_once(ctx.redis, ctx.keys.prefix, key)
         await ctx.redis.rpush(f"{ctx.keys.prefix}:log:{ctx.replica}", key)
 
     consumer = GroupConsumer(
