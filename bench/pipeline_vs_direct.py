@@ -3,7 +3,7 @@
     .venv/bin/python bench/pipeline_vs_direct.py [--sessions 1,25,50,100] [--seconds 20]
         [--warmup 5] [--appendfsync everysec|always] [--telemetry on|off]
         [--input direct|ingest] [--start staggered|together] [--phases 1] [--rounds 1]
-        [--busy-above 25] [--busy-wait 120] [--outputs egress|events]
+        [--busy-above 25] [--busy-wait 120] [--outputs broker|egress|events]
 
 The measured baseline and how to read it: docs/performance.md.
 
@@ -52,10 +52,12 @@ upstream:
   once), so that they take little of the cores the pipeline is measured on. With `--input direct` (the default)
   the sessions' starts say `audio_in pcm16`, as a producer of 24 kHz PCM16 should: the
   broker reads the chunks itself (direct input, docs/producers.md); `--input ingest`
-  leaves it out, so every chunk goes through ingest and a frames stream. `--outputs
-  events` is an experiment: egress does not run and the consumer follows the broker's
-  `vl:events:{ID}` instead, taking each `response.audio.delta`'s audio: the pipeline's
-  cost without egress's hop.
+  leaves it out, so every chunk goes through ingest and a frames stream. The broker
+  makes the outputs in its own writes (`VLPIPE_OUTPUTS_BY=broker`, `--outputs broker`,
+  the default; egress runs, with nothing to do but its health endpoint, as it would
+  for a gateway); `--outputs egress` has egress make them from the events streams.
+  `--outputs events` is an experiment: egress does not run and the consumer follows the
+  broker's `vl:events:{ID}` instead, taking each `response.audio.delta`'s audio.
 
 Measurements, over a window of `--seconds` that starts `--warmup` seconds after the first
 tick:
@@ -1003,15 +1005,15 @@ class Bench:
     """Processes the direct app runs, the sessions dealt out over them (`--direct-processes`)."""
     pipelines: int = 0
     """Pipeline runs so far: each gets a Redis of its own (`--rounds` repeats an N)."""
-    outputs: str = "egress"
-    """`egress`, or `events`: an experiment, egress not run and the consumer reading the
-    broker's events (what the pipeline would cost with the outputs written by the broker,
-    egress's hop gone, before the broker's own cost of writing them)."""
+    outputs: str = "broker"
+    """Which service makes the outputs (`broker` or `egress`, `VLPIPE_OUTPUTS_BY`), or
+    `events`: an experiment, egress not run and the consumer reading the broker's events
+    (the pipeline's cost with no outputs made at all)."""
 
     @property
     def services(self) -> tuple[str, ...]:
         """The services the pipeline mode runs."""
-        return SERVICES if self.outputs == "egress" else ("ingest", "broker")
+        return ("ingest", "broker") if self.outputs == "events" else SERVICES
 
     def open_upstreams(self) -> int:
         return int(json.loads(http_get(self.null_port, "/stats") or '{"open": -1}')["open"])
@@ -1058,6 +1060,7 @@ class Bench:
             "VLPIPE_HTTP_PORT": str(http_port),
             "VLPIPE_BROKER_ENDPOINT": f"http://127.0.0.1:{self.null_port}",
             "VLPIPE_GATEWAY": "0",  # the consumer reads Redis; no WebSocket clients
+            "VLPIPE_OUTPUTS_BY": "egress" if self.outputs == "egress" else "broker",
         }
         if not self.telemetry:
             env["OTEL_SDK_DISABLED"] = "true"
@@ -1121,7 +1124,7 @@ class Bench:
             starts = start_ticks(n, self.start)
             base = {"url": server.url, "prefix": prefix, "sids": sids, "starts": starts,
                     "phases": self.phases}  # fmt: skip
-            follows = "audio-out" if self.outputs == "egress" else "events"
+            follows = "events" if self.outputs == "events" else "audio-out"
             consumer = await self.children.role(f"consumer-{n}", "consumer",
                                                 {**base, "until": until, "follows": follows})  # fmt: skip
             producer = await self.children.role(
@@ -1186,8 +1189,9 @@ def machine_line(args: argparse.Namespace) -> str:
         f"{args.phases} point(s) of each 20 ms tick; "
         f"window {args.seconds:g} s after a "
         f"{args.warmup:g} s warm-up"
-        + ("; egress not run, the consumer reads the broker's events (`--outputs events`)"
-           if args.outputs == "events" else "")
+        + {"broker": "; outputs made by the broker", "egress": "; outputs made by egress",
+           "events": "; egress not run, the consumer reads the broker's events "
+                     "(`--outputs events`)"}[args.outputs]
     )  # fmt: skip
 
 
@@ -1419,10 +1423,10 @@ def main() -> None:
                         help="staggered: the calls begin one after another over a 3 s block, "
                         "so their turns end at different ticks; together: all on the first "
                         "tick, so all N answers start at once (a burst)")  # fmt: skip
-    parser.add_argument("--outputs", choices=["egress", "events"], default="egress",
-                        help="events (an experiment): egress does not run and the consumer "
-                        "reads the broker's events streams, to measure what egress's hop "
-                        "costs; the pipeline's figures then leave out the outputs' making")  # fmt: skip
+    parser.add_argument("--outputs", choices=["broker", "egress", "events"], default="broker",
+                        help="the service that makes the outputs (VLPIPE_OUTPUTS_BY); events "
+                        "(an experiment): egress does not run and the consumer reads the "
+                        "broker's events streams, no outputs made at all")  # fmt: skip
     args = parser.parse_args()
     if args.start == "staggered" and args.warmup < BLOCK_TICKS * TICK_S:
         parser.error(f"--start staggered needs --warmup >= {BLOCK_TICKS * TICK_S:g} s: the "

@@ -36,7 +36,10 @@ def words(text: str) -> str:
     return " ".join(re.findall(r"[a-z']+", text.lower()))
 
 
-@pytest.mark.parametrize("fault", ["broker", "ingest", "egress", "upstream", "direct broker"])
+@pytest.mark.parametrize(
+    "fault",
+    ["broker", "ingest", "egress", "upstream", "direct broker", "broker making the outputs"],
+)
 async def test_the_utterance_in_flight_survives(
     fault: str, chaos_store: ChaosRedis, keys: StreamKeys, speech_wav: Path, tmp_path: Path
 ) -> None:
@@ -46,20 +49,25 @@ async def test_the_utterance_in_flight_survives(
     # "direct broker": sessions announce audio_in, so the broker reads the producer's chunks.
     direct = fault.startswith("direct")
     fault = fault.removeprefix("direct ")
+    # "broker making the outputs" (VLPIPE_OUTPUTS_BY=broker): the broker killed holds the
+    # outputs' numbering too; egress runs only its gateway.
+    outputs_by = "broker" if fault.endswith("making the outputs") else "egress"
+    fault = fault.removesuffix(" making the outputs")
+    env = {**store.env, "VLPIPE_OUTPUTS_BY": outputs_by}
     if fault != "upstream":
         counts[fault] = 2
     try:
         async with (
             running_engine(model="local", output_pace=0) as engine,
             replicas(
-                store.url, keys.prefix, tmp_path, engine.endpoint, counts, **store.env
+                store.url, keys.prefix, tmp_path, engine.endpoint, counts, **env
             ) as procs,  # fmt: skip
         ):
             cluster = store.is_cluster
             await speak(store.url, keys, "untouched", speech_wav, cluster=cluster, direct=direct)
 
             async def untouched_ended() -> bool:
-                return await ended_everywhere(redis, keys, "untouched")
+                return await ended_everywhere(redis, keys, "untouched", outputs_by)
 
             await wait_until(untouched_ended, within=60)
 
@@ -80,13 +88,13 @@ async def test_the_utterance_in_flight_survives(
             await talking
 
             async def victim_ended() -> bool:
-                return await ended_everywhere(redis, keys, "victim")
+                return await ended_everywhere(redis, keys, "victim", outputs_by)
 
             await wait_until(victim_ended, within=90)
         history = store.history(keys)
         said: dict[str, str] = {}
         for sid in ("untouched", "victim"):
-            history.check(sid, direct=direct)
+            history.check(sid, direct=direct, outputs_by=outputs_by)
             finals = [p for p in history.sessions[sid].transcript if p.final]
             user = [words(p.text) for p in finals if p.speaker == "user"]
             replies = {words(p.text) for p in finals if p.speaker == "assistant"}

@@ -124,6 +124,25 @@ async def test_a_twilio_call_gets_the_assistants_speech_back_as_media_messages(
     assert float(playback[b"played_ms"]) <= float(playback[b"delivered_ms"]) + 1
 
 
+async def check_made_by_broker(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> None:
+    """The broker made the session's outputs in its own writes: its checkpoint numbers
+    them, every chunk and piece is there once and in order, the finals are in the shared
+    stream too, egress never owned the session, and the session's keys expire."""
+    state = await redis.hgetall(keys.session_state(sid))
+    assert not [k for k in state if k.startswith(b"egress.")], state.keys()
+    transcript_seq, audio_seq = json.loads(state[b"broker.out.seqs"])
+    chunks = [decode(AudioOut, f) for _, f in await redis.xrange(keys.audio_out(sid))]
+    pieces = [decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcript(sid))]
+    assert [c.seq for c in chunks] == list(range(audio_seq))
+    assert [p.seq for p in pieces] == list(range(transcript_seq))
+    shared = [decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcripts)]
+    assert [p for p in shared if p.session == sid] == [p for p in pieces if p.final]
+    groups = {g["name"] for g in await redis.xinfo_groups(keys.sessions)}
+    assert b"egress" not in groups and "egress" not in groups
+    for key in (keys.audio_out(sid), keys.transcript(sid), keys.events(sid)):
+        assert 0 < await redis.ttl(key) <= 3600, key
+
+
 def browser_upload(speech_wav: Path, source: str) -> tuple[str, list[bytes], float]:
     """The speech and two seconds of silence as a browser sends them on a call: raw PCM16
     (an AudioWorklet, 20 ms messages), or WebM Opus from MediaRecorder (its container cut
@@ -138,14 +157,24 @@ def browser_upload(speech_wav: Path, source: str) -> tuple[str, list[bytes], flo
     return "input=webm", [webm[i : i + 1000] for i in range(0, len(webm), 1000)], seconds
 
 
-@pytest.mark.parametrize("source", ["pcm16", "webm"])
+@pytest.mark.parametrize(
+    ("source", "outputs_by"), [("pcm16", "egress"), ("webm", "egress"), ("pcm16", "broker")]
+)
 async def test_a_browser_call_gets_speech_and_transcripts_back(
-    redis_url: str, redis: aioredis.Redis, keys: StreamKeys, speech_wav: Path, source: str
+    redis_url: str,
+    redis: aioredis.Redis,
+    keys: StreamKeys,
+    speech_wav: Path,
+    source: str,
+    outputs_by: str,
 ) -> None:
+    """`outputs_by`: the service that makes the outputs (`VLPIPE_OUTPUTS_BY`); with the
+    broker, egress only serves the gateway the call comes through."""
     query, upload, seconds = browser_upload(speech_wav, source)
+    env = {"VLPIPE_OUTPUTS_BY": outputs_by}
     async with (
         running_engine(model="local", output_pace=0) as engine,
-        running_pipeline(redis_url, keys.prefix, engine.endpoint) as pipeline,
+        running_pipeline(redis_url, keys.prefix, engine.endpoint, **env) as pipeline,
     ):
         # A browser's token travels as a subprotocol, answered with `vlpipe`.
         url = pipeline.url(f"/v1/call?session=web1&{query}&format=pcm16_16000hz")
@@ -183,9 +212,11 @@ async def test_a_browser_call_gets_speech_and_transcripts_back(
             await browser.send(json.dumps({"type": "end"}))
 
             async def ended() -> bool:
-                return await redis.hget(keys.session_state("web1"), "egress.done") == b"1"
+                return await redis.hget(keys.session_state("web1"), f"{outputs_by}.done") == b"1"
 
             await wait_until(ended, within=60)
+        if outputs_by == "broker":
+            await check_made_by_broker(redis, keys, "web1")
     transcripts = [t for t in texts if t["type"] == "transcript" and t["final"]]
     heard = " ".join(str(t["text"]) for t in transcripts if t["speaker"] == "user").lower()
     assert "try again" in heard and "fail better" in heard

@@ -8,9 +8,9 @@ Secrets are `SecretStr`: they never appear in `repr`, logs or `vlpipe config`.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vlpipe.shared.keys import StreamKeys
@@ -113,6 +113,23 @@ class ServiceSettings(BaseSettings):
         default=50_000,
         ge=100,
         description="Memory budget of the shared tool-calls stream, in entries (as above).",
+    )
+
+    outputs_by: Literal["broker", "egress"] = Field(
+        default="egress",
+        description="Which service turns each session's events into its outputs (transcript, "
+        "audio out and their status entries, the shared transcripts stream): `broker`, in "
+        "the same fenced write as the events (one hop fewer), or `egress`, which follows "
+        "each session's events stream. Every service must read the same value; with "
+        "`broker`, egress serves only its gateway.",
+    )
+    partial_ms: float = Field(
+        default=200,
+        ge=0,
+        validation_alias=AliasChoices(
+            "VLPIPE_PARTIAL_MS", "VLPIPE_EGRESS_PARTIAL_MS", "partial_ms"
+        ),
+        description="At most one partial transcript per item in this much event time.",
     )
 
     @model_validator(mode="after")

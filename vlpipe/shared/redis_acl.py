@@ -93,6 +93,8 @@ class AclTable:
     cluster: bool = False
     """Also the users a self-run Redis Cluster needs (`replica`, `operator`); a managed one
     (Azure Managed Redis) replicates and reshards by itself."""
+    outputs_by: str = "egress"
+    """`VLPIPE_OUTPUTS_BY`: the service whose user writes the sessions' outputs."""
 
     def roles(self) -> tuple[Role, ...]:
         """Every user of the file, in order."""
@@ -106,6 +108,14 @@ class AclTable:
         # its own wake-up stream, status entries (in its fenced writes) and dead letters.
         owner_rw = (k.sessions, k.session_state(ANY), wake, k.status(ANY))
         scripts = ("evalsha", "eval")
+        # The outputs (transcripts, audio out, the playback position) and, with the last
+        # write of a session, the expiry of every key of it (`vlpipe.services.egress.writing`).
+        outputs = (
+            k.transcript(ANY), k.transcripts, *relayed(k, k.transcripts, "transcripts"),
+            k.audio_out(ANY), k.playback(ANY),
+        )  # fmt: skip
+        expiry = (((*k.session_streams(ANY), k.transcripts), (*scripts, "expire")),)
+        by_broker = self.outputs_by == "broker"
         return (
             Role(
                 "ingest",
@@ -126,29 +136,21 @@ class AclTable:
                     k.events(ANY),
                     k.tool_calls,
                     *relayed(k, k.tool_calls, "tool-calls"),
+                    *(outputs if by_broker else ()),
                 ),
-                read=(k.playback(ANY),),
+                read=() if by_broker else (k.playback(ANY),),
                 write=(k.dead,),
                 commands=SERVICE_COMMANDS,
+                selectors=expiry if by_broker else (),
             ),
             Role(
                 "egress",
                 "reads events, writes transcripts and audio out; its gateway is a "
                 "producer (sessions, raw audio, text turns) and a consumer (outputs)",
-                read_write=(
-                    *owner_rw,
-                    k.events(ANY),
-                    k.transcript(ANY),
-                    k.transcripts,
-                    *relayed(k, k.transcripts, "transcripts"),
-                    k.audio_out(ANY),
-                    k.playback(ANY),
-                    k.audio(ANY),
-                ),
+                read_write=(*owner_rw, k.events(ANY), *outputs, k.audio(ANY)),
                 write=(k.dead, k.ctl(ANY)),
                 commands=SERVICE_COMMANDS,
-                # The write that ends a session sets the expiry of every key of it.
-                selectors=(((*k.session_streams(ANY), k.transcripts), (*scripts, "expire")),),
+                selectors=() if by_broker else expiry,
             ),
             Role(
                 "producer",

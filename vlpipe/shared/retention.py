@@ -39,6 +39,9 @@ class Retention:
     """Stream lengths, in entries."""
 
     transcript: int = 10_000
+    events: int = 10_000
+    """A session's events stream when the broker makes the outputs itself (no service
+    reads it then; it stays for those who tap the raw events)."""
     audio_out: int = 6_000
     status: int = 2_000
     transcripts_cap: int = 200_000

@@ -29,7 +29,10 @@ def main(argv: list[str]) -> int:
         help="add the users of a self-run Redis Cluster: replica and operator",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    table = AclTable(StreamKeys(args.prefix or ServiceSettings().stream_prefix), args.cluster)
+    settings = ServiceSettings()
+    table = AclTable(
+        StreamKeys(args.prefix or settings.stream_prefix), args.cluster, settings.outputs_by
+    )
     try:
         text = table.render(os.environ)
     except ValueError as exc:

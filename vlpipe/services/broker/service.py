@@ -20,6 +20,7 @@ from opentelemetry.metrics import Observation
 from vlpipe.services.broker.session import LATENCY_SAMPLE_EVERY, BrokerSession
 from vlpipe.services.broker.settings import BrokerSettings
 from vlpipe.services.broker.upstream import Auth, make_auth, reachable, realtime_url
+from vlpipe.services.egress.writing import OutputWriter
 from vlpipe.shared import telemetry
 from vlpipe.shared.contracts import ContractError, Control, Frame, Message, decode
 from vlpipe.shared.outbox import SharedOutbox
@@ -50,10 +51,16 @@ class BrokerService:
         # input's reads (every 20 ms) name half the keys and a control read rarely wakes.
         self.ctl_reader = session_reader(ctx, settings, "ctl")
         self.tool_call_outbox = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.tool_calls)
+        shared_streams = [(ctx.keys.tool_calls, self.retention.tool_calls_cap)]
+        self.outputs: OutputWriter | None = None
+        """With `VLPIPE_OUTPUTS_BY=broker`: the sessions' outputs go in the broker's writes."""
+        if settings.outputs_by == "broker":
+            transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts, "seq")
+            self.outputs = OutputWriter("broker", ctx.keys, ctx.retention, transcripts)
+            shared_streams.append((ctx.keys.transcripts, self.retention.transcripts_cap))
         self.ownership = session_ownership(
-            ctx, settings, self.run_session,
-            shared_streams=((ctx.keys.tool_calls, self.retention.tool_calls_cap),),
-        )  # fmt: skip
+            ctx, settings, self.run_session, shared_streams=tuple(shared_streams)
+        )
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
         self.sampled_latency_ms: deque[float] = deque(maxlen=50_000)  # for benchmarks
@@ -114,6 +121,12 @@ class BrokerService:
         """The session's outbox to `vl:tool-calls` (a Redis Cluster only; exactly once,
         so retried through outages)."""
         await through_outages(lambda: self.tool_call_outbox.relay(sid), "relay tool calls")
+
+    async def relay_transcripts(self, sid: str) -> None:
+        """The session's outbox to `vl:transcripts`, when the broker makes the outputs."""
+        if self.outputs is not None:
+            outbox = self.outputs.transcripts
+            await through_outages(lambda: outbox.relay(sid), "relay transcripts")
 
     async def run_session(self, owned: OwnedSession) -> None:
         session = BrokerSession(self, owned)

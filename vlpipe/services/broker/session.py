@@ -42,7 +42,9 @@ from websockets.protocol import State
 from vlpipe.services.broker.core import InputFrame, SessionCore, SessionEnded
 from vlpipe.services.broker.direct import DirectFrame, DirectInput
 from vlpipe.services.broker.upstream import UpstreamError, open_upstream
-from vlpipe.shared.contracts import EndSession, Message, SessionEnd, encode
+from vlpipe.services.egress.outputs import Outputs, SessionOutputs
+from vlpipe.services.egress.writing import prefixed
+from vlpipe.shared.contracts import EndSession, Event, Message, SessionEnd, encode
 from vlpipe.shared.fencing import SessionLost, SessionWrite
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.reorder import describe
@@ -57,6 +59,9 @@ LATENCY_SAMPLE_EVERY = 10
 log = logging.getLogger("vlpipe.broker")
 
 CHECKPOINT_EVERY_S = 0.5
+OUTPUTS_PREFIX = "out."
+"""The checkpoint fields of the session's outputs (`SessionOutputs.snapshot`), when the
+broker makes them: prefixed, as some of their names are the core's too."""
 CLOSE_WAIT_S = 1.0
 """At the end, the most the upstream's close handshake or the writer's last write may take
 (a stopping replica has a drain budget to keep)."""
@@ -97,7 +102,19 @@ class BrokerSession:
         self.idle_ended = False
         self.batches = 0
         # Writing.
-        self.in_flight: tuple[SessionWrite, int] | None = None  # a write, its event count
+        self.in_flight: tuple[SessionWrite, int, Outputs] | None = None
+        """A write not applied yet, its event count and the outputs it carries."""
+        self.outputs: SessionOutputs | None = None
+        """The session's outputs, when the broker makes them (`VLPIPE_OUTPUTS_BY`)."""
+        self.outputs_written: dict[str, str] = {}
+        """Their checkpoint fields as last written: a write carries only those that changed."""
+        if service.outputs is not None:
+            self.outputs = SessionOutputs(
+                owned.sid, start.audio_out, start.config.output_audio_format,
+                self.settings.partial_ms,
+            )  # fmt: skip
+            self.outputs_written = prefixed(owned.checkpoint, OUTPUTS_PREFIX)
+            self.outputs.load(self.outputs_written)
         self.trimmed = ("", "")
         """The input and control streams' positions the last write trimmed to."""
         self.output_ready = asyncio.Event()
@@ -112,8 +129,9 @@ class BrokerSession:
 
     async def run(self) -> None:
         core, svc = self.core, self.svc
-        if self.owned.taken_over:  # tool calls the previous owner wrote but did not relay
+        if self.owned.taken_over:  # what the previous owner wrote but did not relay
             await svc.relay_tool_calls(self.sid)
+            await svc.relay_transcripts(self.sid)
         if core.ended:
             return
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
@@ -158,6 +176,10 @@ class BrokerSession:
                     await asyncio.shield(self._flush())
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(svc.tool_call_outbox.settle(self.sid), CLOSE_WAIT_S)
+                if svc.outputs is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(svc.outputs.transcripts.settle(self.sid),
+                                               CLOSE_WAIT_S)  # fmt: skip
         log.info("session finished", extra={"session": self.sid, "reason": reason})
 
     async def _upstream_life(self) -> str:
@@ -460,21 +482,32 @@ class BrokerSession:
             if not (core.events or core.side or core.dirty or core.conversation_dirty):
                 return
             self.in_flight = self._next_write()
-        write, events = self.in_flight
+        write, events, out = self.in_flight
         await self.svc.ownership.commit(self.owned, write)
         self.in_flight = None
         if events:
             self.svc.events_out.add(events)
         if self.svc.tool_call_outbox.pending_in(write, self.sid):
             self.svc.tool_call_outbox.relay_soon(self.sid)
+        writer = self.svc.outputs
+        if writer is not None:
+            if writer.transcripts.pending_in(write, self.sid) and not out.ended:
+                writer.transcripts.relay_soon(self.sid)  # (the end settles them)
+            writer.written(self.sid, out)
 
-    def _next_write(self) -> tuple[SessionWrite, int]:
-        """The core's events, side entries, checkpoint and trims as one fenced write."""
+    def _next_write(self) -> tuple[SessionWrite, int, Outputs]:
+        """The core's events, side entries, checkpoint and trims as one fenced write; and
+        the outputs of the events, when the broker makes them."""
         core, keys, keep = self.core, self.svc.keys, self.svc.retention
         events = core.take_events()
         write = self.svc.ownership.write(self.owned)
+        out = Outputs()
+        # Egress trims the events stream as it reads it; when the broker makes the
+        # outputs, nothing reads it and its length is capped instead.
+        events_cap = None if self.outputs is None else keep.events
         for event in events:
-            write.xadd(keys.events(self.sid), encode(event))
+            write.xadd(keys.events(self.sid), encode(event), maxlen=events_cap)
+        out, outputs_state = self._outputs(write, events)
         for kind, msg in core.take_side():
             if kind == "tool_call":
                 # Trimmed behind its consumer groups by housekeeping, never on write; on a
@@ -482,7 +515,7 @@ class BrokerSession:
                 self.svc.tool_call_outbox.add(write, self.sid, encode(msg))
             else:
                 write.xadd(keys.status(self.sid), encode(msg), maxlen=keep.status)
-        write.checkpoint(core.checkpoint())
+        write.checkpoint({**core.checkpoint(), **outputs_state})
         # Frames the upstream has not committed stay: a new upstream session gets them. A
         # position that has not moved since the last write has nothing new to trim (the
         # control stream's, nearly always).
@@ -491,7 +524,31 @@ class BrokerSession:
         if core.ctl_id != self.trimmed[1]:
             write.trim_before(keys.ctl(self.sid), core.ctl_id, approximate=False)
         self.trimmed = (core.frames_id, core.ctl_id)
-        return write, len(events)
+        return write, len(events), out
+
+    def _outputs(self, write: SessionWrite, events: list[Event]) -> tuple[Outputs, dict[str, str]]:
+        """When the broker makes the outputs: those of `events`, added to `write`, and the
+        checkpoint fields of their state that changed."""
+        out = Outputs()
+        if self.outputs is None or self.svc.outputs is None:
+            return out, {}
+        for event in events:
+            try:
+                self.outputs.observe(event, out)
+            except Exception as exc:  # an event the outputs cannot read: its outputs only
+                log.warning("an event's outputs could not be made",
+                            extra={"session": self.sid, "event": event.type, "error": repr(exc)[:300]})  # fmt: skip
+                self.core.status("error", f"the outputs of a {event.type} event could not be "
+                                 f"made: {exc!r}"[:500], {"seq": event.seq})  # fmt: skip
+        self.svc.outputs.add(write, self.sid, self.outputs, out)
+        snapshot = self.outputs.snapshot()
+        changed = {
+            OUTPUTS_PREFIX + name: value
+            for name, value in snapshot.items()
+            if self.outputs_written.get(name) != value
+        }
+        self.outputs_written = snapshot
+        return out, changed
 
     # ---------------------------------------------------------------- from the reader
 

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from opentelemetry.metrics import Observation
-from opentelemetry.trace import SpanKind
 
 from vlpipe.services.egress.outputs import STATE_FIELDS, Outputs, SessionOutputs
 from vlpipe.services.egress.settings import EgressSettings
+from vlpipe.services.egress.writing import OutputWriter
 from vlpipe.shared import telemetry
-from vlpipe.shared.contracts import ContractError, Event, decode, encode
+from vlpipe.shared.contracts import ContractError, Event, decode
 from vlpipe.shared.fencing import SessionLost
 from vlpipe.shared.outbox import SharedOutbox
 from vlpipe.shared.ownership import OwnedSession
@@ -62,25 +61,18 @@ class EgressService:
             ctx, settings, self.run_session,
             shared_streams=((ctx.keys.transcripts, self.retention.transcripts_cap),),
         )  # fmt: skip
-        self.tracer = telemetry.tracer("egress")
-        meter = telemetry.meter("egress")
-        # Counted per batch and observed when metrics are collected (cheaper than an
-        # instrument's add() for each of a session's events).
-        self.totals: Counter[str] = Counter()
-        meter.create_observable_counter(
-            "vlpipe.egress.audio_chunks", description="Audio chunks written",
-            callbacks=[lambda _: [Observation(self.totals["audio_chunks"])]],
-        )  # fmt: skip
-        meter.create_observable_counter(
-            "vlpipe.egress.transcripts", description="Transcript pieces written",
-            callbacks=[lambda _: [Observation(self.totals["transcripts"])]],
-        )  # fmt: skip
-        meter.create_observable_counter(
+        self.writer = OutputWriter("egress", ctx.keys, ctx.retention, self.transcripts)
+        self.events_read = 0
+        telemetry.meter("egress").create_observable_counter(
             "vlpipe.egress.events", description="Events read",
-            callbacks=[lambda _: [Observation(self.totals["events"])]],
+            callbacks=[lambda _: [Observation(self.events_read)]],
         )  # fmt: skip
 
     async def run(self) -> None:
+        if self.settings.outputs_by == "broker":
+            log.info("the broker makes the sessions' outputs (VLPIPE_OUTPUTS_BY=broker): "
+                     "egress serves its gateway only")  # fmt: skip
+            return
         await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
 
     async def run_session(self, owned: OwnedSession) -> None:
@@ -121,7 +113,7 @@ class EgressService:
             state.outputs.observe(event, out)
             if out.ended:
                 break
-        self.totals["events"] += len(entries)
+        self.events_read += len(entries)
         try:
             await self._write(state, out, entries[-1].id)
         except SessionLost:
@@ -155,75 +147,26 @@ class EgressService:
         """Outputs, playback position, checkpoint and trim in one fenced write (and, with
         the session's end, the expiry of its keys)."""
         sid = state.owned.sid
-        keys, keep = self.keys, self.retention
-        playback = state.outputs.state.playback
         write = self.ownership.write(state.owned)
-        for piece in out.transcripts:
-            write.xadd(keys.transcript(sid), encode(piece), maxlen=keep.transcript)
-            if piece.final:
-                # Trimmed behind its consumer groups by housekeeping, never on write; on a
-                # cluster through the session's outbox (vlpipe.shared.outbox).
-                self.transcripts.add(write, sid, encode(piece))
-        for chunk in out.audio:
-            write.xadd(keys.audio_out(sid), encode(chunk), maxlen=keep.audio_out)
-        for status in out.status:
-            write.xadd(keys.status(sid), encode(status), maxlen=keep.status)
-        if out.playback_changed and playback.response_id:
-            if out.reset_played:
-                write.hdel(keys.playback(sid), "played_ms")
-            write.hset(
-                keys.playback(sid),
-                {
-                    "response_id": playback.response_id, "item_id": playback.item_id or "",
-                    "delivered_ms": round(playback.delivered_ms, 1),
-                },
-            )  # fmt: skip
+        self.writer.add(write, sid, state.outputs, out)
         values: dict[str, str | int | float] = {
             "events_id": events_id, "next_event": state.next_event, "ended": int(out.ended),
             **state.outputs.snapshot(),
         }  # fmt: skip
         write.checkpoint({k: v for k, v in values.items() if state.checkpointed.get(k) != v})
-        write.trim_before(keys.events(sid), events_id, approximate=False)
-        if out.ended:
-            # The session is over: its keys stay readable for `session_ttl_s`, then go.
-            for key in keys.session_streams(sid):
-                write.expire(key, keep.session_ttl_s)
+        write.trim_before(self.keys.events(sid), events_id, approximate=False)
         await self.ownership.commit(state.owned, write)
         state.checkpointed = values
         if out.ended:  # the last relay: no later one would add what the relay lost
             await self.transcripts.settle(sid)
         elif self.transcripts.pending_in(write, sid):
             self.transcripts.relay_soon(sid)
-        self._trace(sid, out)
-        self.totals["audio_chunks"] += len(out.audio)
-        self.totals["transcripts"] += len(out.transcripts)
+        self.writer.written(sid, out)
 
     async def _relay(self, sid: str) -> None:
         """The session's outbox to `vl:transcripts` (a Redis Cluster only; exactly once,
         so retried through outages)."""
         await through_outages(lambda: self.transcripts.relay(sid), "relay transcripts")
-
-    def _trace(self, sid: str, out: Outputs) -> None:
-        """Spans in the turn's trace (the event's traceparent): first audio, finals."""
-        firsts = [c for c in out.audio if c.kind == "audio" and c.offset_ms == 0]
-        finals = [p for p in out.transcripts if p.final]
-        for name, traceparent, response in [
-            *(("egress.first_audio", c.traceparent, c.response_id) for c in firsts),
-            *(("egress.transcript", p.traceparent, p.response_id) for p in finals),
-        ]:
-            context = telemetry.extract(traceparent)
-            if context is None:
-                continue
-            destination = (
-                self.keys.audio_out(sid)
-                if name == "egress.first_audio"
-                else self.keys.transcript(sid)
-            )
-            attributes = dict(telemetry.messaging_attributes("send", destination))
-            attributes.update({"session.id": sid, "gen_ai.response.id": response or ""})
-            self.tracer.start_span(
-                name, context=context, kind=SpanKind.PRODUCER, attributes=attributes
-            ).end()
 
     async def _refuse(self, sid: str, entry: Entry, reason: str) -> None:
         await refuse(self.ctx, sid, entry, reason)

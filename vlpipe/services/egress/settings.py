@@ -15,12 +15,6 @@ class EgressSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="VLPIPE_", extra="ignore", populate_by_name=True)
 
     http_port: int = Field(default=9103, description="Health and metrics port.")
-    partial_ms: float = Field(
-        default=200,
-        ge=0,
-        validation_alias=AliasChoices("VLPIPE_EGRESS_PARTIAL_MS", "partial_ms"),
-        description="At most one partial transcript per item in this much event time.",
-    )
     gateway: bool = Field(
         default=True,
         validation_alias=AliasChoices("VLPIPE_GATEWAY", "gateway"),
