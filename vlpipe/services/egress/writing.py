@@ -48,14 +48,17 @@ class OutputWriter:
         # Counted per write and observed when metrics are collected (cheaper than an
         # instrument's add() for each output).
         self.totals: Counter[str] = Counter()
+        # Named for what they count, not for the service that writes: the same series
+        # whichever service makes the outputs (`service.name` tells them apart).
         meter = telemetry.meter(service)
-        for name, description in (
-            ("audio_chunks", "Audio chunks written"), ("transcripts", "Transcript pieces written"),
-        ):  # fmt: skip
-            meter.create_observable_counter(
-                f"vlpipe.{service}.{name}", description=description,
-                callbacks=[lambda _, name=name: [Observation(self.totals[name])]],  # type: ignore[misc]
-            )  # fmt: skip
+        meter.create_observable_counter(
+            "vlpipe.outputs.audio_chunks", description="Audio chunks written",
+            callbacks=[lambda _: [Observation(self.totals["audio_chunks"])]],
+        )  # fmt: skip
+        meter.create_observable_counter(
+            "vlpipe.outputs.transcripts", description="Transcript pieces written",
+            callbacks=[lambda _: [Observation(self.totals["transcripts"])]],
+        )  # fmt: skip
 
     def add(self, write: SessionWrite, sid: str, outputs: SessionOutputs, out: Outputs) -> None:
         """`out` (what `outputs` just made) into `write`."""
