@@ -115,23 +115,6 @@ class ServiceSettings(BaseSettings):
         description="Memory budget of the shared tool-calls stream, in entries (as above).",
     )
 
-    outputs_by: Literal["broker", "egress"] = Field(
-        default="egress",
-        description="Which service turns each session's events into its outputs (transcript, "
-        "audio out and their status entries, the shared transcripts stream): `broker`, in "
-        "the same fenced write as the events (one hop fewer), or `egress`, which follows "
-        "each session's events stream. Every service must read the same value; with "
-        "`broker`, egress serves only its gateway.",
-    )
-    partial_ms: float = Field(
-        default=200,
-        ge=0,
-        validation_alias=AliasChoices(
-            "VLPIPE_PARTIAL_MS", "VLPIPE_EGRESS_PARTIAL_MS", "partial_ms"
-        ),
-        description="At most one partial transcript per item in this much event time.",
-    )
-
     @model_validator(mode="after")
     def _reads_block_less_than_the_timeout(self) -> ServiceSettings:
         if self.block_ms >= self.redis_timeout_s * 1000:
@@ -166,6 +149,28 @@ class ServiceSettings(BaseSettings):
             else:
                 out[name] = value
         return out
+
+
+class OutputsSettings(ServiceSettings):
+    """What the broker and egress share: which of them makes the sessions' outputs, and
+    how."""
+
+    outputs_by: Literal["broker", "egress"] = Field(
+        default="egress",
+        description="Which service turns each session's events into its outputs (transcript, "
+        "audio out and their status entries, the shared transcripts stream): `broker`, in "
+        "the same fenced write as the events (one hop fewer), or `egress`, which follows "
+        "each session's events stream. Every service must read the same value; with "
+        "`broker`, egress serves only its gateway.",
+    )
+    partial_ms: float = Field(
+        default=200,
+        ge=0,
+        validation_alias=AliasChoices(
+            "VLPIPE_PARTIAL_MS", "VLPIPE_EGRESS_PARTIAL_MS", "partial_ms"
+        ),
+        description="At most one partial transcript per item in this much event time.",
+    )
 
 
 def redact_url(url: str) -> str:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.config import OutputsSettings
 
 LOCAL_ENGINE = "http://127.0.0.1:8765"
 SCOPES = ("https://ai.azure.com/.default", "https://cognitiveservices.azure.com/.default")
@@ -22,7 +22,7 @@ def _env(name: str, *more: str) -> AliasChoices:
     return AliasChoices(f"VLPIPE_BROKER_{name.upper()}", *more, name)
 
 
-class BrokerSettings(ServiceSettings):
+class BrokerSettings(OutputsSettings):
     model_config = SettingsConfigDict(env_prefix="VLPIPE_", extra="ignore", populate_by_name=True)
 
     http_port: int = Field(default=9102, description="Health and metrics port.")

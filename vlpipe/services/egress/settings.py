@@ -8,10 +8,10 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from vlpipe.services.egress.limits import LimitSettings
-from vlpipe.shared.config import ServiceSettings
+from vlpipe.shared.config import OutputsSettings
 
 
-class EgressSettings(ServiceSettings):
+class EgressSettings(OutputsSettings):
     model_config = SettingsConfigDict(env_prefix="VLPIPE_", extra="ignore", populate_by_name=True)
 
     http_port: int = Field(default=9103, description="Health and metrics port.")
