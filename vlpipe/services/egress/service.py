@@ -70,9 +70,11 @@ class EgressService:
 
     async def run(self) -> None:
         if self.settings.outputs_by == "broker":
+            # Nothing to own: the process stays up for its gateway, health and metrics
+            # (without a gateway too: a service that exits at once would be restarted).
             log.info("the broker makes the sessions' outputs (VLPIPE_OUTPUTS_BY=broker): "
                      "egress serves its gateway only")  # fmt: skip
-            return
+            await asyncio.Event().wait()
         await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
 
     async def run_session(self, owned: OwnedSession) -> None:
