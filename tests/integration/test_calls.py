@@ -20,7 +20,7 @@ from tests.integration.pipeline import running_pipeline, send_paced
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.audio import StreamingResampler, pcm16_to_ulaw, ulaw_to_pcm16
-from vlpipe.shared.contracts import AudioOut, TranscriptPiece, decode
+from vlpipe.shared.contracts import AudioOut, Event, TranscriptPiece, decode
 from vlpipe.shared.keys import StreamKeys
 
 LAST_REPLY = "You said: Fail better."
@@ -137,6 +137,10 @@ async def check_made_by_broker(redis: aioredis.Redis, keys: StreamKeys, sid: str
     assert [p.seq for p in pieces] == list(range(transcript_seq))
     shared = [decode(TranscriptPiece, f) for _, f in await redis.xrange(keys.transcripts)]
     assert [p for p in shared if p.session == sid] == [p for p in pieces if p.final]
+    # Nothing reads the events stream then: it keeps the last minute for those who tap it.
+    events = [decode(Event, f) for _, f in await redis.xrange(keys.events(sid))]
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert events[-1].type == "vlpipe.session.ended"
     groups = {g["name"] for g in await redis.xinfo_groups(keys.sessions)}
     assert b"egress" not in groups and "egress" not in groups
     for key in (keys.audio_out(sid), keys.transcript(sid), keys.events(sid)):

@@ -2,7 +2,9 @@
 
 * Per-session input streams (audio, frames, events, ctl) have exactly one reader, the
   session's owner in the next service, which trims them behind its checkpoint inside its
-  fenced write: unread data of a live session is never trimmed.
+  fenced write: unread data of a live session is never trimmed. (When the broker makes
+  the outputs, `VLPIPE_OUTPUTS_BY=broker`, the events stream has no reader and keeps its
+  last `events_s`.)
 * Per-session output streams (transcript, audio-out, status) are capped by length for late
   subscribers and expire `session_ttl_s` after the session ends.
 * Shared streams read by consumer groups (`vl:sessions`, `vl:transcripts`,
@@ -39,9 +41,10 @@ class Retention:
     """Stream lengths, in entries."""
 
     transcript: int = 10_000
-    events: int = 10_000
-    """A session's events stream when the broker makes the outputs itself (no service
-    reads it then; it stays for those who tap the raw events)."""
+    events_s: int = 60
+    """A session's events stream when the broker makes the outputs itself, in seconds:
+    no service reads it then, and it keeps this much for those who tap the raw events
+    (a count would keep minutes of audio deltas, megabytes a call)."""
     audio_out: int = 6_000
     status: int = 2_000
     transcripts_cap: int = 200_000

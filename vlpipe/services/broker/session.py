@@ -59,6 +59,8 @@ LATENCY_SAMPLE_EVERY = 10
 log = logging.getLogger("vlpipe.broker")
 
 CHECKPOINT_EVERY_S = 0.5
+EVENTS_TRIM_EVERY_S = 5.0
+"""When the broker makes the outputs: how often its write trims the events stream."""
 OUTPUTS_PREFIX = "out."
 """The checkpoint fields of the session's outputs (`SessionOutputs.snapshot`), when the
 broker makes them: prefixed, as some of their names are the core's too."""
@@ -106,6 +108,7 @@ class BrokerSession:
         """A write not applied yet, its event count and the outputs it carries."""
         self.outputs: SessionOutputs | None = None
         """The session's outputs, when the broker makes them (`VLPIPE_OUTPUTS_BY`)."""
+        self.events_trimmed_at = 0.0
         self.outputs_written: dict[str, str] = {}
         """Their checkpoint fields as last written: a write carries only those that changed."""
         if service.outputs is not None:
@@ -501,12 +504,8 @@ class BrokerSession:
         core, keys, keep = self.core, self.svc.keys, self.svc.retention
         events = core.take_events()
         write = self.svc.ownership.write(self.owned)
-        out = Outputs()
-        # Egress trims the events stream as it reads it; when the broker makes the
-        # outputs, nothing reads it and its length is capped instead.
-        events_cap = None if self.outputs is None else keep.events
         for event in events:
-            write.xadd(keys.events(self.sid), encode(event), maxlen=events_cap)
+            write.xadd(keys.events(self.sid), encode(event))
         out, outputs_state = self._outputs(write, events)
         for kind, msg in core.take_side():
             if kind == "tool_call":
@@ -541,6 +540,14 @@ class BrokerSession:
                 self.core.status("error", f"the outputs of a {event.type} event could not be "
                                  f"made: {exc!r}"[:500], {"seq": event.seq})  # fmt: skip
         self.svc.outputs.add(write, self.sid, self.outputs, out)
+        # Egress trims the events stream as it reads it; when the broker makes the
+        # outputs nothing reads it, and it keeps the last `events_s` (trimmed every few
+        # seconds, whole blocks of entries at a time).
+        now = time.time()
+        if now - self.events_trimmed_at >= EVENTS_TRIM_EVERY_S:
+            self.events_trimmed_at = now
+            oldest_ms = int((now - self.svc.retention.events_s) * 1000)
+            write.trim_before(self.svc.keys.events(self.sid), f"{oldest_ms}-0")
         snapshot = self.outputs.snapshot()
         changed = {
             OUTPUTS_PREFIX + name: value
