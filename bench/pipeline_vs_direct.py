@@ -54,8 +54,8 @@ upstream:
   broker reads the chunks itself (direct input, docs/producers.md); `--input ingest`
   leaves it out, so every chunk goes through ingest and a frames stream. The broker
   makes the outputs in its own writes (`VLPIPE_OUTPUTS_BY=broker`, `--outputs broker`,
-  the default; egress runs, with nothing to do but its health endpoint, as it would
-  for a gateway); `--outputs egress` has egress make them from the events streams.
+  its default; egress claims each session and lets it go at its first event);
+  `--outputs egress` has egress make them from the events streams.
   `--outputs events` is an experiment: egress does not run and the consumer follows the
   broker's `vl:events:{ID}` instead, taking each `response.audio.delta`'s audio.
 

@@ -42,7 +42,8 @@ async def test_barge_in_cuts_the_item_to_what_was_heard(
     speech = read_wav(speech_wav)[: int(16000 * 1.3) * 2]  # "Ever tried."
     async with (
         running_engine(model="echo", output_pace=1.0) as engine,
-        running_broker(redis_url, keys, engine.endpoint),
+        # Egress makes the outputs, and the playback position is the test's to write.
+        running_broker(redis_url, keys, engine.endpoint, outputs_by="egress"),
     ):
         await start_session(redis, keys, "b1")
         frames = FrameWriter(redis, keys, "b1")

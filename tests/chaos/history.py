@@ -29,7 +29,6 @@ names the snapshot file, so a test can check it did not change under it.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,14 +45,6 @@ CHECKPOINTS = {
     "egress": "egress.next_event",
 }
 """The field of each service's checkpoint that only ever grows."""
-
-OUTPUTS_BY = os.environ.get("VLPIPE_OUTPUTS_BY", "egress")
-"""Which service makes the outputs in the services a test starts (`VLPIPE_OUTPUTS_BY`)."""
-
-
-def owners(outputs_by: str = OUTPUTS_BY) -> set[str]:
-    """The services that own each session: egress only when it makes the outputs."""
-    return set(CHECKPOINTS) - ({"egress"} if outputs_by == "broker" else set())
 
 
 def aof_commands(data_dir: Path) -> list[list[bytes]]:
@@ -208,13 +199,10 @@ class History:
             if values.get(f"{service}.done") == b"1":
                 history.done.add(service)
 
-    def check(
-        self, sid: str, *, ended: bool = True, direct: bool = False, outputs_by: str = OUTPUTS_BY
-    ) -> None:
+    def check(self, sid: str, *, ended: bool = True, direct: bool = False) -> None:
         """Assert the session's history: nothing lost, nothing twice, ended everywhere.
         `direct`: the session's start named `audio_in` (the broker read the producer's
-        chunks: no frames, and the end of input is in the broker's checkpoint).
-        `outputs_by`: the service that made the outputs (`VLPIPE_OUTPUTS_BY`)."""
+        chunks: no frames, and the end of input is in the broker's checkpoint)."""
         history = self.sessions[sid]
         frames = sorted(set(history.audio)) if direct else history.frames
         assert frames, f"{sid}: no frames"
@@ -238,7 +226,7 @@ class History:
         kinds = [kind for _, kind in history.events]
         assert kinds.count("vlpipe.session.ended") == 1, f"{sid}: ended {kinds[-5:]}"
         assert kinds[-1] == "vlpipe.session.ended", f"{sid}: events after the end {kinds[-5:]}"
-        assert history.done == owners(outputs_by), f"{sid}: done in {history.done} only"
+        assert history.done == set(CHECKPOINTS), f"{sid}: done in {history.done} only"
 
     def speakers(self, sid: str) -> set[str]:
         return {p.speaker for p in self.sessions[sid].transcript if p.final}
@@ -271,10 +259,7 @@ def _gaps(numbers: list[int]) -> str:
     return f"missing {missing[:20]}, repeated {twice[:20]} (of {len(numbers)})"
 
 
-async def ended_everywhere(
-    redis: aioredis.Redis, keys: StreamKeys, sid: str, outputs_by: str = OUTPUTS_BY
-) -> bool:
-    """Every service that owned the session has finished it."""
-    names = [f"{s}.done" for s in sorted(owners(outputs_by))]
-    state = await redis.hmget(keys.session_state(sid), names)
+async def ended_everywhere(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
+    """Every service has finished the session."""
+    state = await redis.hmget(keys.session_state(sid), [f"{s}.done" for s in CHECKPOINTS])
     return all(v == b"1" for v in state)

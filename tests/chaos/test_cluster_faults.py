@@ -50,9 +50,10 @@ UNREPLICATED_S = 0.8
 """How long a master takes writes its replica never gets, before it dies: under the node
 timeout (1 s), so the paused replica is not itself flagged as failing."""
 LOST_BY = {"audio": "ingest", "frames": "ingest", "events": "broker",
-           "transcript": "egress", "audio-out": "egress"}  # fmt: skip
+           "transcript": "broker", "audio-out": "broker"}  # fmt: skip
 """Who must report the loss of a per-session stream's entries: ingest reports lost producer
-audio as a gap; each service reports its own lost writes (the write numbers went back)."""
+audio as a gap; each service reports its own lost writes (the write numbers went back),
+the broker those of the outputs it makes (its default `outputs_by`)."""
 
 
 def keys_with_sessions_on(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import redis.asyncio as aioredis
 import websockets
 from websockets.asyncio.client import connect
 
@@ -20,6 +21,7 @@ from tests.egress.helpers import prometheus_value, start_egress
 from tests.ingest.test_service import start_ingest
 from tests.waiting import wait_until
 from vlpipe.services.egress.access import Scope, mint_token
+from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_server import free_port
 
 TOKEN = "pipeline-operator-token"
@@ -50,6 +52,14 @@ class Pipeline:
     @staticmethod
     def token(session: str, scope: Scope = Scope.CALL, ttl_s: float = 300) -> str:
         return mint_token(SIGNING_KEY, session, scope, ttl_s=ttl_s)
+
+
+async def outputs_done(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
+    """The session's outputs are all written: the broker and egress have both finished
+    it (whichever of them made the outputs; egress lets a session whose outputs the
+    broker makes go at its first event)."""
+    done = await redis.hmget(keys.session_state(sid), ["broker.done", "egress.done"])
+    return all(v == b"1" for v in done)
 
 
 def _log_files(logs: Path | None) -> dict[str, IO[bytes] | None]:

@@ -25,7 +25,13 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from tests.integration.pipeline import SIGNING_KEY, Pipeline, running_pipeline, send_paced
+from tests.integration.pipeline import (
+    SIGNING_KEY,
+    Pipeline,
+    outputs_done,
+    running_pipeline,
+    send_paced,
+)
 from tests.waiting import wait_until
 from vlpipe.services.egress.access import Scope, mint_token
 from vlpipe.services.engine.server import running_engine
@@ -193,7 +199,7 @@ async def test_hostile_clients_are_refused_and_the_callers_session_goes_on_untou
         texts, got = await asyncio.gather(the_call(p, token, pcm, attacked), attacks())
 
         async def ended() -> bool:
-            return await redis.hget(keys.session_state(VICTIM), "egress.done") == b"1"
+            return await outputs_done(redis, keys, VICTIM)
 
         await wait_until(ended, within=60)
         refused = {reason: await p.egress_metric("vlpipe_gateway_refused_total", reason=reason)

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.integration.pipeline import Pipeline, running_pipeline
+from tests.integration.pipeline import Pipeline, outputs_done, running_pipeline
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.contracts import MAX_AUDIO_BYTES, Status, TranscriptPiece, decode
@@ -119,7 +119,7 @@ async def wait_until_done(h: Hostile, sid: str, within: float = 60) -> None:
     """Egress, the last service, finished the session: it went all the way through."""
 
     async def done() -> bool:
-        return await h.redis.hget(h.keys.session_state(sid), "egress.done") == b"1"
+        return await outputs_done(h.redis, h.keys, sid)
 
     await wait_until(done, within=within)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tests.integration.pipeline import TOKEN, running_pipeline, send_paced
+from tests.integration.pipeline import TOKEN, outputs_done, running_pipeline, send_paced
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
@@ -35,7 +35,7 @@ async def test_debug_logs_are_json_with_sessions_and_hold_no_audio_or_secrets(
             await call.send(json.dumps({"type": "end"}))
 
             async def ended() -> bool:
-                return await redis.hget(keys.session_state("log1"), "egress.done") == b"1"
+                return await outputs_done(redis, keys, "log1")
 
             await wait_until(ended, within=90)
     seen_sessions = set()

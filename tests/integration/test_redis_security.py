@@ -26,7 +26,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ResponseError
 
-from tests.integration.pipeline import SIGNING_KEY, TOKEN, Pipeline, running_pipeline, send_paced
+from tests.integration.pipeline import (
+    SIGNING_KEY,
+    TOKEN,
+    Pipeline,
+    outputs_done,
+    running_pipeline,
+    send_paced,
+)
 from tests.otlp_receiver import otlp_receiver
 from tests.tls_certs import make_certificates
 from tests.waiting import wait_until
@@ -54,16 +61,16 @@ async def finals(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> list[Tran
 
 
 async def done(redis: aioredis.Redis, keys: StreamKeys, sid: str) -> bool:
-    return await redis.hget(keys.session_state(sid), "egress.done") == b"1"
+    return await outputs_done(redis, keys, sid)
 
 
 @pytest.fixture
 async def acl_redis(
-    tmp_path: Path, outputs_by: str
+    tmp_path: Path,
 ) -> AsyncIterator[tuple[RedisServer, StreamKeys, dict[str, str]]]:
     """A redis-server with the generated ACL file; each role's URL by role name."""
     keys = StreamKeys(f"t{uuid.uuid4().hex[:10]}")
-    table = AclTable(keys, outputs_by=outputs_by)
+    table = AclTable(keys)
     passwords = {role.password_env: secrets.token_urlsafe(24) for role in table.roles()}
     acl = tmp_path / "users.acl"
     acl.write_text(table.render(passwords) + f"user admin on >{ADMIN_PASSWORD} ~* &* +@all\n")
@@ -84,7 +91,7 @@ async def test_each_service_runs_as_its_own_redis_user_and_no_user_may_step_outs
     tmp_path: Path,
     outputs_by: str,
 ) -> None:
-    """`outputs_by`: the service that makes the outputs (`VLPIPE_OUTPUTS_BY`), and whose
+    """`outputs_by`: the service that makes the outputs (the broker's `outputs_by`), whose
     user writes them."""
     _, keys, urls = acl_redis
     clients = {name: connect(url, name=f"test-{name}") for name, url in urls.items()}
@@ -140,9 +147,7 @@ async def test_each_service_runs_as_its_own_redis_user_and_no_user_may_step_outs
             "producer": ("XRANGE", keys.transcript(sid), "-", "+"),  # reading transcripts
             "consumer": ("XADD", keys.audio(sid), "*", "audio", "x"),  # writing audio
             "ingest": ("XADD", keys.events(sid), "*", "m", "x"),
-            "broker": ("XADD", keys.transcript(sid), "*", "text", "x")
-            if outputs_by == "egress"
-            else ("XRANGE", keys.dead, "-", "+"),  # reading dead letters
+            "broker": ("XRANGE", keys.dead, "-", "+"),  # reading dead letters
             "egress": ("XADD", keys.frames(sid), "*", "m", "x"),  # writing frames
             "monitor": ("XADD", keys.status(sid), "*", "kind", "x"),
         }
@@ -150,12 +155,11 @@ async def test_each_service_runs_as_its_own_redis_user_and_no_user_may_step_outs
             for refused in (command, ("FLUSHALL",), ("KEYS", "*"), ("CONFIG", "GET", "*")):
                 with pytest.raises(NoPermissionError):
                     await clients[role].execute_command(*refused)
-        if outputs_by == "egress":
-            # Egress may name frames in a script (to set their expiry), not write them there.
-            with pytest.raises(ResponseError, match="can't access"):
-                await clients["egress"].eval(
-                    "return redis.call('XADD', KEYS[1], '*', 'm', 'x')", 1, keys.frames(sid)
-                )
+        # Egress may name frames in a script (to set their expiry), not write them there.
+        with pytest.raises(ResponseError, match="can't access"):
+            await clients["egress"].eval(
+                "return redis.call('XADD', KEYS[1], '*', 'm', 'x')", 1, keys.frames(sid)
+            )
         assert {e["username"] for e in await admin.acl_log(count=100)} == set(outside)
 
         # No secret anywhere: logs at DEBUG, metrics and spans.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tests.integration.pipeline import running_pipeline
+from tests.integration.pipeline import outputs_done, running_pipeline
 from tests.otlp_receiver import otlp_receiver
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
@@ -48,7 +48,7 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
             await redis.xadd(keys.sessions, {"type": "end", "session": "tr1"})
 
             async def done() -> bool:
-                return await redis.hget(keys.session_state("tr1"), "egress.done") == b"1"
+                return await outputs_done(redis, keys, "tr1")
 
             await wait_until(done, within=90)
         # The services exported their last spans and metrics as they stopped.
@@ -67,15 +67,17 @@ async def test_a_turn_is_one_trace_from_the_broker_to_egress(
     assert response.parent_span_id == turn.span_id
     assert response.attributes["gen_ai.usage.output_tokens"] > 0
     assert response.attributes["gen_ai.response.id"] == turn.attributes["gen_ai.response.id"]
-    # Ingest's span of the utterance's first frame, the broker's turn, egress's outputs.
+    # Ingest's span of the utterance's first frame, the broker's turn and outputs.
     ingest = [s for s in trace if s.service == "vlpipe-ingest"]
     assert [s.name for s in ingest] == ["ingest.utterance"]
     assert ingest[0].parent_span_id == turn.span_id and ingest[0].kind == SPAN_KIND_PRODUCER
     assert ingest[0].attributes["vlpipe.frame.seq"] == turn.attributes["vlpipe.turn.first_frame"]
     assert ingest[0].attributes["messaging.destination.name"] == keys.frames("tr1")
-    egress = {s.name: s for s in trace if s.service == "vlpipe-egress"}
-    assert set(egress) == {"egress.first_audio", "egress.transcript"}
-    for span in egress.values():
+    # The outputs' spans, by the broker, which makes them (its default `outputs_by`).
+    outputs = {s.name: s for s in trace if s.name.endswith((".first_audio", ".transcript"))}
+    assert set(outputs) == {"broker.first_audio", "broker.transcript"}
+    for span in outputs.values():
+        assert span.service == "vlpipe-broker"
         assert span.parent_span_id == turn.span_id and span.kind == SPAN_KIND_PRODUCER
         assert span.attributes["messaging.system"] == "redis"
         assert span.attributes["session.id"] == "tr1"

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.pipeline import running_pipeline
+from tests.integration.pipeline import outputs_done, running_pipeline
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, otlp_receiver
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
@@ -218,7 +218,7 @@ async def live_session(
             await redis.xadd(keys.sessions, {"type": "end", "session": sid})
 
             async def delivered() -> bool:
-                return await redis.hget(keys.session_state(sid), "egress.done") == b"1"
+                return await outputs_done(redis, keys, sid)
 
             await wait_until(delivered, within=60)
             await talk.until(lambda evs: any(e.type == "vlpipe.session.ended" for e in evs))
@@ -301,9 +301,9 @@ async def test_each_user_turn_of_a_session_is_a_trace_of_its_own(
     # and the assistant's transcript in the turn of their response, under its span.
     answered = {e.event["response_id"] for e in run.of_type("response.audio.delta")}
     assert answered, "the last phrase at least is answered"
-    first_audio = run.named("egress.first_audio")
+    first_audio = run.named("broker.first_audio")
     assert sorted(s.attributes["gen_ai.response.id"] for s in first_audio) == sorted(answered)
-    transcripts = run.named("egress.transcript")
+    transcripts = run.named("broker.transcript")
     assert transcripts
     for span in first_audio + transcripts:
         assert span.attributes["session.id"] == "mt1"

@@ -8,7 +8,7 @@ Secrets are `SecretStr`: they never appear in `repr`, logs or `vlpipe config`.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -152,17 +152,9 @@ class ServiceSettings(BaseSettings):
 
 
 class OutputsSettings(ServiceSettings):
-    """What the broker and egress share: which of them makes the sessions' outputs, and
-    how."""
+    """What the broker and egress share: how they make a session's outputs (which of them
+    makes them is the broker's `outputs_by`)."""
 
-    outputs_by: Literal["broker", "egress"] = Field(
-        default="egress",
-        description="Which service turns each session's events into its outputs (transcript, "
-        "audio out and their status entries, the shared transcripts stream): `broker`, in "
-        "the same fenced write as the events (one hop fewer), or `egress`, which follows "
-        "each session's events stream. Every service must read the same value; with "
-        "`broker`, egress serves only its gateway.",
-    )
     partial_ms: float = Field(
         default=200,
         ge=0,

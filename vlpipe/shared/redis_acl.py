@@ -6,9 +6,10 @@ read *and* write on every key it names (its KEYS), and each command the script r
 checked like any other. So a service's user has EVALSHA, EVAL and SCRIPT LOAD, read and
 write on the keys its fenced writes name (vlpipe.shared.fencing), and the commands those
 writes run. A selector (`(...)`) grants a few commands on a wider set of keys, all in one
-(Redis checks a command's keys against one selector at a time): egress's last write of a
-session names every key of it to set their expiry, frames included, yet egress may not
-write frames: its selector allows EVALSHA and EXPIRE there, not XADD.
+(Redis checks a command's keys against one selector at a time): the last write of a
+session by the service that makes its outputs (the broker, or egress) names every key of
+it to set their expiry, frames included, yet egress may not write frames: its selector
+allows EVALSHA and EXPIRE there, not XADD.
 
 To let a role do something new, add its keys or commands here: `vlpipe redis-acl` prints
 the file and the pipeline test that runs every service as its own user (tests/integration/
@@ -93,8 +94,6 @@ class AclTable:
     cluster: bool = False
     """Also the users a self-run Redis Cluster needs (`replica`, `operator`); a managed one
     (Azure Managed Redis) replicates and reshards by itself."""
-    outputs_by: str = "egress"
-    """`VLPIPE_OUTPUTS_BY`: the service whose user writes the sessions' outputs."""
 
     def roles(self) -> tuple[Role, ...]:
         """Every user of the file, in order."""
@@ -109,13 +108,14 @@ class AclTable:
         owner_rw = (k.sessions, k.session_state(ANY), wake, k.status(ANY))
         scripts = ("evalsha", "eval")
         # The outputs (transcripts, audio out, the playback position) and, with the last
-        # write of a session, the expiry of every key of it (`vlpipe.services.egress.writing`).
+        # write of a session, the expiry of every key of it (`vlpipe.services.egress.writing`):
+        # the broker's or egress's, whichever makes a session's outputs (the broker's
+        # `outputs_by`, kept per session, so both during a rolling change).
         outputs = (
             k.transcript(ANY), k.transcripts, *relayed(k, k.transcripts, "transcripts"),
             k.audio_out(ANY), k.playback(ANY),
         )  # fmt: skip
         expiry = (((*k.session_streams(ANY), k.transcripts), (*scripts, "expire")),)
-        by_broker = self.outputs_by == "broker"
         return (
             Role(
                 "ingest",
@@ -136,12 +136,11 @@ class AclTable:
                     k.events(ANY),
                     k.tool_calls,
                     *relayed(k, k.tool_calls, "tool-calls"),
-                    *(outputs if by_broker else ()),
+                    *outputs,
                 ),
-                read=() if by_broker else (k.playback(ANY),),
                 write=(k.dead,),
                 commands=SERVICE_COMMANDS,
-                selectors=expiry if by_broker else (),
+                selectors=expiry,
             ),
             Role(
                 "egress",
@@ -150,7 +149,7 @@ class AclTable:
                 read_write=(*owner_rw, k.events(ANY), *outputs, k.audio(ANY)),
                 write=(k.dead, k.ctl(ANY)),
                 commands=SERVICE_COMMANDS,
-                selectors=() if by_broker else expiry,
+                selectors=expiry,
             ),
             Role(
                 "producer",

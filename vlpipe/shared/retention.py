@@ -3,8 +3,8 @@
 * Per-session input streams (audio, frames, events, ctl) have exactly one reader, the
   session's owner in the next service, which trims them behind its checkpoint inside its
   fenced write: unread data of a live session is never trimmed. (When the broker makes
-  the outputs, `VLPIPE_OUTPUTS_BY=broker`, the events stream has no reader and keeps its
-  last `events_s`.)
+  the outputs, its default `VLPIPE_OUTPUTS_BY`, the events stream has no reader and keeps
+  its last `events_s`.)
 * Per-session output streams (transcript, audio-out, status) are capped by length for late
   subscribers and expire `session_ttl_s` after the session ends.
 * Shared streams read by consumer groups (`vl:sessions`, `vl:transcripts`,

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from vlpipe.shared.config import OutputsSettings
+from vlpipe.shared.config import ServiceSettings
 from vlpipe.shared.keys import StreamKeys
 from vlpipe.shared.redis_acl import AclTable
 
@@ -29,10 +29,7 @@ def main(argv: list[str]) -> int:
         help="add the users of a self-run Redis Cluster: replica and operator",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    settings = OutputsSettings()
-    table = AclTable(
-        StreamKeys(args.prefix or settings.stream_prefix), args.cluster, settings.outputs_by
-    )
+    table = AclTable(StreamKeys(args.prefix or ServiceSettings().stream_prefix), args.cluster)
     try:
         text = table.render(os.environ)
     except ValueError as exc:

@@ -51,16 +51,14 @@ class BrokerService:
         # input's reads (every 20 ms) name half the keys and a control read rarely wakes.
         self.ctl_reader = session_reader(ctx, settings, "ctl")
         self.tool_call_outbox = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.tool_calls)
-        shared_streams = [(ctx.keys.tool_calls, self.retention.tool_calls_cap)]
-        self.outputs: OutputWriter | None = None
-        """With `VLPIPE_OUTPUTS_BY=broker`: the sessions' outputs go in the broker's writes."""
-        if settings.outputs_by == "broker":
-            transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts, "seq")
-            self.outputs = OutputWriter("broker", ctx.keys, ctx.retention, transcripts)
-            shared_streams.append((ctx.keys.transcripts, self.retention.transcripts_cap))
+        # The outputs of the sessions whose outputs the broker makes (`BrokerSession`).
+        transcripts = SharedOutbox(ctx.redis, ctx.keys, ctx.keys.transcripts, "seq")
+        self.outputs = OutputWriter("broker", ctx.keys, ctx.retention, transcripts)
         self.ownership = session_ownership(
-            ctx, settings, self.run_session, shared_streams=tuple(shared_streams)
-        )
+            ctx, settings, self.run_session,
+            shared_streams=((ctx.keys.tool_calls, self.retention.tool_calls_cap),
+                            (ctx.keys.transcripts, self.retention.transcripts_cap)),
+        )  # fmt: skip
         self._upstream_ok: tuple[float, bool] = (0.0, False)
         self.totals: Counter[str] = Counter()  # plain counts for tests and benchmarks
         self.sampled_latency_ms: deque[float] = deque(maxlen=50_000)  # for benchmarks
@@ -123,10 +121,10 @@ class BrokerService:
         await through_outages(lambda: self.tool_call_outbox.relay(sid), "relay tool calls")
 
     async def relay_transcripts(self, sid: str) -> None:
-        """The session's outbox to `vl:transcripts`, when the broker makes the outputs."""
-        if self.outputs is not None:
-            outbox = self.outputs.transcripts
-            await through_outages(lambda: outbox.relay(sid), "relay transcripts")
+        """The session's outbox to `vl:transcripts` (a Redis Cluster only, when the broker
+        makes the session's outputs)."""
+        outbox = self.outputs.transcripts
+        await through_outages(lambda: outbox.relay(sid), "relay transcripts")
 
     async def run_session(self, owned: OwnedSession) -> None:
         session = BrokerSession(self, owned)

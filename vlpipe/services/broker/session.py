@@ -111,7 +111,12 @@ class BrokerSession:
         self.events_trimmed_at = 0.0
         self.outputs_written: dict[str, str] = {}
         """Their checkpoint fields as last written: a write carries only those that changed."""
-        if service.outputs is not None:
+        # Decided when the session starts, by the broker that starts it, and kept by every
+        # owner after it (its checkpoint says so): replicas with different settings (a
+        # rolling change) never number a session's outputs twice or leave them unmade.
+        made_here = OUTPUTS_PREFIX + "seqs" in owned.checkpoint
+        starting = not owned.checkpoint.get("seq")
+        if made_here or (starting and self.settings.outputs_by == "broker"):
             self.outputs = SessionOutputs(
                 owned.sid, start.audio_out, start.config.output_audio_format,
                 self.settings.partial_ms,
@@ -134,7 +139,8 @@ class BrokerSession:
         core, svc = self.core, self.svc
         if self.owned.taken_over:  # what the previous owner wrote but did not relay
             await svc.relay_tool_calls(self.sid)
-            await svc.relay_transcripts(self.sid)
+            if self.outputs is not None:
+                await svc.relay_transcripts(self.sid)
         if core.ended:
             return
         writer = asyncio.create_task(self._write_loop(), name=f"broker-write-{self.sid}")
@@ -147,7 +153,10 @@ class BrokerSession:
         reason = "cancelled"
         try:
             if core.seq == 0:
-                core.emit("vlpipe.session.started", {"config": core.config.model_dump(mode="json")})
+                core.emit("vlpipe.session.started", {
+                    "config": core.config.model_dump(mode="json"),
+                    "outputs_by": "egress" if self.outputs is None else "broker",
+                })  # fmt: skip
                 self._changed()
             reason = await self._upstream_life()
         except SessionEnded as exc:
@@ -179,7 +188,7 @@ class BrokerSession:
                     await asyncio.shield(self._flush())
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(svc.tool_call_outbox.settle(self.sid), CLOSE_WAIT_S)
-                if svc.outputs is not None:
+                if self.outputs is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(svc.outputs.transcripts.settle(self.sid),
                                                CLOSE_WAIT_S)  # fmt: skip
@@ -493,7 +502,7 @@ class BrokerSession:
         if self.svc.tool_call_outbox.pending_in(write, self.sid):
             self.svc.tool_call_outbox.relay_soon(self.sid)
         writer = self.svc.outputs
-        if writer is not None:
+        if self.outputs is not None:
             if writer.transcripts.pending_in(write, self.sid) and not out.ended:
                 writer.transcripts.relay_soon(self.sid)  # (the end settles them)
             writer.written(self.sid, out)
@@ -529,7 +538,7 @@ class BrokerSession:
         """When the broker makes the outputs: those of `events`, added to `write`, and the
         checkpoint fields of their state that changed."""
         out = Outputs()
-        if self.outputs is None or self.svc.outputs is None:
+        if self.outputs is None:
             return out, {}
         for event in events:
             try:

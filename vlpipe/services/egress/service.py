@@ -69,12 +69,6 @@ class EgressService:
         )  # fmt: skip
 
     async def run(self) -> None:
-        if self.settings.outputs_by == "broker":
-            # Nothing to own: the process stays up for its gateway, health and metrics
-            # (without a gateway too: a service that exits at once would be restarted).
-            log.info("the broker makes the sessions' outputs (VLPIPE_OUTPUTS_BY=broker): "
-                     "egress serves its gateway only")  # fmt: skip
-            await asyncio.Event().wait()
         await run_sessions(self.ctx, self.settings, self.reader, self.ownership)
 
     async def run_session(self, owned: OwnedSession) -> None:
@@ -111,6 +105,11 @@ class EgressService:
                 continue
             if event.seq < state.next_event:
                 continue  # already handled (a repeat after a broker takeover)
+            if event.type == "vlpipe.session.started" and (
+                event.event.get("outputs_by") == "broker"
+            ):
+                await self._let_go(state, entry.id)
+                return
             state.next_event = event.seq + 1
             state.outputs.observe(event, out)
             if out.ended:
@@ -128,6 +127,16 @@ class EgressService:
         if out.ended:
             log.info("session output finished", extra={"session": sid})
             state.done.set()
+
+    async def _let_go(self, state: SessionEgress, events_id: str) -> None:
+        """The broker makes this session's outputs (it said so in the session's first
+        event): nothing to make here. The checkpoint says so, for a replica that would
+        take the session over, and the session is released."""
+        write = self.ownership.write(state.owned)
+        write.checkpoint({"events_id": events_id, "ended": 1, "outputs_by": "broker"})
+        await self.ownership.commit(state.owned, write)
+        log.info("the broker makes the session's outputs", extra={"session": state.owned.sid})
+        state.done.set()
 
     def _rewind(self, state: SessionEgress) -> None:
         """The session's state as of its last applied write (its checkpoint)."""
