@@ -119,7 +119,7 @@ class BrokerSession:
         if made_here or (starting and self.settings.outputs_by == "broker"):
             self.outputs = SessionOutputs(
                 owned.sid, start.audio_out, start.config.output_audio_format,
-                self.settings.partial_ms,
+                self.settings.partial_ms, service="broker",
             )  # fmt: skip
             self.outputs_written = prefixed(owned.checkpoint, OUTPUTS_PREFIX)
             self.outputs.load(self.outputs_written)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from vlpipe.shared.audio import AudioFormat, FormatConverter, decode_to_pcm16
 from vlpipe.shared.contracts import AudioOut, Event, Message, Status, TranscriptPiece
@@ -94,9 +94,16 @@ class Outputs:
 
 class SessionOutputs:
     def __init__(
-        self, sid: str, audio_out: AudioFormat, output_format: AudioFormat, partial_ms: float = 200
+        self,
+        sid: str,
+        audio_out: AudioFormat,
+        output_format: AudioFormat,
+        partial_ms: float = 200,
+        service: Literal["broker", "egress"] = "egress",
     ) -> None:
+        """`service`: the one that makes the outputs, named in the status messages."""
         self.sid = sid
+        self.service: Literal["broker", "egress"] = service
         self.audio_out = audio_out
         self.partial_ms = partial_ms
         self.state = State(output_format=output_format.value)
@@ -392,7 +399,7 @@ class SessionOutputs:
         out.status.append(
             Status(
                 session=self.sid,
-                service="egress",
+                service=self.service,
                 kind=kind,
                 message=message,
                 detail=detail,
