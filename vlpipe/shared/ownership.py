@@ -430,7 +430,10 @@ class SessionOwnership:
             return Disposition.KEEP  # our own pending entry, re-read after a reconnect
         state = await self.redis.hgetall(state_key)
         if state.get(self._field("done").encode()) == b"1":
-            return Disposition.ACK  # finished earlier; only the ack was lost
+            # Finished earlier (egress lets a session whose outputs the broker makes go at
+            # once): the start it ran, whose ack was lost, is acked; another is refused.
+            _second_start(msg.session, entry.id, state.get(self._field("entry").encode()))
+            return Disposition.ACK
         age_s = max(0.0, time.time() - entry_ms(entry.id) / 1000)
         if not state and age_s > self.stale_start_s:
             raise ContractError(
@@ -441,11 +444,7 @@ class SessionOwnership:
         # replicas given two starts cannot both run it); a taken-over entry is that one.
         if not await self.redis.hsetnx(state_key, self._field("entry"), entry.id):
             started_by: Any = await self.redis.hget(state_key, self._field("entry"))
-            if started_by is not None and started_by.decode() != entry.id:
-                raise ContractError(
-                    f"session {msg.session!r} was already started (entry "
-                    f"{started_by.decode()}); a second start is refused"
-                )
+            _second_start(msg.session, entry.id, started_by)
         # The claim raises the epoch before the checkpoint is read: from then on a stalled
         # earlier owner's writes are refused, so the checkpoint cannot move under us.
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -600,3 +599,13 @@ class SessionOwnership:
                 self._lose(s, "its start entry is pending to another replica")
             elif flag == b"1":
                 s.ended.set()
+
+
+def _second_start(sid: str, entry_id: str, started_by: bytes | str | None) -> None:
+    """Refuse a start entry of a session another start entry (`started_by`) started."""
+    if isinstance(started_by, bytes):
+        started_by = started_by.decode()
+    if started_by is not None and started_by != entry_id:
+        raise ContractError(
+            f"session {sid!r} was already started (entry {started_by}); a second start is refused"
+        )
