@@ -101,16 +101,13 @@ class Client:
             while self.queue:
                 if self.notice_due:
                     self.notice_due = False
-                    await self.ws.send(
-                        json.dumps(
-                            {
-                                "type": "notice",
-                                "kind": "audio_dropped",
-                                "chunks": self.dropped,
-                                "message": "this client read too slowly; its oldest audio was dropped",
-                            }
-                        )
-                    )
+                    # Twilio's Media Streams has no such message (its socket gets Twilio's
+                    # events only): `vlpipe.gateway.dropped_audio` counts its drops.
+                    if self.twilio_stream is None:
+                        await self.ws.send(json.dumps({
+                            "type": "notice", "kind": "audio_dropped", "chunks": self.dropped,
+                            "message": "this client read too slowly; its oldest audio was dropped",
+                        }))  # fmt: skip
                 await self.ws.send(self.queue.popleft())
                 if self.has_room():
                     self.room.set()
