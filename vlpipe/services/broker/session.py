@@ -115,7 +115,7 @@ class BrokerSession:
         # owner after it (its checkpoint says so): replicas with different settings (a
         # rolling change) never number a session's outputs twice or leave them unmade.
         made_here = OUTPUTS_PREFIX + "seqs" in owned.checkpoint
-        starting = not owned.checkpoint.get("seq")
+        starting = self.core.seq == 0  # (its first event, which says who, is still to come)
         if made_here or (starting and self.settings.outputs_by == "broker"):
             self.outputs = SessionOutputs(
                 owned.sid, start.audio_out, start.config.output_audio_format,
@@ -538,8 +538,8 @@ class BrokerSession:
         """When the broker makes the outputs: those of `events`, added to `write`, and the
         checkpoint fields of their state that changed."""
         out = Outputs()
-        if self.outputs is None:
-            return out, {}
+        if self.outputs is None or not events:
+            return out, {}  # (their state moves only with events: a checkpoint-only write)
         for event in events:
             try:
                 self.outputs.observe(event, out)
