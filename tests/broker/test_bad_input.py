@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import redis.asyncio as aioredis
+from websockets.asyncio.server import ServerConnection, serve
 
 from tests.broker.helpers import (
     FrameWriter,
@@ -13,6 +17,7 @@ from tests.broker.helpers import (
     statuses,
     wait_for_event,
 )
+from tests.egress.helpers import audio_out, transcript
 from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.keys import StreamKeys
@@ -109,3 +114,59 @@ async def test_upstream_errors_are_surfaced_and_never_tear_the_session_down(
         "You said: Hello again."
     ]
     assert [e.type for e in await events(redis, keys, "z1")].count("vlpipe.upstream.connected") == 1
+
+
+async def test_an_upstream_event_whose_outputs_cannot_be_made_is_reported_and_the_rest_are_made(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    # An upstream (a real WebSocket server) that sends one event the outputs cannot read
+    # (a speech start whose offset is not a number), then a whole spoken answer. With the
+    # broker making the outputs, that one event's outputs are skipped and reported; the
+    # event itself, and every output of the answer, are still written.
+    pcm = bytes(range(256)) * 19  # 4864 bytes: about 100 ms of 24 kHz PCM16
+    script = [
+        {"type": "input_audio_buffer.speech_started", "item_id": "u1", "audio_start_ms": "soon"},
+        {"type": "response.created", "response": {"id": "r1"}},
+        {"type": "response.audio.delta", "response_id": "r1", "item_id": "a1",
+         "output_index": 0, "content_index": 0, "delta": base64.b64encode(pcm).decode()},
+        {"type": "response.audio_transcript.done", "response_id": "r1", "item_id": "a1",
+         "output_index": 0, "content_index": 0, "transcript": "Still here."},
+        {"type": "response.done", "response": {"id": "r1", "status": "completed", "output": []}},
+    ]  # fmt: skip
+
+    async def upstream(ws: ServerConnection) -> None:
+        update = json.loads(await ws.recv())
+        assert update["type"] == "session.update"
+        await ws.send(json.dumps({"type": "session.updated", "session": update["session"]}))
+        for event in script:
+            await ws.send(json.dumps(event))
+        async for _ in ws:  # appends, until the broker closes
+            pass
+
+    async with (
+        serve(upstream, "127.0.0.1", 0) as server,
+        running_broker(redis_url, keys, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                       outputs_by="broker"),
+    ):  # fmt: skip
+        await start_session(redis, keys, "o1")
+        await wait_for_event(redis, keys, "o1", "response.done")
+
+        async def made() -> bool:
+            audio = [a for a in await audio_out(redis, keys, "o1") if a.kind == "audio"]
+            return bool(audio) and any(s.kind == "error" for s in await statuses(redis, keys, "o1"))
+
+        await wait_until(made)
+        evs = await events(redis, keys, "o1")
+        errors = [s for s in await statuses(redis, keys, "o1") if s.kind == "error"]
+        audio = [a for a in await audio_out(redis, keys, "o1") if a.kind == "audio"]
+        pieces = await transcript(redis, keys, "o1")
+    assert "input_audio_buffer.speech_started" in [e.type for e in evs]
+    assert len(errors) == 1
+    assert "outputs of a input_audio_buffer.speech_started event could not be made" in (
+        errors[0].message
+    )
+    assert "soon" in errors[0].message
+    assert b"".join(a.audio for a in audio) == pcm
+    assert [(p.speaker, p.text, p.final) for p in pieces if p.final] == [
+        ("assistant", "Still here.", True)
+    ]
