@@ -592,6 +592,11 @@ def packed_args(*args: str | bytes | int) -> bytes:
     return packed[packed.index(b"\r\n") + 2 :]
 
 
+DELIVER_SLICE_S = 0.001
+"""The longest a reader hands one read's entries to their handlers before it lets the
+event loop run what else is ready, then goes on (see `SessionStreamReader._read_once`)."""
+
+
 @dataclass(slots=True)
 class SessionStreamReader:
     """Follows many per-session streams with one blocking XREAD (one per slot in use on a
@@ -832,7 +837,16 @@ class SessionStreamReader:
         """One blocking XREAD of `followed` (each from its position) and `wake_key`, and
         the delivery of what it returned; returns the wake-up stream's new position. With
         `slot` (a cluster), the read goes to that slot's master itself (`send_to_slot`:
-        redis-py mishandles ASK while a slot migrates)."""
+        redis-py mishandles ASK while a slot migrates).
+
+        Calls on a shared 20 ms clock make one read return a chunk of every session at
+        once, and handing them all over is one long run of the loop (the broker at 25
+        calls on a slow host: about 5 ms a tick, at 250 calls tens of ms). An answer's
+        audio arriving from the upstream meanwhile, or the reply to a write of its
+        events, waited for all of it, at each of its steps. So the delivery lets the loop
+        run what else is ready every `DELIVER_SLICE_S` (between streams: a stream's
+        entries go in order, in one call). What is still to deliver is this read's: a
+        stream dropped meanwhile is skipped, one added is read next time."""
         raw: Any
         if slot is None:
             raw = await self._xread(self._packed_read(wake_id))
@@ -841,7 +855,11 @@ class SessionStreamReader:
             raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
         deliveries: list[Awaitable[None]] = []
         errors: list[BaseException] = []
+        slice_ends = time.monotonic() + DELIVER_SLICE_S
         for stream_raw, raw_entries in raw.items() if isinstance(raw, dict) else (raw or ()):
+            if time.monotonic() >= slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.monotonic() + DELIVER_SLICE_S
             key = _s(stream_raw)  # RESP3 (a map) or RESP2 (pairs); nothing (None) on timeout
             if key == wake_key:
                 wake_id = _s(raw_entries[-1][0])
