@@ -14,9 +14,11 @@ from tests.broker.helpers import (
     running_broker,
     silence,
     start_session,
+    statuses,
     types,
     wait_for_event,
 )
+from tests.waiting import wait_until
 from vlpipe.services.engine.server import running_engine
 from vlpipe.shared.contracts import Event
 from vlpipe.shared.keys import StreamKeys
@@ -129,3 +131,30 @@ async def test_input_that_ends_mid_utterance_still_gets_its_answer(
     said = transcripts(evs)
     assert len(said) == 1 and said[0].startswith("You said: Ever tried")
     assert evs[-1].event["reason"] == "input_ended"
+
+
+async def test_a_session_whose_outputs_the_broker_made_is_finished_for_egress_too(
+    redis_url: str, redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    # No egress runs at all (as when egress's let-go was lost in a Redis failover, or egress
+    # was down): the broker's last write marks the session done for egress as well, so an
+    # egress that claims it later has nothing to do, and nothing waits on it.
+    async with (
+        running_engine(model="echo", output_pace=0) as engine,
+        running_broker(redis_url, keys, engine.endpoint, outputs_by="broker"),
+    ):
+        await start_session(redis, keys, "d1")
+        frames = FrameWriter(redis, keys, "d1")
+        await frames.write(b"\0" * 3200)
+        await frames.finish()
+        await wait_for_event(redis, keys, "d1", "vlpipe.session.ended")
+
+        async def released() -> bool:
+            return await redis.hget(keys.session_state("d1"), "broker.done") == b"1"
+
+        await wait_until(released)
+        state = await redis.hgetall(keys.session_state("d1"))
+    assert state[b"egress.done"] == b"1"
+    assert b"egress.epoch" not in state  # (egress never claimed it)
+    ends = [st for st in await statuses(redis, keys, "d1") if st.message == "ended"]
+    assert [(st.kind, st.service) for st in ends] == [("state", "broker")]

@@ -64,6 +64,8 @@ EVENTS_TRIM_EVERY_S = 5.0
 OUTPUTS_PREFIX = "out."
 """The checkpoint fields of the session's outputs (`SessionOutputs.snapshot`), when the
 broker makes them: prefixed, as some of their names are the core's too."""
+EGRESS_DONE = "egress.done"
+"""Egress's mark that it has finished a session (`SessionOwnership.release`)."""
 CLOSE_WAIT_S = 1.0
 """At the end, the most the upstream's close handshake or the writer's last write may take
 (a stopping replica has a drain budget to keep)."""
@@ -549,6 +551,13 @@ class BrokerSession:
                 self.core.status("error", f"the outputs of a {event.type} event could not be "
                                  f"made: {exc!r}"[:500], {"seq": event.seq})  # fmt: skip
         self.svc.outputs.add(write, self.sid, self.outputs, out)
+        if out.ended:
+            # Egress has nothing to do for the session (it let it go, or will at once): its
+            # mark goes with the broker's last write too. Egress's own let-go is written
+            # near the start, and a Redis failover that loses it (acknowledged, never
+            # replicated) leaves egress nothing later to notice the loss by, while the
+            # broker's writes go on.
+            write.hset(write.state_key, {EGRESS_DONE: 1})
         # Egress trims the events stream as it reads it; when the broker makes the
         # outputs nothing reads it, and it keeps the last `events_s` (trimmed every few
         # seconds, whole blocks of entries at a time).
