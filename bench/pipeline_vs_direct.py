@@ -364,16 +364,19 @@ async def null_server_role(params: dict[str, Any]) -> None:
 @dataclass
 class Answers:
     """What one app or consumer received: per (session, answer number), when the first
-    audio arrived, the server's stamp in it, and the bytes that arrived by `until`."""
+    audio arrived, the server's stamp in it, the bytes that arrived by `until`, and (the
+    pipeline's consumer) when Redis wrote that first audio's entry (its id's time)."""
 
     until: float
     seen: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
-    def audio(self, session: int, response_id: str, audio: bytes, now: float) -> None:
+    def audio(
+        self, session: int, response_id: str, audio: bytes, now: float, written: float = math.nan
+    ) -> None:
         number = int(response_id.rpartition("_")[2])
         got = self.seen.get((session, number))
         if got is None:
-            got = self.seen[session, number] = [now, STAMP.unpack_from(audio)[0], 0]
+            got = self.seen[session, number] = [now, STAMP.unpack_from(audio)[0], 0, written]
         if now <= self.until:
             got[2] += len(audio)
 
@@ -609,7 +612,7 @@ async def consumer_role(params: dict[str, Any]) -> None:
                 positions[i] = entry_id
                 audio = answer_of(dict(zip(flat[::2], flat[1::2], strict=True)))
                 if audio is not None:
-                    answers.audio(i, *audio, now)
+                    answers.audio(i, *audio, now, int(entry_id.partition(b"-")[0]) / 1000)
     await redis.close()
     emit(result=True, answers=answers.rows())
 
@@ -659,6 +662,9 @@ class Turns:
     downlink_ms: list[float]  # the server starting the answer -> first audio received
     delivered: float  # share of the expected answer audio received by the deadline
     ticker_late_ms: list[float]  # each tick's start against the 20 ms schedule
+    # The pipeline's downlink split at its audio-out entry's id (Redis's clock, whole ms):
+    to_redis_ms: list[float] = field(default_factory=list)  # the server -> the entry
+    from_redis_ms: list[float] = field(default_factory=list)  # the entry -> the consumer
 
 
 def turn_figures(
@@ -684,11 +690,14 @@ def turn_figures(
             got = seen.get((session, m))
             if got is None:
                 continue
-            first, stamp, in_time = got
+            first, stamp, in_time, *written = got
             tick = ticks[completing[m]] + phase_offset_s(session % phases, phases)
             turns.latency_ms.append((first - tick) * 1000)
             turns.uplink_ms.append((stamp - tick) * 1000)
             turns.downlink_ms.append((first - stamp) * 1000)
+            if written and not math.isnan(written[0]):
+                turns.to_redis_ms.append((written[0] - stamp) * 1000)
+                turns.from_redis_ms.append((first - written[0]) * 1000)
             delivered += in_time
     if turns.expected:
         turns.delivered = delivered / (turns.expected * ANSWER_DELTAS * DELTA_BYTES)
@@ -1283,6 +1292,17 @@ def report(results: list[tuple[ModeResult, ModeResult]]) -> str:
                 f"| {ms_pair(t.uplink_ms)} | {ms_pair(t.downlink_ms)} | {ms_pair(t.ticker_late_ms)} "
                 f"| {r.input_share:.1%} | {r.window.null_appends / r.window.wall_s:.0f} |"
             )
+    out += [
+        "",
+        "The pipeline's downlink split at its first audio-out entry's id (Redis's clock, in "
+        "whole ms, so each part is ±1 ms): the null server to that entry written (the broker "
+        "receiving, writing, Redis running the write) / the entry to the consumer, ms p50 / "
+        "p99:",
+        "",
+    ]
+    for pipe, _ in results:
+        t = pipe.turns
+        out.append(f"- N={pipe.n}: {ms_pair(t.to_redis_ms)} / {ms_pair(t.from_redis_ms)}")
     out += ["", "Garbage collection pauses in the window, ms in all / the longest:", ""]
     for pipe, _ in results:
         pauses = ", ".join(f"{name} {fmt(total)} / {fmt(longest)}"

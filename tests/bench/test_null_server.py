@@ -90,6 +90,18 @@ def test_a_staggered_calls_turn_is_timed_from_its_own_completing_tick() -> None:
     assert [round(v, 6) for v in turns.latency_ms] == [10.0]
     assert [round(v, 6) for v in turns.uplink_ms] == [4.0]
     assert [round(v, 6) for v in turns.downlink_ms] == [6.0]
+    assert turns.to_redis_ms == [] and turns.from_redis_ms == []  # (the direct app's rows)
+
+
+def test_the_pipelines_downlink_is_split_where_redis_wrote_the_audio() -> None:
+    t0, starts = 1000.0, [0]
+    ticks = [t0 + k * TICK_S for k in range(BLOCK_TICKS)]
+    stamp = ticks[-1] + 0.004  # the null server started the answer
+    rows = [[0, 1, stamp + 0.006, stamp, DELTA_BYTES * 10, stamp + 0.002]]
+    turns = turn_figures(t0, ticks, rows, starts, warmup=0.0, seconds=len(ticks) * TICK_S)
+    assert [round(v, 6) for v in turns.downlink_ms] == [6.0]
+    assert [round(v, 6) for v in turns.to_redis_ms] == [2.0]
+    assert [round(v, 6) for v in turns.from_redis_ms] == [4.0]
 
 
 def test_a_call_in_a_later_phase_is_timed_from_its_own_send_within_the_tick() -> None:
