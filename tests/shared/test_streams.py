@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable
 from typing import Any
 
 import hiredis
+import pytest
 import redis.asyncio as aioredis
 
 from tests.shared.procs import start_worker
@@ -238,6 +240,45 @@ async def test_chunks_of_calls_whose_clocks_are_not_aligned_share_a_read_within_
         await asyncio.sleep(0.01)
     await wait_until(lambda: _true(sum(got.values()) == 11), within=10)
     assert await _xread_calls(redis) - before <= 2, "the ten chunks shared one read"
+    stop.set()
+    reader.wake()
+    await task
+    await redis.aclose()
+
+
+@pytest.mark.parametrize("backlog", [False, True], ids=["keeping-up", "behind"])
+async def test_a_long_delivery_lets_other_work_run_between_streams_unless_the_reader_is_behind(
+    backlog: bool, fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    """Thirty calls' chunks come in one read, as on a shared 20 ms tick, and handing each
+    over takes 0.5 ms of CPU. Work that became ready meanwhile (an answer's audio from the
+    upstream, a write's reply) runs between them, not after all thirty. A stream with a
+    backlog (the reader is behind) goes over at once, with the rest of its read."""
+    redis = connect(fresh_redis_server.url)
+    calls = [keys.frames(f"s{i}") for i in range(30)]
+    order: list[str] = []
+
+    def handle(key: str, entries: list[Entry]) -> None:
+        if not order:  # work that becomes ready while the read is handed over
+            asyncio.get_running_loop().call_soon(order.append, "other")
+        order.append(key)
+        busy_until = time.perf_counter() + 0.0005
+        while time.perf_counter() < busy_until:
+            pass
+
+    for key in calls:
+        await redis.xadd(key, {"seq": "0"})
+    if backlog:
+        await redis.xadd(calls[-1], {"seq": "1"})
+    reader, stop, task = _running_reader(redis, keys, block_ms=60_000)
+    for key in calls:  # (no await between them: the first read names them all)
+        reader.add(key, "0-0", handle)
+    await wait_until(lambda: _true(len(order) == len(calls) + 1), within=10)
+    assert sorted(order) == sorted([*calls, "other"]), "each call's chunk went over once"
+    if backlog:
+        assert order[-1] == "other", order
+    else:
+        assert 0 < order.index("other") < len(calls), order
     stop.set()
     reader.wake()
     await task

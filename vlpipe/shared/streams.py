@@ -846,7 +846,12 @@ class SessionStreamReader:
         events, waited for all of it, at each of its steps. So the delivery lets the loop
         run what else is ready every `DELIVER_SLICE_S` (between streams: a stream's
         entries go in order, in one call). What is still to deliver is this read's: a
-        stream dropped meanwhile is skipped, one added is read next time."""
+        stream dropped meanwhile is skipped, one added is read next time.
+
+        Only while the reader keeps up (no stream has more than one new entry): on an
+        overloaded process every slice waits for a whole turn of everything else, and the
+        input falls behind real time (the broker at 250 calls on that slow host: 72% of
+        the audio in time with slices at every read, 97-99% without)."""
         raw: Any
         if slot is None:
             raw = await self._xread(self._packed_read(wake_id))
@@ -855,9 +860,13 @@ class SessionStreamReader:
             raw = await send_to_slot(cast(RedisCluster, self.redis), slot, command)
         deliveries: list[Awaitable[None]] = []
         errors: list[BaseException] = []
+        streams = list(raw.items() if isinstance(raw, dict) else (raw or ()))
+        # A stream with more than one new entry: the reader is behind, and handing its
+        # backlog over at once keeps it from falling further behind.
+        sliced = all(len(entries) <= 1 for _, entries in streams)
         slice_ends = time.monotonic() + DELIVER_SLICE_S
-        for stream_raw, raw_entries in raw.items() if isinstance(raw, dict) else (raw or ()):
-            if time.monotonic() >= slice_ends:
+        for stream_raw, raw_entries in streams:
+            if sliced and time.monotonic() >= slice_ends:
                 await asyncio.sleep(0)
                 slice_ends = time.monotonic() + DELIVER_SLICE_S
             key = _s(stream_raw)  # RESP3 (a map) or RESP2 (pairs); nothing (None) on timeout
