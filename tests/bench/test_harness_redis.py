@@ -59,6 +59,7 @@ async def test_the_consumer_takes_each_answers_first_audio_from_every_session(
     prefix = f"h{uuid.uuid4().hex[:8]}"
     keys = StreamKeys(prefix)
     stamp = struct.pack("<d", 123.5)
+    before = time.time()
     for seq, (sid, answer) in enumerate((("a", "resp_1"), ("b", "resp_2"), ("b", "resp_2"))):
         if follows == "audio-out":
             await redis.xadd(keys.audio_out(sid), {"kind": "audio", "response_id": answer,
@@ -79,7 +80,10 @@ async def test_the_consumer_takes_each_answers_first_audio_from_every_session(
     await consumer_role(params)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     answers = sorted(lines[-1]["answers"])
-    # (session, answer number, first seen, the server's stamp, bytes by `until`)
-    assert [(s, m, stamp_, size) for s, m, _, stamp_, size in answers] == [
+    # (session, answer number, first seen, the server's stamp, bytes by `until`, when
+    # Redis wrote the first audio's entry)
+    assert [(s, m, stamp_, size) for s, m, _, stamp_, size, _ in answers] == [
         (0, 1, 123.5, 16), (1, 2, 123.5, 32),
     ]  # fmt: skip
+    for _, _, seen, _, _, written in answers:
+        assert before - 0.001 <= written <= seen  # (an id's time is in whole ms)
