@@ -86,6 +86,26 @@ async def test_writes_redis_lost_after_acknowledging_them_are_detected(
     assert await redis.xlen(keys.frames("s")) == 6
 
 
+@pytest.mark.parametrize("stored", [None, "older"])
+async def test_a_claim_redis_lost_is_a_loss_of_writes_not_another_owners_claim(
+    stored: str | None, redis: aioredis.Redis, keys: StreamKeys
+) -> None:
+    # A replica promoted before it had the claim (or an older AOF): the session's epoch is
+    # gone, or is an earlier owner's. No one claimed it after this owner, so nothing
+    # fences it off: Redis lost what it acknowledged (the owner reports it and resumes).
+    writer = Writer(redis)
+    await _claim(redis, keys, "s")
+    fence = await _claim(redis, keys, "s")
+    await writer.apply(_frames_write(keys, "s", 0, 2), fence)
+    if stored is None:
+        await redis.delete(keys.session_state("s"))
+    else:
+        await redis.hset(keys.session_state("s"), "svc.epoch", fence.epoch - 1)
+    with pytest.raises(Regressed, match="this owner claimed"):
+        await writer.apply(_frames_write(keys, "s", 2, 2), fence)
+    assert await redis.xlen(keys.frames("s")) == 2
+
+
 async def test_trims_keep_what_the_reader_has_not_passed(
     redis: aioredis.Redis, keys: StreamKeys
 ) -> None:

@@ -220,7 +220,14 @@ class Writer:
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         stored = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         if outcome == "fenced":
-            raise Fenced(f"epoch {fence.epoch} no longer holds (now {stored or 'none'})")
+            if not stored or int(stored) < fence.epoch:
+                # No later claim took the session: Redis went back to before this owner's
+                # (a failover or an older AOF lost the claim itself, with what followed).
+                raise Regressed(
+                    f"Redis has epoch {stored or 'none'} of the session, this owner claimed "
+                    f"epoch {fence.epoch}"
+                )
+            raise Fenced(f"epoch {fence.epoch} no longer holds (now {stored})")
         if outcome == "regressed":
             raise Regressed(
                 f"Redis has write {stored} of this owner, which had written {fence.written}"
