@@ -104,6 +104,11 @@ def written_field(service: str) -> str:
     return f"{service}.written"
 
 
+def done_field(service: str) -> str:
+    """The checkpoint field marking that `service` has finished the session."""
+    return f"{service}.done"
+
+
 @dataclass(slots=True)
 class SessionWrite:
     """Operations on one session's keys, applied together or not at all by `apply_write`.

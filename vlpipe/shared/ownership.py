@@ -58,6 +58,7 @@ from vlpipe.shared.fencing import (
     SessionWrite,
     Wait,
     Writer,
+    done_field,
     epoch_field,
 )
 from vlpipe.shared.keys import StreamKeys, check_session_id
@@ -429,7 +430,7 @@ class SessionOwnership:
         if mine is not None and mine.entry_id == entry.id:
             return Disposition.KEEP  # our own pending entry, re-read after a reconnect
         state = await self.redis.hgetall(state_key)
-        if state.get(self._field("done").encode()) == b"1":
+        if state.get(done_field(self.service).encode()) == b"1":
             # Finished earlier (egress lets a session whose outputs the broker makes go at
             # once): the start it ran, whose ack was lost, is acked; another is refused.
             _second_start(msg.session, entry.id, state.get(self._field("entry").encode()))

@@ -45,7 +45,7 @@ from vlpipe.services.broker.upstream import UpstreamError, open_upstream
 from vlpipe.services.egress.outputs import Outputs, SessionOutputs
 from vlpipe.services.egress.writing import prefixed
 from vlpipe.shared.contracts import EndSession, Event, Message, SessionEnd, encode
-from vlpipe.shared.fencing import SessionLost, SessionWrite
+from vlpipe.shared.fencing import SessionLost, SessionWrite, done_field
 from vlpipe.shared.ownership import OwnedSession
 from vlpipe.shared.reorder import describe
 from vlpipe.shared.streams import REDIS_DOWN, Entry, entry_key, entry_ms, through_outages
@@ -64,8 +64,6 @@ EVENTS_TRIM_EVERY_S = 5.0
 OUTPUTS_PREFIX = "out."
 """The checkpoint fields of the session's outputs (`SessionOutputs.snapshot`), when the
 broker makes them: prefixed, as some of their names are the core's too."""
-EGRESS_DONE = "egress.done"
-"""Egress's mark that it has finished a session (`SessionOwnership.release`)."""
 CLOSE_WAIT_S = 1.0
 """At the end, the most the upstream's close handshake or the writer's last write may take
 (a stopping replica has a drain budget to keep)."""
@@ -557,7 +555,7 @@ class BrokerSession:
             # near the start, and a Redis failover that loses it (acknowledged, never
             # replicated) leaves egress nothing later to notice the loss by, while the
             # broker's writes go on.
-            write.hset(write.state_key, {EGRESS_DONE: 1})
+            write.hset(write.state_key, {done_field("egress"): 1})
         # Egress trims the events stream as it reads it; when the broker makes the
         # outputs nothing reads it, and it keeps the last `events_s` (trimmed every few
         # seconds, whole blocks of entries at a time).
