@@ -327,11 +327,53 @@ def test_speech_the_upstream_reports_after_the_input_ended_gets_the_silence_too(
 def test_input_ending_after_a_quiet_upstream_leaves_it_the_quiet_time_to_answer() -> None:
     core = make_core(VAD, drain_quiet_s=1.0)
     up = Upstream(core)
-    up.open()  # at 0 s; then the upstream says nothing until the input comes, at 10 s
-    core.audio([*(frame(s) for s in range(50)), final_marker(50)], 10.0)
-    assert not core.finished(10.0)
-    assert not core.finished(10.5)
-    assert core.finished(11.0)
+    up.open()  # at 0 s; then the upstream says nothing while the input comes in real time
+    feed_in_real_time(core, up, range(50))
+    core.audio([final_marker(50)], 1.0)
+    assert not core.finished(1.0)
+    assert not core.finished(1.9)
+    assert core.finished(2.01)
+
+
+def test_a_backlog_sent_at_once_is_heard_before_the_quiet_time_runs() -> None:
+    """After a takeover or an outage the broker sends what it missed at once. An input
+    that ended with it must leave the upstream the time to hear it (no faster than real
+    time, at worst) and then the quiet time to answer, not close while it listens (once
+    seen: a session taken over after a failover closed with its question unanswered)."""
+    core = make_core(VAD, drain_quiet_s=1.0)
+    up = Upstream(core)
+    up.open()
+    core.audio([*(frame(s) for s in range(500)), final_marker(500)], 10.0)  # 10 s of audio
+    up.take()
+    assert not core.finished(11.0)
+    assert not core.finished(20.9)
+    assert core.finished(21.01)
+
+
+def test_the_vads_reports_say_how_much_of_a_backlog_the_upstream_has_heard() -> None:
+    """An upstream faster than real time is not waited for: its VAD says where in the
+    input it was, and the quiet time runs from when the rest could have been heard."""
+    core = make_core(VAD, drain_quiet_s=1.0)
+    up = Upstream(core)
+    up.open()
+    core.audio([frame(s) for s in range(500)], 10.0)  # 10 s of audio at once
+    up.take()
+    up.now = 10.5  # the upstream has heard 9.8 s of it already
+    up.outbox.extend([
+        {"type": "input_audio_buffer.speech_started", "audio_start_ms": 9000, "item_id": "u1"},
+        {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 9800, "item_id": "u1"},
+    ])  # fmt: skip
+    while up.deliver():
+        pass
+    item = up.commit()
+    up.transcribe(item)
+    up.start_response()
+    up.finish_response()
+    while up.deliver():
+        pass
+    core.audio([final_marker(500)], 11.0)
+    assert not core.finished(11.5)
+    assert core.finished(12.01)  # heard by 10.7 s, the input ended at 11 s
 
 
 def feed_in_real_time(core: SessionCore, up: Upstream, seqs: range, speed: float = 1.0) -> None:

@@ -83,6 +83,12 @@ AUTO_RESPONSE_WAIT_S = 5.0
 """How long a response the upstream should create by itself (server VAD after a commit)
 is waited for before requests queued behind it are sent."""
 DEFAULT_SILENCE_MS = 500
+_VAD_REPORTS = {
+    "input_audio_buffer.speech_started": "audio_start_ms",
+    "input_audio_buffer.speech_stopped": "audio_end_ms",
+}
+"""The VAD's reports and the field that says where in the input it was (the upstream
+heard that far, at least)."""
 
 
 @dataclass(slots=True)
@@ -203,6 +209,11 @@ class SessionCore:
         self.silence_sent = False
         """The trailing silence went to this upstream session (after the input ended)."""
         self.last_event_at = 0.0
+        self.heard_by = 0.0
+        """When the upstream has heard all the audio sent to it, at the latest (monotonic s).
+        It hears no slower than real time, so a backlog sent at once (read after a takeover
+        or an outage, or from a producer faster than real time) takes its length to hear;
+        its VAD's reports of where speech started or stopped show how far it got."""
         self.connected_at = 0.0
         self.now = 0.0
         """The clock (monotonic s) as of the last input."""
@@ -366,8 +377,9 @@ class SessionCore:
             self.conv.busy or self.requested or self.queued or self.calls
             or self.respond_after_calls
         )  # fmt: skip
-        # Quiet since the input ended too: audio sent with its end has had no answer yet.
-        quiet_since = max(self.last_event_at, self.final_at)
+        # Quiet since the input ended and the upstream heard it all: audio sent with its
+        # end, or in a backlog before it, has had no answer yet.
+        quiet_since = max(self.last_event_at, self.final_at, self.heard_by)
         return not in_flight and now - quiet_since >= self.settings.drain_quiet_s
 
     # ================================================================ audio
@@ -424,6 +436,8 @@ class SessionCore:
 
     def _send_audio(self, audio: bytes) -> None:
         self._send({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()})
+        duration_s = self.config.input_audio_format.ms_for_bytes(len(audio)) / 1000
+        self.heard_by = max(self.heard_by, self.now) + duration_s
 
     def _let_go(
         self, upto_ms: float, sent_by: float = math.inf, anyway_upto_ms: float = -math.inf
@@ -649,6 +663,11 @@ class SessionCore:
         """One upstream event (a `response.audio.delta`'s audio already decoded)."""
         self.now = self.last_event_at = now
         kind = str(event.get("type", ""))
+        if kind in _VAD_REPORTS:
+            heard_ms = event.get(_VAD_REPORTS[kind])
+            if isinstance(heard_ms, int | float):  # the upstream got this far, at least
+                unheard_s = max(0.0, self.upstream_ms - heard_ms) / 1000
+                self.heard_by = min(self.heard_by, now + unheard_s)
         self.conv.observe(event, len(audio) if audio else 0)
         if kind == "input_audio_buffer.speech_started" or (
             kind == "response.created" and not self.turns.in_progress
