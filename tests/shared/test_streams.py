@@ -285,6 +285,43 @@ async def test_a_long_delivery_lets_other_work_run_between_streams_unless_the_re
     await redis.aclose()
 
 
+async def test_a_stream_followed_again_during_a_read_gets_its_entries_from_its_new_position(
+    fresh_redis_server: RedisServer, keys: StreamKeys
+) -> None:
+    """A session lost and claimed again by the same process (a failover that lost its
+    writes: it resumes from the checkpoint Redis still has) is dropped and followed again
+    while a read from its old position is in flight. The new follower starts where the
+    new checkpoint says: what that read brought from the old position is not its."""
+    redis = connect(fresh_redis_server.url)
+    other, session = keys.frames("other"), keys.frames("s1")
+    await redis.xadd(other, {"seq": "0"})
+    ids = [await redis.xadd(session, {"seq": str(seq)}) for seq in range(3)]
+    resumed: list[bytes] = []
+
+    def resume(key: str, entries: list[Entry]) -> None:
+        resumed.extend(e.fields[b"seq"] for e in entries)
+
+    def handle_other(key: str, entries: list[Entry]) -> None:
+        # Runs in the read that also brought the session's entries after its old position.
+        reader.remove(session)
+        reader.add(session, "0-0", resume)  # the checkpoint Redis has: from the start
+
+    def old_owner(key: str, entries: list[Entry]) -> None:
+        raise AssertionError("delivered to the session's old follower")
+
+    reader, stop, task = _running_reader(redis, keys, block_ms=60_000)
+    reader.add(other, "0-0", handle_other)  # (no await between: one read names both)
+    reader.add(session, ids[1].decode(), old_owner)
+    await wait_until(lambda: _true(len(resumed) >= 3), within=10)
+    await asyncio.sleep(0.2)
+    assert resumed == [b"0", b"1", b"2"]
+    assert reader.position(session) == ids[2].decode()
+    stop.set()
+    reader.wake()
+    await task
+    await redis.aclose()
+
+
 async def _xread_calls(redis: aioredis.Redis) -> int:
     stats: Any = await redis.info("commandstats")
     return int(stats.get("cmdstat_xread", {}).get("calls", 0))

@@ -558,6 +558,9 @@ async def through_outages(call: Callable[[], Awaitable[T]], what: str) -> T:
 class _Followed:
     last_id: str
     handler: SessionHandler
+    since_read: int = 0
+    """The reader's count of reads begun when the stream was followed: a read begun
+    before it brings entries after the position of an earlier follower of the key."""
     failures: int = 0
     retry_at: float = 0.0  # monotonic time before which a failing stream is not read
 
@@ -649,9 +652,11 @@ class SessionStreamReader:
     # stream added or dropped).
     _packed_keys: _PackedKeys | None = None
     _generation: int = 0
+    _reads: int = 0
+    """Reads begun so far (of every slot, on a cluster)."""
 
     def add(self, key: str, last_id: str, handler: SessionHandler) -> None:
-        self._followed[key] = _Followed(last_id, handler)
+        self._followed[key] = _Followed(last_id, handler, self._reads)
         self._generation += 1
         if not is_cluster(self.redis):
             self.wake()
@@ -851,7 +856,14 @@ class SessionStreamReader:
         Only while the reader keeps up (no stream has more than one new entry): on an
         overloaded process every slice waits for a whole turn of everything else, and the
         input falls behind real time (the broker at 250 calls on that slow host: 72% of
-        the audio in time with slices at every read, 97-99% without)."""
+        the audio in time with slices at every read, 97-99% without).
+
+        A stream followed again since the read began (dropped and added back, as when a
+        session is lost and claimed again here) gets nothing from it: the read brought
+        entries after the old follower's position, and the new one is read from its own
+        next time."""
+        read = self._reads
+        self._reads = read + 1
         raw: Any
         if slot is None:
             raw = await self._xread(self._packed_read(wake_id))
@@ -874,7 +886,7 @@ class SessionStreamReader:
                 wake_id = _s(raw_entries[-1][0])
                 continue
             current = self._followed.get(key)
-            if current is None:
+            if current is None or current.since_read > read:
                 continue
             entries = [
                 Entry(key, _s(entry_id), _pairs(flat))
