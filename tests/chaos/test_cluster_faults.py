@@ -381,6 +381,68 @@ async def test_an_end_announcement_a_failover_lost_still_ends_its_session(
         engine.stop()
 
 
+async def test_a_session_end_a_failover_lost_is_reported_and_the_session_finished_again(
+    chaos_cluster: LocalCluster, speech_wav: Path, tmp_path: Path
+) -> None:
+    """A session ends while its master's replica is cut off: the services' last writes
+    (the broker's last events, each service's done mark) reach that master only, while
+    their acks of the start entry go to `vl:sessions` on another master, which keeps them.
+    Then the master dies and the stale replica takes over. With the start entry acked, no
+    replica would claim the session again: it would never end there, and the loss of its
+    last events would go unreported. Each service that released it rechecks its done mark
+    for a while: it reports the loss and finishes the session again from what is left.
+    (The producer's own last chunks are not put in the lost window: nothing could tell
+    they were lost, as the end announcement does not say how many chunks came before it.)"""
+    store = ChaosRedis(cluster=chaos_cluster)
+    cluster = chaos_cluster
+    victim, *others = cluster.shards()
+    keys = keys_with_sessions_on(others[0])
+    sid = session_id_on(victim, "ending-")
+    state_key = keys.session_state(sid)
+    engine = EngineProcess(model="local").start()
+    redis = store.client()
+
+    def finished_on(node: ClusterNode) -> bool:
+        with cluster.client(node) as plain:
+            marks = plain.hmget(state_key, [f"{service}.done" for service in COUNTS])
+        return all(mark == b"1" for mark in marks)
+
+    try:
+        async with replicas(store.url, keys.prefix, tmp_path / "logs", engine.endpoint, COUNTS,
+                            **store.env) as procs:  # fmt: skip
+            everyone = [r for group in procs.values() for r in group]
+            # Every chunk and the end announcement are written (and on their way to the
+            # replica) before the cut: what the failover loses is the services' own.
+            await speak(store.url, keys, sid, speech_wav, cluster=True)
+            assert await redis.hget(state_key, "broker.done") is None
+            old, heir = victim.master, victim.replicas[0]
+            cut_off(cluster, old, heir)
+            try:  # the broker drains the last answer (seconds) after the input's end
+                await wait_until(lambda: asyncio.to_thread(finished_on, old), within=60)
+                cluster.kill(old)
+            finally:
+                cluster.resume(heir)
+            await asyncio.to_thread(cluster.wait_ok, 30)
+            assert cluster.master_of_key(state_key) is heir
+            masters = [m.server.data_dir for m in cluster.masters()]
+            lost = lost_entries(old.server.data_dir, masters, keys.prefix, retried_kept=True)
+            assert keys.events(sid) in lost, f"the failover lost no events: {lost}"
+
+            await wait_until(lambda: ended(redis, keys, [sid]), within=120)
+            assert not await unreported_losses(redis, keys, lost), lost
+            again = [s.service for s in await statuses(redis, keys, sid)
+                     if "finishes the session again" in s.message]  # fmt: skip
+            assert "broker" in again, again
+            history = store.history(keys)
+            history.check(sid)
+            assert history.speakers(sid) == {"user", "assistant"}
+            check_logs(everyone)
+        assert all(r.proc is not None and r.proc.returncode == 0 for r in everyone)
+    finally:
+        await redis.aclose()
+        engine.stop()
+
+
 def cut_off(cluster: LocalCluster, master: ClusterNode, replica: ClusterNode) -> None:
     """From now on `master` replicates nothing to `replica`: the replica is paused (it cannot
     reconnect) and the master drops its replication link (what the master had sent before

@@ -287,3 +287,68 @@ async def test_writes_redis_lost_are_reported_though_the_session_stops_at_once(
         stop.set()
         await asyncio.wait_for(runner, 10)
         await redis.aclose()
+
+
+async def test_a_finished_sessions_end_redis_lost_is_reported_and_the_session_finished_again(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    """A released session's done mark goes missing with the producer's end flag: Redis
+    lost the session's last writes but kept the ack of its start entry (a failover on a
+    Redis Cluster, where `vl:sessions` is on another master: tests/chaos/test_cluster_faults.py
+    has the real thing). The replica that released it reports the loss and runs the session
+    again, its input known to have ended. A session whose keys expired since, or whose id
+    was started again since, is left alone."""
+    redis = connect(redis_url)
+    stop = asyncio.Event()
+    runs: list[tuple[str, bool]] = []
+
+    async def run_session(owned: OwnedSession) -> None:
+        runs.append((owned.sid, owned.ended.is_set()))
+        await owned.ended.wait()  # then the service has finished the session
+
+    ownership = SessionOwnership(
+        redis, keys, service="broker", replica="r1", run_session=run_session,
+        dead=DeadLetters(redis, keys, "broker"), heartbeat_ms=100, claim_idle_ms=2000,
+    )  # fmt: skip
+    runner = asyncio.create_task(ownership.run(stop, drain_budget_s=2))
+    lost, expired, reused = "lost", "expired", "reused"
+    try:
+        for sid in (lost, expired, reused):
+            await publish(redis, keys.sessions, SessionStart(session=sid))
+        await wait_until(lambda: _true(len(runs) == 3))
+        for sid in (lost, expired, reused):
+            await publish(redis, keys.sessions, SessionEnd(session=sid))
+
+        async def released() -> bool:
+            marks = [await redis.hget(keys.session_state(s), "broker.done")
+                     for s in (lost, expired, reused)]  # fmt: skip
+            return marks == [b"1"] * 3 and not ownership.owned
+
+        await wait_until(released)
+        await redis.hdel(keys.session_state(lost), "broker.done", "ended")
+        await redis.delete(keys.session_state(expired))
+        await redis.delete(keys.session_state(reused))
+        await redis.hset(keys.session_state(reused), "broker.entry", "1-1")  # another start
+
+        async def finished_again() -> bool:
+            return await redis.hget(keys.session_state(lost), "broker.done") == b"1"
+
+        await wait_until(finished_again, within=10)
+        assert runs.count((lost, True)) == 1, runs  # run again, its input known to have ended
+        seen = [decode(Status, f) for _, f in await redis.xrange(keys.status(lost))]
+        assert [s.kind for s in seen if "finishes the session again" in s.message] == ["error"]
+        assert all("lost writes" in s.message for s in seen), seen
+        await asyncio.sleep(1.0)  # ten heartbeats more: nothing else is run again
+        assert sorted(runs) == sorted([(lost, False), (expired, False), (reused, False),
+                                       (lost, True)])  # fmt: skip
+        for sid in (expired, reused):
+            assert not await redis.exists(keys.status(sid)), sid
+        assert not await redis.exists(keys.session_state(expired))
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await redis.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -20,6 +20,12 @@ session's start entry owns the session and leaves the entry pending while it doe
   the checkpoint and resumes;
 * **release**: when the service has finished a session it marks it done and acks the
   start entry; SIGTERM hands sessions over by making their entries claimable at once;
+* **recheck**: for `RECHECK_RELEASED_S` after a release, each heartbeat checks that Redis
+  still has the done mark. A failover that lost it (asynchronous replication: the mark
+  was acknowledged, never replicated, while the ack of the start entry, on another
+  shard, was kept) would leave the session unfinished for good, its last events lost
+  unreported: the replica reports the loss and finishes the session again from the
+  checkpoint Redis has;
 * **housekeeping**: every few heartbeats, the shared streams are trimmed behind their
   slowest group (`vlpipe.shared.retention`) and consumers of replicas long gone removed.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +90,11 @@ from vlpipe.shared.streams import (
 
 log = logging.getLogger("vlpipe.ownership")
 
+LOST_END = (
+    "Redis lost writes it had acknowledged (a failover): this service's end of the session "
+    "and what it wrote last; it finishes the session again from the checkpoint Redis has"
+)
+
 # Set the idle time (ARGV[3], ms) of the entries still pending to this consumer: 0 on a
 # heartbeat, the claim time on a hand-over; return the ids no longer pending to it.
 _REFRESH = """
@@ -100,6 +112,10 @@ return lost
 
 
 HOUSEKEEPING_EVERY_BEATS = 5
+RECHECK_RELEASED_S = 30.0
+"""How long after releasing a session a replica checks that Redis still has its done mark:
+longer than a failover takes (a master's death noticed within the cluster's node timeout,
+then its replica's election), so one after the release is seen."""
 HAND_OVER_RESERVE_S = 1.5
 """Of the drain budget, what is kept for finishing the claims batch in hand and making the
 session entries claimable once the session tasks had their time."""
@@ -125,10 +141,25 @@ class OwnedSession:
     """Set once the producer ended the session (no more input will come)."""
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when another replica took the session over: write nothing more."""
+    acked: bool = False
+    """Its start entry was acked already: finished once, and run again because a failover
+    lost its end (`recheck_released`). Only the epoch guards it (no other replica can
+    claim an acked entry), so the heartbeat does not look for it among the pending."""
     task: asyncio.Task[None] | None = None
 
 
 SessionRunner = Callable[[OwnedSession], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Released:
+    """A session this replica finished, checked for `RECHECK_RELEASED_S` after."""
+
+    sid: str
+    start: SessionStart
+    entry_id: str
+    at: float
+    """When it was released (monotonic s)."""
 
 
 class SessionOwnership:
@@ -179,6 +210,8 @@ class SessionOwnership:
         self._stop: asyncio.Event | None = None
         self._reports: set[asyncio.Task[None]] = set()
         """Reports of lost writes still being written (`_resume_from_redis`)."""
+        self._released: deque[_Released] = deque()
+        """Sessions released in the last `RECHECK_RELEASED_S`, oldest first."""
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")
         self._takeover_counter = meter.create_counter(
@@ -334,7 +367,53 @@ class SessionOwnership:
                 if self._stop is not None and self._stop.is_set():
                     return
                 await asyncio.sleep(backoff.next_delay())
+        self._released.append(_Released(owned.sid, owned.start, owned.entry_id,
+                                        time.monotonic()))  # fmt: skip
         log.info("released session", extra={"session": owned.sid})
+
+    async def recheck_released(self) -> None:
+        """Finish again each session released in the last `RECHECK_RELEASED_S` whose done
+        mark Redis no longer has although its state is there (see the module's recheck):
+        report the loss on its status stream, then claim it again, its input known to have
+        ended (this service had finished it)."""
+        released = self._released
+        horizon = time.monotonic() - RECHECK_RELEASED_S
+        while released and released[0].at < horizon:
+            released.popleft()
+        if not released:
+            return
+        recent = list(released)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in recent:
+                state_key = self.keys.session_state(r.sid)
+                pipe.hmget(state_key, [done_field(self.service), self._field("entry")])
+                pipe.exists(state_key)
+            replies = await pipe.execute()
+        for i, r in enumerate(recent):
+            (done, entry_id), exists = replies[2 * i], replies[2 * i + 1]
+            if done == b"1" or not exists or r.sid in self.owned:
+                continue  # still done, expired since, or running again already
+            if entry_id is not None and entry_id.decode() != r.entry_id:
+                continue  # expired, and the id started again since: another session
+            log.warning("Redis lost a finished session's end; finishing it again",
+                        extra={"session": r.sid})  # fmt: skip
+            await self._status(r.sid, "error", LOST_END, retry=True)
+            released.remove(r)
+            await self._run_again(r.sid, r.start, r.entry_id)
+
+    async def _run_again(self, sid: str, start: SessionStart, entry_id: str) -> None:
+        """Claim a session whose start entry is acked again, here (no other replica can):
+        its input is known to have ended, as this service had finished it."""
+        try:
+            await self._announced(Entry(self.keys.sessions, entry_id, {}), start)
+        except ContractError as exc:
+            log.warning("could not finish a session again", extra={
+                "session": sid, "error": str(exc)})  # fmt: skip
+            return
+        owned = self.owned.get(sid)
+        if owned is not None:
+            owned.acked = True
+            owned.ended.set()
 
     def _lose(self, owned: OwnedSession, why: str) -> None:
         """Stop the session here at once: another replica owns it now."""
@@ -367,7 +446,13 @@ class SessionOwnership:
             await through_outages(
                 lambda: self._status(owned.sid, "error", message, retry=True), "report lost writes"
             )
-            await self._set_idle([owned.entry_id], self.claim_idle_ms)
+            if owned.acked:  # run again after a lost end: no pending entry to be claimed
+                await through_outages(
+                    lambda: self._run_again(owned.sid, owned.start, owned.entry_id),
+                    "resume a session run again",
+                )
+            else:
+                await self._set_idle([owned.entry_id], self.claim_idle_ms)
         except Exception as exc:  # it goes idle and is claimed all the same
             log.warning("could not report lost writes", extra={"session": owned.sid,
                                                                "error": repr(exc)})  # fmt: skip
@@ -555,6 +640,8 @@ class SessionOwnership:
                 with self._beats.turn():
                     if self.owned:
                         await self._beat()
+                    if self._released:
+                        await self.recheck_released()
                     if beats % HOUSEKEEPING_EVERY_BEATS == 0:
                         await self.housekeeping()
             except Exception as exc:
@@ -588,7 +675,7 @@ class SessionOwnership:
 
     async def _beat(self) -> None:
         sessions = list(self.owned.values())
-        lost = await self._set_idle([s.entry_id for s in sessions], 0)
+        lost = await self._set_idle([s.entry_id for s in sessions if not s.acked], 0)
         async with self.redis.pipeline(transaction=False) as pipe:
             for s in sessions:
                 pipe.hget(self.keys.session_state(s.sid), "ended")
