@@ -116,6 +116,9 @@ RECHECK_RELEASED_S = 30.0
 """How long after releasing a session a replica checks that Redis still has its done mark:
 longer than a failover takes (a master's death noticed within the cluster's node timeout,
 then its replica's election), so one after the release is seen."""
+RECHECK_MOST = 10_000
+"""The most released sessions rechecked (the oldest go first): one pipelined read of two
+commands each per heartbeat."""
 HAND_OVER_RESERVE_S = 1.5
 """Of the drain budget, what is kept for finishing the claims batch in hand and making the
 session entries claimable once the session tasks had their time."""
@@ -210,7 +213,7 @@ class SessionOwnership:
         self._stop: asyncio.Event | None = None
         self._reports: set[asyncio.Task[None]] = set()
         """Reports of lost writes still being written (`_resume_from_redis`)."""
-        self._released: deque[_Released] = deque()
+        self._released: deque[_Released] = deque(maxlen=RECHECK_MOST)
         """Sessions released in the last `RECHECK_RELEASED_S`, oldest first."""
         self.takeovers = 0
         meter = metrics.get_meter("vlpipe.ownership")
