@@ -316,6 +316,7 @@ class SessionCore:
             self.final_at = now  # taken over after the input ended: drain from here
         self.connections += 1
         self.upstream_ms = 0.0
+        self.heard_by = now  # nothing sent to this upstream session yet
         self.speech_end_ms = None
         self.commit_point = 0.0
         self.manual_commits.clear()
